@@ -1,0 +1,120 @@
+"""The hard-sample buffer: the hardest decoded candidates found so far, ranked by hardness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class HardSample:
+    """One buffer entry: a decoded image, the texts of the sample it came from, and its hardness `H`.
+
+    `image` is a uint8 tensor `(3, H, W)`; `row` holds the source row's text fields (question, answer, ...).
+    """
+
+    image: torch.Tensor
+    row: dict[str, Any]
+    hardness: float
+    consistency: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    if image.dtype == torch.uint8:
+        return image.detach().cpu()
+    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+class HardSampleBuffer:
+    r"""
+    A fixed-capacity store of hard samples, ranked by hardness.
+
+    When full, a new entry displaces the easiest one if it is harder. Sampling draws without replacement with
+    probabilities `softmax(inverse_rank / temperature)`, where the hardest of `n` entries has inverse rank `n` and the
+    easiest `1`; with `pop=True` the drawn entries leave the buffer.
+
+    Args:
+        capacity (`int`, *optional*, defaults to `50`):
+            Largest number of entries kept (paper: 50; the authors' code: 4096).
+        temperature (`float`, *optional*, defaults to `2.0`):
+            Temperature of the rank softmax; higher is closer to uniform.
+        pop (`bool`, *optional*, defaults to `False`):
+            Remove sampled entries.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the buffer's own random generator (its state is part of `state_dict()`).
+    """
+
+    def __init__(self, capacity: int = 50, temperature: float = 2.0, pop: bool = False, seed: int = 0):
+        if capacity < 1:
+            raise ValueError(f"`capacity` must be at least 1, got {capacity}.")
+        if temperature <= 0:
+            raise ValueError(f"`temperature` must be positive, got {temperature}.")
+        self.capacity = capacity
+        self.temperature = temperature
+        self.pop = pop
+        self.generator = torch.Generator().manual_seed(seed)
+        self.entries: list[HardSample] = []  # kept sorted, hardest first
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def push(self, image: torch.Tensor, row: dict[str, Any], hardness: float, consistency: float | None = None) -> bool:
+        """Adds one candidate; returns whether it was kept."""
+        hardness = float(hardness)
+        if hardness != hardness:  # NaN never enters
+            return False
+        if len(self.entries) >= self.capacity and hardness <= self.entries[-1].hardness:
+            return False
+        entry = HardSample(_to_uint8(image), dict(row), hardness, None if consistency is None else float(consistency))
+        position = next((i for i, e in enumerate(self.entries) if e.hardness < hardness), len(self.entries))
+        self.entries.insert(position, entry)
+        del self.entries[self.capacity :]
+        return True
+
+    def probabilities(self) -> torch.Tensor:
+        """Sampling probability of each entry, in buffer order (hardest first)."""
+        n = len(self.entries)
+        inverse_rank = torch.arange(n, 0, -1, dtype=torch.float64)
+        return torch.softmax(inverse_rank / self.temperature, dim=0)
+
+    def sample(self, batch_size: int) -> list[HardSample]:
+        """Draws up to `batch_size` distinct entries (all of them when fewer are held)."""
+        if not self.entries or batch_size <= 0:
+            return []
+        k = min(batch_size, len(self.entries))
+        index = torch.multinomial(self.probabilities(), k, replacement=False, generator=self.generator).tolist()
+        drawn = [self.entries[i] for i in index]
+        if self.pop:
+            for i in sorted(index, reverse=True):
+                del self.entries[i]
+        return drawn
+
+    @property
+    def mean_hardness(self) -> float:
+        return sum(e.hardness for e in self.entries) / len(self.entries) if self.entries else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to restore the buffer exactly: entries (images, texts, scores) and the generator."""
+        return {
+            "capacity": self.capacity,
+            "temperature": self.temperature,
+            "pop": self.pop,
+            "generator": self.generator.get_state(),
+            "images": [e.image for e in self.entries],
+            "rows": [e.row for e in self.entries],
+            "hardness": [e.hardness for e in self.entries],
+            "consistency": [e.consistency for e in self.entries],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.capacity = state["capacity"]
+        self.temperature = state["temperature"]
+        self.pop = state["pop"]
+        self.generator.set_state(state["generator"])
+        self.entries = [
+            HardSample(image, dict(row), float(h), c)
+            for image, row, h, c in zip(state["images"], state["rows"], state["hardness"], state["consistency"])
+        ]

@@ -1,0 +1,52 @@
+"""Consistency between a generated image and its prompt: the filter that keeps mined candidates on topic."""
+
+from __future__ import annotations
+
+import torch
+
+from .interfaces import to_pil_images
+
+
+class CLIPConsistencyScorer:
+    r"""
+    Scores (image, text) pairs with the cosine similarity of CLIP embeddings.
+
+    A callable `(images, texts) -> scores` of shape `(N,)`. Any callable with that signature can replace it in
+    [`UniGameTrainer`] (`consistency_scorer=`); `None` there turns the consistency filter off.
+
+    Args:
+        model_name_or_path (`str`, *optional*, defaults to `"openai/clip-vit-base-patch16"`):
+            A Hub id or local folder loadable by `transformers.CLIPModel` and `CLIPProcessor`.
+        model (`transformers.CLIPModel`, *optional*):
+            An already loaded model (then `processor` is required and `model_name_or_path` ignored).
+        processor (`transformers.CLIPProcessor`, *optional*):
+            Its processor.
+        device (`str` or `torch.device`, *optional*):
+            Where to run; defaults to the model's device.
+    """
+
+    def __init__(self, model_name_or_path: str = "openai/clip-vit-base-patch16", model=None, processor=None, device=None):
+        from transformers import CLIPModel, CLIPProcessor
+
+        if model is None:
+            model = CLIPModel.from_pretrained(model_name_or_path)
+            processor = CLIPProcessor.from_pretrained(model_name_or_path)
+        elif processor is None:
+            raise ValueError("Pass the CLIP `processor` together with `model`.")
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+        if device is not None:
+            self.model.to(device)
+
+    @torch.no_grad()
+    def __call__(self, images, texts: list[str]) -> torch.Tensor:
+        images = to_pil_images(images)
+        if len(images) != len(texts):
+            raise ValueError(f"Got {len(images)} images and {len(texts)} texts; they must match.")
+        device = next(self.model.parameters()).device
+        inputs = self.processor(text=list(texts), images=images, return_tensors="pt", padding=True, truncation=True)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        out = self.model(**inputs)
+        image = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
+        text = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
+        return (image * text).sum(-1).cpu()

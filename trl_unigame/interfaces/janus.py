@@ -1,0 +1,191 @@
+"""Shared visual-token interface of Janus and Janus-Pro (`transformers.JanusForConditionalGeneration`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import VisualTokenInterface, register_interface, to_pil_images
+
+
+_LLM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+
+
+@register_interface
+class JanusInterface(VisualTokenInterface):
+    """Janus / Janus-Pro.
+
+    - Understanding site: `model.aligner`, whose output (vision features projected to the LLM's width) is scattered
+      into the LLM's input embeddings at the image placeholder positions.
+    - Generation site: `model.generation_aligner`, which maps the codebook embedding of each sampled image token to
+      the LLM's width before it is fed back.
+    """
+
+    family = "janus (JanusForConditionalGeneration: Janus, Janus-Pro-1B, Janus-Pro-7B)"
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        from transformers import JanusForConditionalGeneration
+
+        return isinstance(model, JanusForConditionalGeneration)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.text_config.hidden_size
+
+    @property
+    def understanding_site(self) -> nn.Module:
+        return self.base_model.model.aligner
+
+    @property
+    def generation_site(self) -> nn.Module:
+        return self.base_model.model.generation_aligner
+
+    @property
+    def lora_target_modules(self) -> str:
+        return rf".*language_model\..*\.({_LLM_PROJECTIONS})"
+
+    @property
+    def quantization_skip_modules(self) -> list[str]:
+        # Small generation projections and the LM head stay in full precision (4-bit kernels need wide inputs).
+        return ["model.generation_aligner", "model.generation_head", "lm_head", "model.vqmodel"]
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.vision_config.num_image_tokens
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision_config.image_size
+
+    def _require_processor(self):
+        if self.processor is None:
+            raise ValueError("This operation needs the model's processor: pass `processor=` to `get_interface`.")
+        return self.processor
+
+    def _chat_prompt(self, text: str, with_image: bool) -> str:
+        processor = self._require_processor()
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
+        if getattr(processor, "chat_template", None):
+            return processor.apply_chat_template(messages, add_generation_prompt=True)
+        image = f"{processor.image_token}\n" if with_image else ""
+        return f"<|User|>: {image}{text}\n\n<|Assistant|>:"
+
+    # ----------------------------------------------------------------------------------------------- understanding
+    def build_understanding_inputs(self, images, questions, answers):
+        """Left-padded `input_ids`, `attention_mask`, `pixel_values` and `labels` (-100 except answer and EOS).
+
+        Args:
+            images: PIL images, or a float tensor `(B, 3, H, W)` in `[0, 1]`, or uint8 tensors.
+            questions (`list[str]`): One question per image.
+            answers (`list[str]`): One answer per image.
+        """
+        if not (len(images) == len(questions) == len(answers)):
+            raise ValueError(
+                f"Got {len(images)} images, {len(questions)} questions and {len(answers)} answers; they must match."
+            )
+        processor = self._require_processor()
+        tokenizer = processor.tokenizer
+        prompts = [self._chat_prompt(q, with_image=True) for q in questions]
+        encoded = processor(
+            text=prompts, images=to_pil_images(images), return_tensors=None, padding=False
+        )
+        sequences, label_rows = [], []
+        for prompt_ids, answer in zip(encoded["input_ids"], answers):
+            answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+            answer_ids = answer_ids + [tokenizer.eos_token_id]
+            sequences.append(list(prompt_ids) + answer_ids)
+            label_rows.append([-100] * len(prompt_ids) + answer_ids)
+        length = max(len(s) for s in sequences)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(sequences), length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for i, (seq, lab) in enumerate(zip(sequences, label_rows)):
+            input_ids[i, length - len(seq) :] = torch.tensor(seq)
+            labels[i, length - len(seq) :] = torch.tensor(lab)
+            attention_mask[i, length - len(seq) :] = 1
+        pixel_values = torch.from_numpy(np.stack([np.asarray(p) for p in encoded["pixel_values"]]))
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels}
+
+    def understanding_loss(self, model, inputs):
+        labels = inputs["labels"]
+        # Left padding puts every answer at the end: only the last positions need logits.
+        answer_span = int((labels != -100).int().argmax(-1).min().item()) if labels.numel() else 0
+        keep = labels.shape[1] - answer_span + 1
+        dtype = next(p for p in self.base_model.parameters() if p.is_floating_point()).dtype
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"].to(dtype),
+            logits_to_keep=keep,
+            use_cache=False,
+        )
+        logits = outputs.logits[:, :-1].float()
+        targets = labels[:, -(keep - 1) :]
+        token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        counts = (targets != -100).sum(-1).clamp(min=1)
+        return token_loss.sum(-1) / counts
+
+    # ----------------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate_images(self, prompts, num_images=1, guidance_scale=5.0, temperature=1.0, generator=None):
+        processor = self._require_processor()
+        model = self.base_model
+        lm = model.model.language_model
+        tokenizer = processor.tokenizer
+        gen_config = model.generation_config
+        pad_id = gen_config.pad_token_id if gen_config.pad_token_id is not None else tokenizer.pad_token_id
+        bos_id = gen_config.bos_token_id if gen_config.bos_token_id is not None else tokenizer.bos_token_id
+        boi_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
+        device = next(model.parameters()).device
+
+        texts = [self._chat_prompt(p, with_image=False) for p in prompts]
+        enc = processor(text=texts, generation_mode="image", return_tensors="pt", padding=True, padding_side="left")
+        cond_ids = enc["input_ids"].repeat_interleave(num_images, dim=0).to(device)
+        mask = enc["attention_mask"].repeat_interleave(num_images, dim=0).to(device)
+        # Classifier-free guidance: the unconditional half keeps only BOS and BOI.
+        uncond_ids = cond_ids.masked_fill((cond_ids != bos_id) & (cond_ids != boi_id), pad_id)
+        input_ids = torch.cat([cond_ids, uncond_ids])
+        attention_mask = torch.cat([mask, mask])
+        batch = cond_ids.shape[0]
+
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=lm.config)
+        embeds = model.get_input_embeddings()(input_ids)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        tokens = torch.empty((batch, self.num_image_tokens), dtype=torch.long, device=device)
+        for i in range(self.num_image_tokens):
+            out = lm(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+            )
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            scores = model.model.generation_head(out.last_hidden_state[:, -1]).float()
+            cond, uncond = scores[:batch], scores[batch:]
+            logits = uncond + guidance_scale * (cond - uncond)
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                next_token = logits.argmax(-1)
+            tokens[:, i] = next_token
+            embeds = model.prepare_embeddings_for_image_generation(torch.cat([next_token, next_token]).unsqueeze(-1))
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((2 * batch, 1))], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+        pixels = model.decode_image_tokens(tokens).permute(0, 3, 1, 2).float()
+        pixels = ((pixels + 1) / 2).clamp(0, 1)
+        if pixels.shape[-1] != self.image_size:
+            pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        return pixels.clamp(0, 1)

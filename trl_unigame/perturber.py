@@ -1,0 +1,331 @@
+"""The perturber C: a tiny per-token network at the shared visual-token interface, shipped as a PEFT-style adapter."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin
+from torch import nn
+
+from .interfaces import get_interface
+
+
+PERTURBER_SITES = ("understanding", "generation")
+PAPER_URL = "https://arxiv.org/abs/2511.19413"
+CITATION = """@article{su2025unigame,
+  title   = {UniGame: Turning a Unified Multimodal Model Into Its Own Adversary},
+  author  = {Su and Lu and Chen and Li and Wang},
+  journal = {arXiv preprint arXiv:2511.19413},
+  year    = {2025},
+}"""
+
+
+@dataclass
+class PerturberConfig:
+    r"""
+    Configuration of a [`Perturber`].
+
+    Args:
+        hidden_size (`int`):
+            Width of the shared visual-token space (the LLM's hidden size: 2048 for Janus-Pro-1B, 4096 for -7B).
+        width (`int`, *optional*):
+            Width of the hidden layers of the per-token MLP. Defaults to `hidden_size`.
+        depth (`int`, *optional*, defaults to `3`):
+            Number of linear layers of the MLP (the paper's ablation prefers 3 over 2 or 4).
+        eps_max (`float`, *optional*, defaults to `0.02`):
+            Largest per-token L2 norm of the perturbation.
+        eps_min (`float`, *optional*, defaults to `0.0`):
+            Smallest per-token L2 norm of the perturbation.
+        eps_init (`float`, *optional*, defaults to `0.01`):
+            Initial per-token L2 norm; must lie strictly between `eps_min` and `eps_max`.
+        sites (`list[str]`, *optional*, defaults to `["understanding", "generation"]`):
+            Where the perturbation acts: on the visual tokens of the understanding path, on the embeddings of the
+            sampled image tokens fed back during generation, or both.
+        base_model_name_or_path (`str`, *optional*):
+            The model this perturber was trained on, recorded in the model card.
+    """
+
+    hidden_size: int
+    width: int | None = None
+    depth: int = 3
+    eps_max: float = 0.02
+    eps_min: float = 0.0
+    eps_init: float = 0.01
+    sites: list[str] = field(default_factory=lambda: list(PERTURBER_SITES))
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.hidden_size, int) or self.hidden_size <= 0:
+            raise ValueError(f"`hidden_size` must be a positive integer, got {self.hidden_size!r}.")
+        if self.width is None:
+            self.width = self.hidden_size
+        if self.width <= 0:
+            raise ValueError(f"`width` must be a positive integer, got {self.width}.")
+        if self.depth < 1:
+            raise ValueError(f"`depth` must be at least 1, got {self.depth}.")
+        if not 0 <= self.eps_min < self.eps_max:
+            raise ValueError(
+                f"Need 0 <= eps_min < eps_max, got eps_min={self.eps_min} and eps_max={self.eps_max}."
+            )
+        if not self.eps_min < self.eps_init < self.eps_max:
+            raise ValueError(
+                f"`eps_init` must lie strictly between eps_min={self.eps_min} and eps_max={self.eps_max}, "
+                f"got {self.eps_init}."
+            )
+        self.sites = list(self.sites)
+        unknown = [s for s in self.sites if s not in PERTURBER_SITES]
+        if unknown or not self.sites:
+            raise ValueError(f"`sites` must be a non-empty subset of {list(PERTURBER_SITES)}, got {self.sites}.")
+
+
+class Perturber(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="trl-unigame",
+    tags=["trl", "unigame", "perturber"],
+    repo_url="https://github.com/trl-unigame/trl-unigame",
+    paper_url=PAPER_URL,
+    license="apache-2.0",
+):
+    r"""
+    The adversary of UniGame: a per-token MLP whose output direction, scaled to a learnable norm `eps`, is added to
+    the visual tokens at the shared interface.
+
+    `delta = eps * normalize(MLP(z))` for every visual token `z`, with
+    `eps = eps_min + (eps_max - eps_min) * sigmoid(rho)`. The perturbation is computed and added in float32, then cast
+    back to the model's dtype, so its tiny norm is not rounded away in bf16/fp16 arithmetic.
+
+    The perturber is not a submodule of the model: [`~Perturber.attach`] registers forward hooks on the interface's
+    sites, so it lives beside a PEFT LoRA adapter on the same model and saves to its own folder.
+
+    Args:
+        config ([`PerturberConfig`]):
+            The perturber's configuration.
+
+    Example:
+
+    ```python
+    >>> from trl_unigame import Perturber
+    >>> perturber = Perturber.for_model(model).attach(model)
+    >>> with perturber.active():
+    ...     adversarial_logits = model(**inputs).logits
+    >>> perturber.save_pretrained("my-perturber")
+    ```
+    """
+
+    def __init__(self, config: PerturberConfig):
+        super().__init__()
+        if isinstance(config, dict):
+            config = PerturberConfig(**config)
+        self.config = config
+        width = config.width
+        dims = [config.hidden_size] + [width] * (config.depth - 1) + [config.hidden_size]
+        layers = []
+        for i in range(config.depth):
+            last = i == config.depth - 1
+            layers.append(nn.Linear(dims[i], dims[i + 1], bias=not last))
+            if not last:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        nn.init.orthogonal_(self.mlp[-1].weight)
+        fraction = (config.eps_init - config.eps_min) / (config.eps_max - config.eps_min)
+        self.rho = nn.Parameter(torch.tensor(math.log(fraction / (1 - fraction))))
+        self._handles: list = []
+        self.enabled = True
+        self.record_deltas = False
+        self.last_deltas: list[torch.Tensor] = []
+
+    # --------------------------------------------------------------------------------------------------- math
+    @property
+    def eps_tensor(self) -> torch.Tensor:
+        return self.config.eps_min + (self.config.eps_max - self.config.eps_min) * torch.sigmoid(self.rho)
+
+    @property
+    def eps(self) -> float:
+        """The current per-token norm of the perturbation."""
+        return float(self.eps_tensor.detach())
+
+    def delta(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The perturbation (float32) for `tokens` of shape `(..., hidden_size)`; each token's L2 norm equals `eps`."""
+        if tokens.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"The perturber has hidden_size {self.config.hidden_size} but the visual tokens have width "
+                f"{tokens.shape[-1]}: build it for this model with `Perturber.for_model(model)`."
+            )
+        weight = self.mlp[0].weight
+        direction = self.mlp(tokens.to(device=weight.device, dtype=weight.dtype))
+        return self.eps_tensor * F.normalize(direction.float(), dim=-1, eps=1e-12)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Returns `tokens + delta(tokens)`, added in float32 and cast back to the dtype of `tokens`."""
+        delta = self.delta(tokens)
+        if self.record_deltas:
+            self.last_deltas.append(delta)
+        return (tokens.float() + delta.to(tokens.device)).to(tokens.dtype)
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        """Number of parameters of the perturber."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    # ---------------------------------------------------------------------------------------------- attaching
+    @classmethod
+    def for_model(cls, model: nn.Module, **overrides) -> "Perturber":
+        """Builds a perturber sized for `model` (any model with a known visual interface).
+
+        Args:
+            model (`torch.nn.Module`): The unified model, plain or PEFT-wrapped.
+            **overrides: Fields of [`PerturberConfig`] to set.
+        """
+        interface = get_interface(model)
+        overrides.setdefault("base_model_name_or_path", getattr(interface.base_model, "name_or_path", None) or None)
+        perturber = cls(PerturberConfig(hidden_size=interface.hidden_size, **overrides))
+        param = next(interface.base_model.parameters())
+        return perturber.to(param.device)
+
+    def attach(self, model: nn.Module) -> "Perturber":
+        """Registers the perturbation on the model's interface sites (see `config.sites`). Returns `self`.
+
+        Raises:
+            UnsupportedModelError: when the model has no known visual interface.
+            ValueError: when the model's hidden size differs from the perturber's.
+        """
+        interface = get_interface(model)
+        if interface.hidden_size != self.config.hidden_size:
+            raise ValueError(
+                f"This perturber was built for hidden size {self.config.hidden_size}, but the model's visual tokens "
+                f"have hidden size {interface.hidden_size}. Load a perturber trained for this model or build one with "
+                "`Perturber.for_model(model)`."
+            )
+        self.detach()
+        sites = {"understanding": interface.understanding_site, "generation": interface.generation_site}
+        for name in self.config.sites:
+            self._handles.append(sites[name].register_forward_hook(self._hook))
+        return self
+
+    def detach(self) -> "Perturber":
+        """Removes the hooks: the model behaves exactly as without a perturber. Returns `self`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self
+
+    @property
+    def is_attached(self) -> bool:
+        return bool(self._handles)
+
+    def _hook(self, module, args, output):
+        if not self.enabled:
+            return output
+        return self(output)
+
+    @contextlib.contextmanager
+    def active(self, enabled: bool = True):
+        """Context manager that turns the perturbation on (or off with `enabled=False`) and restores the old state."""
+        previous = self.enabled
+        self.enabled = enabled
+        try:
+            yield self
+        finally:
+            self.enabled = previous
+
+    def disabled(self):
+        """Context manager that turns the perturbation off."""
+        return self.active(False)
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Context manager that keeps the deltas computed inside it in `last_deltas` (with their graph)."""
+        self.last_deltas, self.record_deltas = [], True
+        try:
+            yield self.last_deltas
+        finally:
+            self.record_deltas = False
+
+    # ------------------------------------------------------------------------------------------ save and load
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(save_directory / "model.safetensors"), metadata={"format": "pt"})
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Writes `config.json`, `model.safetensors` and a model card `README.md` to `save_directory`.
+
+        Accepts the keyword arguments of `huggingface_hub.ModelHubMixin.save_pretrained` (e.g. `push_to_hub=True`).
+        """
+        save_directory = Path(save_directory)
+        (save_directory / "README.md").unlink(missing_ok=True)  # the card reflects the current config
+        return super().save_pretrained(save_directory, config=self.config, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token, **kwargs):
+        from huggingface_hub import hf_hub_download
+        from safetensors.torch import load_file
+
+        map_location = kwargs.pop("map_location", "cpu")
+        if os.path.isdir(model_id):
+            config_file = os.path.join(model_id, "config.json")
+            weights_file = os.path.join(model_id, "model.safetensors")
+        else:
+            download = dict(
+                revision=revision, cache_dir=cache_dir, force_download=force_download,
+                local_files_only=local_files_only, token=token,
+            )
+            config_file = hf_hub_download(model_id, "config.json", **download)
+            weights_file = hf_hub_download(model_id, "model.safetensors", **download)
+        with open(config_file) as f:
+            config = PerturberConfig(**json.load(f))
+        perturber = cls(config)
+        perturber.load_state_dict(load_file(weights_file, device=str(map_location)))
+        return perturber
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """The model card: base model, tags, configuration and the paper's citation."""
+        data = ModelCardData(
+            library_name="trl-unigame",
+            license="apache-2.0",
+            tags=["trl", "unigame", "perturber", "adversarial-training", "multimodal"],
+            base_model=self.config.base_model_name_or_path,
+        )
+        config = json.dumps(asdict(self.config), indent=2, sort_keys=True)
+        content = f"""---
+{data.to_yaml()}
+---
+
+# UniGame perturber
+
+A perturber trained with [UniGame]({PAPER_URL}) self-adversarial post-training
+{f"on `{self.config.base_model_name_or_path}`" if self.config.base_model_name_or_path else ""}. It adds a
+perturbation of per-token L2 norm at most {self.config.eps_max} to the model's visual tokens at the shared
+visual-token interface (sites: {", ".join(self.config.sites)}); {self.num_parameters():,} parameters.
+
+## Usage
+
+```python
+from trl_unigame import Perturber
+
+perturber = Perturber.from_pretrained("<this repo or folder>").attach(model)
+with perturber.active():
+    outputs = model(**inputs)
+```
+
+## Configuration
+
+```json
+{config}
+```
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+        return ModelCard(content)

@@ -1,0 +1,270 @@
+"""Offline fixtures: a tiny random Janus with a real processor, a tiny CLIP and a learnable synthetic VQA dataset.
+
+Everything here is built from configurations in code and loaded back through the same `from_pretrained` path a
+user takes with a real checkpoint, so tests and the offline example exercise the real loading code without a Hub.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+IMAGE_TOKEN = "<image_placeholder>"
+BOI_TOKEN = "<begin_of_image>"
+EOI_TOKEN = "<end_of_image>"
+TINY_IMAGE_SIZE = 16
+TINY_NUM_IMAGE_TOKENS = 16
+# Shapes and colours drawn by `tiny_vqa_dataset`; every answer is a single word of this vocabulary.
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+SHAPES = ("square", "circle", "triangle")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<|User|>: {% else %}<|Assistant|>: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image_placeholder>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %}\n\n{% else %}<|end_of_sentence|>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
+
+
+def _corpus() -> list[str]:
+    words = list(COLORS) + list(SHAPES)
+    lines = []
+    for color in COLORS:
+        for shape in SHAPES:
+            lines += [
+                f"What color is the {shape}? {color}",
+                f"What shape is shown? {shape}",
+                f"A {color} {shape} on a white background.",
+                f"Is there a {color} {shape}? yes no",
+            ]
+    lines += [" ".join(words), "<|User|>: \n\n<|Assistant|>:"]
+    return lines
+
+
+def tiny_janus_config(vocab_size: int = 128):
+    """Returns the `JanusConfig` of a tiny random Janus (about 360k parameters) that runs on CPU in milliseconds."""
+    from transformers import JanusConfig
+
+    text_config = {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    vision_config = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": TINY_IMAGE_SIZE,
+        "patch_size": 4,
+        "projection_dim": 32,
+        "mlp_ratio": 2.0,
+        "num_image_tokens": TINY_NUM_IMAGE_TOKENS,
+    }
+    vq_config = {
+        "embed_dim": 8,
+        "num_embeddings": 64,
+        "latent_channels": 32,
+        "base_channels": 32,
+        "channel_multiplier": [1, 1, 1],
+        "num_res_blocks": 1,
+        "projection_dim": 32,
+        "image_token_embed_dim": 32,
+        "num_patches": 4,
+    }
+    return JanusConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        vq_config=vq_config,
+        image_token_id=vocab_size - 3,
+    )
+
+
+def _build_tokenizer(save_dir: str, vocab_size: int = 128):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|begin_of_sentence|>", "<|end_of_sentence|>", "<unk>", "<|User|>", "<|Assistant|>"]
+    image_specials = [IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(image_specials), special_tokens=specials, show_progress=False
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    # The image tokens take the last three ids, so that `image_token_id` = vocab_size - 3 as in the config.
+    tokenizer.add_special_tokens(image_specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|begin_of_sentence|>",
+        unk_token="<unk>",
+        eos_token="<|end_of_sentence|>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN},
+        padding_side="left",
+    )
+    assert fast.convert_tokens_to_ids(IMAGE_TOKEN) == vocab_size - 3, "tiny tokenizer has an unexpected layout"
+    fast.save_pretrained(save_dir)
+    return fast
+
+
+def tiny_janus_processor(save_dir: str | None = None):
+    """Builds a real `JanusProcessor` offline (BPE tokenizer trained here) and loads it back with `from_pretrained`."""
+    from transformers import JanusImageProcessorPil, JanusProcessor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_dir = save_dir or tmp
+        tokenizer = _build_tokenizer(save_dir)
+        image_processor = JanusImageProcessorPil(
+            size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, min_size=4
+        )
+        processor = JanusProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=CHAT_TEMPLATE,
+            num_image_tokens=TINY_NUM_IMAGE_TOKENS,
+        )
+        processor.save_pretrained(save_dir)
+        return JanusProcessor.from_pretrained(save_dir)
+
+
+def save_tiny_janus(save_dir: str, seed: int = 0) -> str:
+    """Writes a tiny random Janus checkpoint and its processor to `save_dir` (a stand-in for a Hub checkpoint)."""
+    from transformers import GenerationConfig, JanusForConditionalGeneration
+
+    torch.manual_seed(seed)
+    processor = tiny_janus_processor(save_dir)
+    config = tiny_janus_config(vocab_size=len(processor.tokenizer))
+    model = JanusForConditionalGeneration(config)
+    tok = processor.tokenizer
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generation_kwargs={"boi_token_id": tok.convert_tokens_to_ids(BOI_TOKEN)},
+    )
+    model.save_pretrained(save_dir)
+    return save_dir
+
+
+def tiny_janus(seed: int = 0, save_dir: str | None = None, **from_pretrained_kwargs):
+    """Returns `(model, processor)`: a tiny random `JanusForConditionalGeneration` and a real `JanusProcessor`.
+
+    Both are written to a directory and loaded back with `from_pretrained`, as a real checkpoint would be.
+
+    Args:
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the random weights.
+        save_dir (`str`, *optional*):
+            Where to write the checkpoint; a temporary directory when not given.
+        **from_pretrained_kwargs:
+            Passed to `JanusForConditionalGeneration.from_pretrained` (e.g. `quantization_config`, `dtype`).
+    """
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_tiny_janus(save_dir or tmp, seed=seed)
+        model = JanusForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
+        processor = JanusProcessor.from_pretrained(path)
+    return model, processor
+
+
+def draw_shape(color: str, shape: str, size: int = 32) -> Image.Image:
+    """Draws one filled `shape` in `color` on a white square image."""
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    m = size // 6
+    box = (m, m, size - m, size - m)
+    fill = COLORS[color]
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([(size // 2, m), (size - m, size - m), (m, size - m)], fill=fill)
+    return image
+
+
+def tiny_vqa_dataset(n: int = 32, seed: int = 0, image_size: int = 32):
+    """Returns a `datasets.Dataset` of drawn shapes with columns `image`, `question`, `answer` and `caption`.
+
+    The image determines the answer (its colour or its shape), so a model can learn the task.
+    """
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    rng = np.random.default_rng(seed)
+    rows = {"image": [], "question": [], "answer": [], "caption": []}
+    colors = list(COLORS)
+    for _ in range(n):
+        color = colors[rng.integers(len(colors))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        rows["image"].append(draw_shape(color, shape, image_size))
+        if rng.random() < 0.5:
+            rows["question"].append(f"What color is the {shape}?")
+            rows["answer"].append(color)
+        else:
+            rows["question"].append("What shape is shown?")
+            rows["answer"].append(shape)
+        rows["caption"].append(f"A {color} {shape} on a white background.")
+    features = Features(
+        {"image": ImageFeature(), "question": Value("string"), "answer": Value("string"), "caption": Value("string")}
+    )
+    return Dataset.from_dict(rows, features=features)
+
+
+def tiny_clip(seed: int = 0, save_dir: str | None = None):
+    """Returns `(model, processor)` of a tiny random CLIP, saved and loaded back with `from_pretrained`."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_dir or tmp
+        os.makedirs(path, exist_ok=True)
+        tokenizer = _build_tokenizer(path)
+        tokenizer.padding_side = "right"
+        config = CLIPConfig(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 64,
+                "pad_token_id": tokenizer.pad_token_id,
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+            },
+            vision_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 16,
+                "patch_size": 4,
+            },
+            projection_dim=16,
+        )
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(path)
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, do_convert_rgb=True
+        )
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+        return CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path)

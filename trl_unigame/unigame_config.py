@@ -1,0 +1,202 @@
+"""Configuration of UniGame training: the game's fields, and `UniGameConfig`, which adds them to `TrainingArguments`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .selection import SELECTION_RULES
+
+
+UNDERSTANDING_UPDATES = ("mixed", "separate")
+
+
+@dataclass
+class UniGameArguments:
+    r"""
+    The fields of the UniGame game, shared by [`UniGameConfig`], [`UniGameSFTConfig`] and [`UniGameDPOConfig`].
+
+    Defaults follow the paper where it gives a number, else the authors' code (see `docs/method.md`).
+
+    > Parameters that control the perturber (player C)
+
+    Args:
+        perturber_learning_rate (`float`, *optional*, defaults to `5e-3`):
+            AdamW learning rate of the perturber (paper 5e-3; authors' code 3e-2).
+        perturber_weight_decay (`float`, *optional*, defaults to `0.0`):
+            AdamW weight decay of the perturber.
+        adversarial_weight (`float`, *optional*, defaults to `120.0`):
+            `lambda`: weight of the understanding loss that the perturber ascends (authors' code: 120).
+        delta_reg_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the mean `||delta||^2` penalty in the perturber's loss.
+        tv_reg_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the total-variation penalty over neighbouring visual tokens' perturbations.
+        eps_reg_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the `eps^2` penalty.
+        perturber_eps_max (`float`, *optional*, defaults to `0.02`):
+            Largest per-token L2 norm of the perturbation.
+        perturber_eps_init (`float`, *optional*, defaults to `0.01`):
+            Initial per-token L2 norm.
+        perturber_width (`int`, *optional*):
+            Hidden width of the perturber's MLP; defaults to the LLM's hidden size.
+        perturber_depth (`int`, *optional*, defaults to `3`):
+            Number of linear layers of the perturber's MLP.
+        perturber_sites (`list[str]`, *optional*, defaults to `["understanding", "generation"]`):
+            Where the perturbation acts.
+
+    > Parameters that control mining of decoded hard samples
+
+    Args:
+        mining_interval (`int`, *optional*, defaults to `1`):
+            `m`: mine every `m` optimizer steps (authors' code: 1). `0` disables mining.
+        num_candidates (`int`, *optional*, defaults to `3`):
+            `K`: images generated per sample.
+        candidates_kept_per_sample (`int`, *optional*, defaults to `1`):
+            `k`: most candidates kept per source sample.
+        consistency_model (`str` or `None`, *optional*, defaults to `"openai/clip-vit-base-patch16"`):
+            CLIP model (Hub id or folder) that scores prompt-image consistency. `None` turns the filter off.
+        consistency_threshold (`float`, *optional*, defaults to `0.3`):
+            `tau_clip`: consistency threshold.
+        consistency_weight (`float`, *optional*, defaults to `0.2`):
+            `w_clip`: weight of `max(0, tau_clip - s)` in the hardness `H`.
+        hardness_quantile (`float`, *optional*, defaults to `0.6`):
+            `q`: only candidates with `H` at or above this quantile of the mining batch are hard (paper 0.6; authors'
+            code 0.8).
+        selection (`str`, *optional*, defaults to `"paper"`):
+            `"paper"`: keep `s >= tau_clip` and `H >=` quantile; `"reference"`: the authors' code, `H >=` quantile
+            or `s <= tau_clip`.
+        generation_guidance_scale (`float`, *optional*, defaults to `5.0`):
+            Classifier-free guidance scale when generating candidates.
+        generation_temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of image tokens; `0` is greedy.
+        prompt_column (`str`, *optional*, defaults to `"caption"`):
+            Dataset column used as the generation prompt when present; otherwise the question is used.
+
+    > Parameters that control the buffer and the understanding update (player U)
+
+    Args:
+        buffer_weight (`float`, *optional*, defaults to `0.5`):
+            `beta`: weight of the loss on buffer samples (paper 0.5).
+        understanding_update (`str`, *optional*, defaults to `"mixed"`):
+            `"mixed"`: one step on `CE(clean) + beta * CE(buffer)` (paper); `"separate"`: an extra optimizer step on
+            `beta * CE(buffer)` before the clean step (authors' code, with beta 1.0).
+        buffer_capacity (`int`, *optional*, defaults to `50`):
+            Hard samples kept (paper 50; authors' code 4096).
+        buffer_batch_size (`int`, *optional*, defaults to `8`):
+            Hard samples drawn per training micro-batch.
+        buffer_temperature (`float`, *optional*, defaults to `2.0`):
+            Temperature `T` of the rank softmax used to sample the buffer.
+        buffer_pop (`bool`, *optional*, defaults to `False`):
+            Remove sampled entries from the buffer (authors' code: `True`).
+    """
+
+    perturber_learning_rate: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the perturber."})
+    perturber_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the perturber."})
+    adversarial_weight: float = field(
+        default=120.0, metadata={"help": "lambda: weight of the understanding loss the perturber ascends."}
+    )
+    delta_reg_weight: float = field(default=0.0, metadata={"help": "Weight of the mean ||delta||^2 penalty."})
+    tv_reg_weight: float = field(default=0.0, metadata={"help": "Weight of the total-variation penalty over tokens."})
+    eps_reg_weight: float = field(default=0.0, metadata={"help": "Weight of the eps^2 penalty."})
+    perturber_eps_max: float = field(default=0.02, metadata={"help": "Largest per-token L2 norm of the perturbation."})
+    perturber_eps_init: float = field(default=0.01, metadata={"help": "Initial per-token L2 norm."})
+    perturber_width: int | None = field(
+        default=None, metadata={"help": "Hidden width of the perturber MLP (default: the LLM hidden size)."}
+    )
+    perturber_depth: int = field(default=3, metadata={"help": "Linear layers in the perturber MLP."})
+    perturber_sites: list[str] = field(
+        default_factory=lambda: ["understanding", "generation"],
+        metadata={"help": "Where the perturbation acts: understanding, generation or both."},
+    )
+    mining_interval: int = field(default=1, metadata={"help": "m: mine every m optimizer steps; 0 disables mining."})
+    num_candidates: int = field(default=3, metadata={"help": "K: candidate images generated per sample."})
+    candidates_kept_per_sample: int = field(default=1, metadata={"help": "k: most candidates kept per sample."})
+    consistency_model: str | None = field(
+        default="openai/clip-vit-base-patch16",
+        metadata={"help": "CLIP model (Hub id or folder) for prompt-image consistency; None disables the filter."},
+    )
+    consistency_threshold: float = field(default=0.30, metadata={"help": "tau_clip: consistency threshold."})
+    consistency_weight: float = field(default=0.2, metadata={"help": "w_clip: weight of the consistency shortfall."})
+    hardness_quantile: float = field(default=0.6, metadata={"help": "q: hardness quantile a hard candidate reaches."})
+    selection: str = field(
+        default="paper", metadata={"help": "Selection rule: paper (AND) or reference (the authors' OR)."}
+    )
+    generation_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})
+    generation_temperature: float = field(default=1.0, metadata={"help": "Image-token sampling temperature."})
+    prompt_column: str = field(
+        default="caption", metadata={"help": "Column used as generation prompt when present, else the question."}
+    )
+    buffer_weight: float = field(default=0.5, metadata={"help": "beta: weight of the buffer loss."})
+    understanding_update: str = field(
+        default="mixed", metadata={"help": "mixed: one step on clean + beta * buffer; separate: two steps."}
+    )
+    buffer_capacity: int = field(default=50, metadata={"help": "Hard samples kept in the buffer."})
+    buffer_batch_size: int = field(default=8, metadata={"help": "Hard samples drawn per micro-batch."})
+    buffer_temperature: float = field(default=2.0, metadata={"help": "T: temperature of the rank softmax."})
+    buffer_pop: bool = field(default=False, metadata={"help": "Remove sampled entries from the buffer."})
+
+    def _validate_unigame(self) -> None:
+        def check(name, ok, allowed):
+            if not ok:
+                raise ValueError(f"`{name}` must be {allowed}, got {getattr(self, name)!r}.")
+
+        check("perturber_learning_rate", self.perturber_learning_rate > 0, "> 0")
+        check("perturber_weight_decay", self.perturber_weight_decay >= 0, ">= 0")
+        check("adversarial_weight", self.adversarial_weight >= 0, ">= 0")
+        for name in ("delta_reg_weight", "tv_reg_weight", "eps_reg_weight", "consistency_weight", "buffer_weight"):
+            check(name, getattr(self, name) >= 0, ">= 0")
+        check("perturber_eps_max", self.perturber_eps_max > 0, "> 0")
+        check("perturber_eps_init", 0 < self.perturber_eps_init < self.perturber_eps_max, "in (0, perturber_eps_max)")
+        check("perturber_width", self.perturber_width is None or self.perturber_width > 0, "None or > 0")
+        check("perturber_depth", self.perturber_depth >= 1, ">= 1")
+        check(
+            "perturber_sites",
+            bool(self.perturber_sites) and set(self.perturber_sites) <= {"understanding", "generation"},
+            "a non-empty subset of ['understanding', 'generation']",
+        )
+        check("mining_interval", self.mining_interval >= 0, ">= 0 (0 disables mining)")
+        check("num_candidates", self.num_candidates >= 1, ">= 1")
+        check("candidates_kept_per_sample", 1 <= self.candidates_kept_per_sample <= self.num_candidates,
+              f"in [1, num_candidates={self.num_candidates}]")
+        check("consistency_threshold", -1 <= self.consistency_threshold <= 1, "in [-1, 1] (a cosine similarity)")
+        check("hardness_quantile", 0 <= self.hardness_quantile <= 1, "in [0, 1]")
+        check("selection", self.selection in SELECTION_RULES, f"one of {list(SELECTION_RULES)}")
+        check("generation_guidance_scale", self.generation_guidance_scale >= 1, ">= 1")
+        check("generation_temperature", self.generation_temperature >= 0, ">= 0 (0 is greedy)")
+        check("understanding_update", self.understanding_update in UNDERSTANDING_UPDATES,
+              f"one of {list(UNDERSTANDING_UPDATES)}")
+        check("buffer_capacity", self.buffer_capacity >= 1, ">= 1")
+        check("buffer_batch_size", self.buffer_batch_size >= 1, ">= 1")
+        check("buffer_temperature", self.buffer_temperature > 0, "> 0")
+        if isinstance(self.consistency_model, str) and self.consistency_model.lower() in ("", "none"):
+            self.consistency_model = None
+
+
+@dataclass
+class UniGameConfig(TrainingArguments, UniGameArguments):
+    r"""
+    Configuration class for the [`UniGameTrainer`]: every field of `transformers.TrainingArguments`, plus the fields
+    of [`UniGameArguments`] that control the game.
+
+    Only the parameters specific to UniGame or whose defaults differ from `TrainingArguments` are listed here; see
+    [`UniGameArguments`] for the game's fields.
+
+    Args:
+        learning_rate (`float`, *optional*, defaults to `2e-5`):
+            Learning rate of the understanding player (paper 2e-5; authors' code 3e-6).
+        remove_unused_columns (`bool`, *optional*, defaults to `False`):
+            Kept `False`: the collator needs the image and text columns.
+        logging_steps (`float`, *optional*, defaults to `10`):
+            Log every `logging_steps` optimizer steps.
+    """
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of the understanding player."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the collator needs the image and text columns."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every logging_steps optimizer steps."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_unigame()

@@ -1,0 +1,465 @@
+"""UniGame: the two-player training step on top of `transformers.Trainer` (and, through the mixin, TRL trainers)."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .buffer import HardSampleBuffer
+from .consistency import CLIPConsistencyScorer
+from .data import ROWS_KEY, UniGameDataCollator, check_columns
+from .interfaces import get_interface, to_pil_images, unwrap_model
+from .perturber import CITATION, PAPER_URL, Perturber
+from .selection import hardness as hardness_score
+from .selection import select_hard_candidates
+from .unigame_config import UniGameArguments, UniGameConfig
+
+
+PERTURBER_DIR = "perturber"
+PERTURBER_OPTIMIZER_NAME = "perturber_optimizer.pt"
+BUFFER_NAME = "unigame_buffer_rank{rank}.pt"
+
+
+class UniGameMixin:
+    r"""
+    The UniGame game, stacked on a host `transformers.Trainer` subclass by overriding `training_step`,
+    `compute_loss`, `log` and the checkpoint hooks. The host's own loss is the game's loss: the perturber ascends it
+    with the perturbation active; the model descends it on clean data plus hard samples from the buffer.
+
+    A host subclass sets `self.interface`, calls [`~UniGameMixin._init_game`] after `Trainer.__init__`, and
+    implements `_describe_row` (row -> texts kept for mining) and `_hard_sample_row` (buffer entry -> host row).
+    """
+
+    _tag_names = ["trl", "unigame"]
+    _paper = {"title": "UniGame: Turning a Unified Multimodal Model Into Its Own Adversary", "id": "2511.19413"}
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _init_game(self, perturber: Perturber | None, consistency_scorer) -> None:
+        args: UniGameArguments = self.args
+        base = unwrap_model(self.model)
+        if perturber is None:
+            perturber = Perturber.for_model(
+                base,
+                width=args.perturber_width,
+                depth=args.perturber_depth,
+                eps_max=args.perturber_eps_max,
+                eps_init=args.perturber_eps_init,
+                sites=args.perturber_sites,
+            )
+        # float32 regardless of the model dtype: its output is a norm-0.02 direction that bf16 would round away.
+        self.perturber = perturber.to(device=self.args.device, dtype=torch.float32).attach(base)
+        self.perturber.requires_grad_(True)
+        self.perturber_optimizer = torch.optim.AdamW(
+            self.perturber.parameters(), lr=args.perturber_learning_rate, weight_decay=args.perturber_weight_decay
+        )
+        self.buffer = HardSampleBuffer(
+            capacity=args.buffer_capacity,
+            temperature=args.buffer_temperature,
+            pop=args.buffer_pop,
+            seed=args.seed + self.args.process_index,
+        )
+        if consistency_scorer is None and args.consistency_model is not None and args.mining_interval > 0:
+            consistency_scorer = CLIPConsistencyScorer(args.consistency_model, device=self.args.device)
+        self.consistency_scorer = consistency_scorer
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._buffer_inputs = None
+        if (
+            args.understanding_update == "separate"
+            and args.gradient_accumulation_steps > 1
+            and args.world_size > 1
+        ):
+            raise ValueError(
+                "`understanding_update='separate'` steps the optimizer inside the accumulation window, which "
+                "distributed training cannot synchronise: use `understanding_update='mixed'` or "
+                "`gradient_accumulation_steps=1`."
+            )
+
+    def _describe_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _hard_sample_row(self, row: dict[str, Any], image) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------------------- the step
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """One micro-batch of the game: perturber ascent, mining, understanding descent (clean + buffer)."""
+        rows = inputs.pop(ROWS_KEY)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        self._perturber_step(model, inputs)
+        if self.args.mining_interval and self.state.global_step % self.args.mining_interval == 0:
+            self._mine(model, rows)
+        self._buffer_inputs = self._sample_buffer()
+        with self.perturber.disabled():
+            if self._buffer_inputs is not None and self.args.understanding_update == "separate":
+                self._separate_buffer_step(model)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self._buffer_inputs = None
+        if self.accelerator.sync_gradients:
+            self._drop_non_finite_update(model)
+        return loss
+
+    def _perturber_step(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        """Ascent of the perturber on the host loss; only the perturber's gradients are computed."""
+        args = self.args
+        params = [p for p in self.perturber.parameters()]
+        unwrapped = self.accelerator.unwrap_model(model)  # no DDP hooks: the model's weights get no gradient here
+        with self.perturber.active(), self.perturber.recording() as deltas, self.compute_loss_context_manager():
+            adversarial_loss = self._host_loss(unwrapped, inputs)
+        objective = -args.adversarial_weight * adversarial_loss
+        eps = self.perturber.eps_tensor
+        if deltas:
+            if args.delta_reg_weight:
+                objective = objective + args.delta_reg_weight * torch.stack([d.pow(2).sum(-1).mean() for d in deltas]).mean()
+            if args.tv_reg_weight:
+                tv = [(d[..., 1:, :] - d[..., :-1, :]).pow(2).sum(-1).mean() for d in deltas if d.dim() >= 3 and d.shape[-2] > 1]
+                if tv:
+                    objective = objective + args.tv_reg_weight * torch.stack(tv).mean()
+            self._metrics["unigame/delta_norm"].append(float(torch.cat([d.detach().norm(dim=-1).flatten() for d in deltas]).mean()))
+        if args.eps_reg_weight:
+            objective = objective + args.eps_reg_weight * eps.pow(2)
+        if torch.isfinite(objective):
+            grads = torch.autograd.grad(objective / self.current_gradient_accumulation_steps, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+            self._metrics["unigame/adversarial_loss"].append(float(adversarial_loss.detach()))
+        else:
+            self._skip("perturber", "the perturber's loss is not finite")
+        if self.accelerator.sync_gradients:
+            self._perturber_optimizer_step()
+
+    def _perturber_optimizer_step(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.perturber.parameters()]
+        if self.accelerator.num_processes > 1:
+            flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+            grads = list(torch.split(flat, [g.numel() for g in grads]))
+            grads = [g.view_as(p) for g, p in zip(grads, self.perturber.parameters())]
+        if all(torch.isfinite(g).all() for g in grads):
+            for p, g in zip(self.perturber.parameters(), grads):
+                p.grad = g
+            self.perturber_optimizer.step()
+        self.perturber_optimizer.zero_grad(set_to_none=True)
+        self._metrics["unigame/eps"].append(self.perturber.eps)
+
+    @torch.no_grad()
+    def _mine(self, model: nn.Module, rows: list[dict[str, Any]]) -> None:
+        """Generates K candidates per sample through the perturbed generation path, scores and keeps the hardest."""
+        args = self.args
+        interface = self.interface
+        unwrapped = self.accelerator.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            device = next(interface.base_model.parameters()).device
+            generator = torch.Generator(device=device)
+            generator.manual_seed(args.seed + 1_000_003 * self.state.global_step + 7919 * args.process_index)
+            prompts = [r["prompt"] for r in rows]
+            with self.perturber.active():
+                pixels = interface.generate_images(
+                    prompts,
+                    num_images=args.num_candidates,
+                    guidance_scale=args.generation_guidance_scale,
+                    temperature=args.generation_temperature,
+                    generator=generator,
+                )
+            source = torch.arange(len(rows)).repeat_interleave(args.num_candidates)
+            consistency = None
+            if self.consistency_scorer is not None:
+                consistency = torch.as_tensor(
+                    self.consistency_scorer(pixels, [prompts[i] for i in source]), dtype=torch.float32
+                ).cpu()
+            candidate_inputs = interface.build_understanding_inputs(
+                pixels, [rows[i]["question"] for i in source], [rows[i]["answer"] for i in source]
+            )
+            candidate_inputs = self._prepare_inputs(candidate_inputs)
+            with self.perturber.disabled():
+                ce = interface.understanding_loss(unwrapped, candidate_inputs).float().cpu()
+            h = hardness_score(ce, consistency, args.consistency_weight, args.consistency_threshold)
+            keep = select_hard_candidates(
+                h,
+                consistency,
+                source,
+                rule=args.selection,
+                quantile=args.hardness_quantile,
+                threshold=args.consistency_threshold,
+                top_k=args.candidates_kept_per_sample,
+            )
+            for i in keep.tolist():
+                self.buffer.push(
+                    pixels[i], rows[source[i]], float(h[i]), None if consistency is None else float(consistency[i])
+                )
+        finally:
+            unwrapped.train(was_training)
+        self._metrics["unigame/mined"].append(float(len(source)))
+        self._metrics["unigame/kept_fraction"].append(len(keep) / max(len(source), 1))
+        self._metrics["unigame/candidate_loss"].append(float(ce.mean()))
+        if consistency is not None:
+            self._metrics["unigame/consistency"].append(float(consistency.mean()))
+
+    def _sample_buffer(self) -> dict[str, Any] | None:
+        if self.args.buffer_weight == 0 or len(self.buffer) == 0:
+            return None
+        entries = self.buffer.sample(self.args.buffer_batch_size)
+        host_rows = [self._hard_sample_row(e.row, to_pil_images(e.image.unsqueeze(0))[0]) for e in entries]
+        batch = self.data_collator(host_rows)
+        batch.pop(ROWS_KEY, None)
+        return self._prepare_inputs(batch)
+
+    def _separate_buffer_step(self, model: nn.Module) -> None:
+        """The authors' variant: an optimizer step on the buffer loss alone, before the clean micro-batches."""
+        with self.compute_loss_context_manager():
+            loss = self.args.buffer_weight * self._host_loss(model, self._buffer_inputs)
+        self._buffer_inputs, buffer_inputs = None, self._buffer_inputs
+        if not torch.isfinite(loss):
+            self._skip("understanding", "the buffer loss is not finite")
+            return
+        self._metrics["unigame/buffer_loss"].append(float(loss.detach()) / max(self.args.buffer_weight, 1e-12))
+        self.accelerator.backward(loss)
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        model.zero_grad()
+        del buffer_inputs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Host loss on the clean batch, plus `buffer_weight` times the host loss on the buffer batch (mixed update)."""
+        inputs.pop(ROWS_KEY, None)
+        clean = self._host_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        loss = clean
+        if model.training:
+            self._metrics["unigame/clean_loss"].append(float(clean.detach()))
+            if self._buffer_inputs is not None:
+                buffer_loss = self._host_loss(model, self._buffer_inputs)
+                self._metrics["unigame/buffer_loss"].append(float(buffer_loss.detach()))
+                loss = clean + self.args.buffer_weight * buffer_loss
+            self._metrics["unigame/buffer_size"].append(float(len(self.buffer)))
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _host_loss(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """The host trainer's loss (a scalar)."""
+        return super().compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+
+    # ------------------------------------------------------------------------------------------- faults
+    def _skip(self, player: str, why: str) -> None:
+        warnings.warn(f"UniGame step {self.state.global_step}: {why}; the {player} update of this step is skipped.")
+        self._metrics[f"unigame/skipped_{player}_steps"].append(1.0)
+
+    def _drop_non_finite_update(self, model: nn.Module) -> None:
+        """After the (all-reduced) backward of a step: if any gradient is not finite, the step leaves weights as
+        they are (`None` gradients are skipped by the optimizer, weight decay included)."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        if params and not all(torch.isfinite(p.grad).all() for p in params):
+            for p in params:
+                p.grad = None
+            self._skip("understanding", "the understanding loss or its gradient is not finite")
+
+    # ------------------------------------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs or "train_loss" not in logs and not any(k.startswith("eval_") for k in logs):
+            metrics = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
+            for key in ("unigame/skipped_perturber_steps", "unigame/skipped_understanding_steps"):
+                metrics[key] = float(sum(self._metrics.get(key, [])))
+            logs = {**logs, **metrics}
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self.perturber.save_pretrained(os.path.join(output_dir, PERTURBER_DIR))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        run_dir = self._get_output_dir(trial=trial)
+        output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(output_dir, exist_ok=True)
+        if self.args.should_save:
+            torch.save(self.perturber_optimizer.state_dict(), os.path.join(output_dir, PERTURBER_OPTIMIZER_NAME))
+        torch.save(self.buffer.state_dict(), os.path.join(output_dir, BUFFER_NAME.format(rank=self.args.process_index)))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        from safetensors.torch import load_file
+
+        weights = os.path.join(checkpoint, PERTURBER_DIR, "model.safetensors")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {PERTURBER_DIR}/model.safetensors: it was not written by a UniGame trainer, "
+                "so the perturber cannot be resumed. Start a new run or pick a UniGame checkpoint."
+            )
+        self.perturber.load_state_dict(load_file(weights, device=str(self.args.device)))
+        optimizer_file = os.path.join(checkpoint, PERTURBER_OPTIMIZER_NAME)
+        if os.path.isfile(optimizer_file):
+            self.perturber_optimizer.load_state_dict(torch.load(optimizer_file, map_location=self.args.device))
+        buffer_file = os.path.join(checkpoint, BUFFER_NAME.format(rank=self.args.process_index))
+        if os.path.isfile(buffer_file):
+            self.buffer.load_state_dict(torch.load(buffer_file, weights_only=False))
+        else:
+            warnings.warn(f"{buffer_file} not found: the hard-sample buffer of this process starts empty.")
+
+    def create_model_card(self, *args, **kwargs):
+        """Writes a model card that tags the run with `trl` and `unigame` and cites the paper."""
+        tags = list(kwargs.pop("tags", None) or [])
+        kwargs["tags"] = sorted(set(tags) | set(self._tag_names))
+        result = super().create_model_card(*args, **kwargs)
+        readme = os.path.join(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and os.path.isfile(readme):
+            with open(readme, "a") as f:
+                f.write(
+                    f"\n## UniGame\n\nTrained with [UniGame]({PAPER_URL}) self-adversarial post-training; the "
+                    f"perturber is in `{PERTURBER_DIR}/`.\n\n```bibtex\n{CITATION}\n```\n"
+                )
+        return result
+
+
+class UniGameTrainer(UniGameMixin, Trainer):
+    r"""
+    Trainer for UniGame self-adversarial post-training of a unified multimodal model.
+
+    Each step plays the game of the paper: (1) the perturber ascends the understanding loss with its perturbation
+    active at the shared visual-token interface, (2) every `mining_interval` steps, candidate images are generated
+    through the perturbed generation path, decoded, scored and the hardest pushed into the hard-sample buffer,
+    (3) the model descends the loss on the clean batch plus `buffer_weight` times the loss on buffer samples.
+
+    Args:
+        model (`transformers.PreTrainedModel` or `str`):
+            A supported unified model (see [`get_interface`]) or its name/path, loaded with `from_pretrained`.
+        args ([`UniGameConfig`], *optional*):
+            Configuration; a default one with `output_dir="unigame-output"` when `None`.
+        data_collator (`Callable`, *optional*):
+            Defaults to [`UniGameDataCollator`], which expects columns `image`, `question`, `answer` (and optionally
+            the `prompt_column`, e.g. `caption`).
+        train_dataset (`datasets.Dataset`):
+            Rows with `image` (PIL), `question` and `answer`.
+        eval_dataset (`datasets.Dataset`, *optional*):
+            Same format; evaluated with the clean understanding loss.
+        processing_class (`transformers.ProcessorMixin`):
+            The model's processor; loaded from `model`'s path when `None`.
+        perturber ([`Perturber`], *optional*):
+            A perturber to continue training; a fresh one sized for the model when `None`.
+        peft_config (`peft.PeftConfig`, *optional*):
+            LoRA configuration; when its `target_modules` is `None` the LLM's projections are adapted (never the
+            vision tower or the generation stack).
+        consistency_scorer (`Callable`, *optional*):
+            `(images, texts) -> scores`; defaults to a [`CLIPConsistencyScorer`] from `args.consistency_model`
+            (`None` there disables the consistency filter).
+        callbacks, optimizers, compute_metrics, preprocess_logits_for_metrics:
+            As in `transformers.Trainer`.
+    """
+
+    _name = "UniGame"
+
+    def __init__(
+        self,
+        model,
+        args: UniGameConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        perturber: Perturber | None = None,
+        peft_config=None,
+        consistency_scorer=None,
+        callbacks=None,
+        optimizers=(None, None),
+        compute_metrics=None,
+        preprocess_logits_for_metrics=None,
+    ):
+        if args is None:
+            args = UniGameConfig(output_dir="unigame-output")
+        if not isinstance(args, UniGameArguments):
+            raise TypeError(f"`args` must be a UniGameConfig, got {type(args).__name__}.")
+        if isinstance(model, str):
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            if processing_class is None:
+                processing_class = AutoProcessor.from_pretrained(model)
+            model = AutoModelForImageTextToText.from_pretrained(model)
+        if processing_class is None:
+            raise ValueError("Pass the model's processor as `processing_class`.")
+        self.interface = get_interface(model, processing_class)
+        if train_dataset is None:
+            raise ValueError("UniGameTrainer needs a `train_dataset` with columns image, question and answer.")
+        hint = "Rename or map the columns (e.g. `dataset.rename_column('img', 'image')`) before training."
+        check_columns(train_dataset, ["image", "question", "answer"], "train_dataset", hint)
+        check_columns(eval_dataset, ["image", "question", "answer"], "eval_dataset", hint)
+        model = prepare_understanding_player(model, self.interface, peft_config)
+        self.interface = get_interface(model, processing_class)
+        if data_collator is None:
+            data_collator = UniGameDataCollator(self.interface, prompt_column=args.prompt_column)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self.model_accepts_loss_kwargs = False  # the loss is a mean over samples, scaled for accumulation here
+        self._init_game(perturber, consistency_scorer)
+
+    def _describe_row(self, row):
+        return row
+
+    def _hard_sample_row(self, row, image):
+        return {"image": image, "question": row["question"], "answer": row["answer"], "prompt": row["prompt"]}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+
+    def _host_loss(self, model, inputs, num_items_in_batch=None):
+        return self.interface.understanding_loss(model, inputs).mean()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop(ROWS_KEY, None)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.perturber.disabled():
+            loss = self._host_loss(model, inputs).detach()
+        return loss, None, None
+
+
+def prepare_understanding_player(model, interface, peft_config=None):
+    """Makes the understanding player trainable and nothing else.
+
+    With a `peft_config`, LoRA goes on the LLM only (the interface's `lora_target_modules` when the config names
+    none). Without one, a model that already carries PEFT adapters keeps them as they are; a plain model trains its
+    LLM, and the vision tower and generation stack stay frozen.
+    """
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if peft_config is not None:
+        if isinstance(model, PeftModel):
+            raise ValueError(
+                "The model already has a PEFT adapter and a `peft_config` was given: pass one or the other "
+                "(to continue an adapter, load it with `PeftModel.from_pretrained(model, path, is_trainable=True)`)."
+            )
+        if getattr(peft_config, "target_modules", None) is None:
+            peft_config.target_modules = interface.lora_target_modules
+        base = unwrap_model(model)
+        if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model.requires_grad_(False)
+        model = get_peft_model(model, peft_config)
+    elif not isinstance(model, PeftModel):
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("model.language_model.") or name.startswith("lm_head."))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("The understanding player has no trainable parameter: check `peft_config` or the adapter.")
+    return model
