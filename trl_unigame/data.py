@@ -76,3 +76,73 @@ class RowKeepingCollator:
         batch = self.collator(rows)
         batch[ROWS_KEY] = [self.describe(r) for r in rows]
         return batch
+
+
+def _majority(answers) -> str:
+    """VQAv2's `answers` (list of strings or of dicts with `answer`) reduced to the most frequent answer."""
+    from collections import Counter
+
+    texts = [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
+    if not texts:
+        raise ValueError("A row has an empty `answers` list.")
+    counts = Counter(texts)
+    return max(texts, key=lambda t: (counts[t], -texts.index(t)))
+
+
+def _message_text(message) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return " ".join(part.get("text", "") for part in content if part.get("type") == "text").strip()
+
+
+def to_vqa_format(
+    dataset,
+    image_column: str = "image",
+    question_column: str = "question",
+    answer_column: str = "answer",
+    prompt_column: str | None = "caption",
+):
+    r"""
+    Maps a dataset to the columns [`UniGameTrainer`] reads: `image`, `question`, `answer` (and `caption` when present).
+
+    Understands three layouts:
+    - plain VQA: the given image/question/answer columns;
+    - VQAv2: an `answers` list (strings or `{"answer": ...}` dicts), reduced to its majority answer;
+    - TRL's conversational format: `messages` (first user turn = question, first assistant turn = answer) with
+      `images` (the first image is used).
+
+    Raises:
+        ValueError: naming the columns found when none of the layouts fits.
+    """
+    columns = list(dataset.column_names)
+    if "messages" in columns and ("images" in columns or "image" in columns):
+        images_col = "images" if "images" in columns else "image"
+
+        def from_messages(row):
+            user = next(m for m in row["messages"] if m["role"] == "user")
+            assistant = next(m for m in row["messages"] if m["role"] == "assistant")
+            image = row[images_col][0] if isinstance(row[images_col], list) else row[images_col]
+            return {"image": image, "question": _message_text(user), "answer": _message_text(assistant)}
+
+        return dataset.map(from_messages, remove_columns=columns)
+    answer_source = answer_column if answer_column in columns else ("answers" if "answers" in columns else None)
+    missing = [c for c in (image_column, question_column) if c not in columns]
+    if answer_source is None:
+        missing.append(f"{answer_column} (or a VQAv2 `answers` list)")
+    if missing:
+        raise ValueError(
+            f"The dataset is missing the column(s) {missing}; it has {columns}. Name the right ones with "
+            "--image_column/--question_column/--answer_column, or use TRL's conversational format (messages + images)."
+        )
+    keep = [c for c in (prompt_column,) if c and c in columns]
+
+    def to_row(row):
+        answer = row[answer_source]
+        answer = _majority(answer) if isinstance(answer, list) else str(answer)
+        return {"image": row[image_column], "question": row[question_column], "answer": answer}
+
+    mapped = dataset.map(to_row, remove_columns=[c for c in columns if c not in keep and c != image_column])
+    if image_column != "image":
+        mapped = mapped.rename_column(image_column, "image")
+    return mapped

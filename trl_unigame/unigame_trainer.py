@@ -70,6 +70,9 @@ class UniGameMixin:
         self.consistency_scorer = consistency_scorer
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._buffer_inputs = None
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "trainer") and getattr(callback, "trainer", None) is None:
+                callback.trainer = self
         if (
             args.understanding_update == "separate"
             and args.gradient_accumulation_steps > 1

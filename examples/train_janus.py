@@ -1,0 +1,189 @@
+# Copyright 2026 The trl-unigame authors. Licensed under the Apache License, Version 2.0.
+"""
+UniGame self-adversarial post-training of Janus / Janus-Pro.
+
+With no arguments, trains a tiny random Janus on a synthetic VQA dataset, offline on a CPU, in about a minute:
+
+```bash
+accelerate launch examples/train_janus.py
+```
+
+On a real model and dataset (one GPU; add an accelerate config from examples/accelerate_configs for several):
+
+```bash
+accelerate launch examples/train_janus.py \
+    --model_name_or_path deepseek-community/Janus-Pro-1B \
+    --dataset_name HuggingFaceM4/VQAv2 --dataset_train_split train \
+    --dtype bfloat16 --use_peft --lora_r 16 --lora_alpha 32 \
+    --per_device_train_batch_size 4 --learning_rate 2e-5 --max_steps 16000 \
+    --output_dir Janus-Pro-1B-UniGame
+
+# QLoRA: add --load_in_4bit; a YAML file with the same keys works with --config
+```
+"""
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+
+from trl_unigame import CLIPConsistencyScorer, UniGameConfig, UniGameTrainer
+from trl_unigame.data import to_vqa_format
+
+
+@dataclass
+class UniGameScriptArguments(ScriptArguments):
+    r"""
+    Arguments of this script besides the training and model arguments.
+
+    Args:
+        image_column (`str`, *optional*, defaults to `"image"`): Column holding the image.
+        question_column (`str`, *optional*, defaults to `"question"`): Column holding the question.
+        answer_column (`str`, *optional*, defaults to `"answer"`): Column holding the answer (VQAv2 `answers` lists
+            are reduced to their majority answer).
+        dataset_data_files (`str`, *optional*): Local data files (json, csv, parquet, imagefolder) instead of a
+            Hub dataset; `--dataset_name` then names the builder (e.g. `parquet`).
+        max_train_samples (`int`, *optional*): Keep only this many training rows.
+        picture_steps (`int`, *optional*, defaults to `0`): Every this many steps, write a grid of hard samples and a
+            plot of eps and the losses to the output directory (needs matplotlib); `0` turns it off.
+    """
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id, or a builder with data files."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the image."})
+    question_column: str = field(default="question", metadata={"help": "Column holding the question."})
+    answer_column: str = field(default="answer", metadata={"help": "Column holding the answer (or `answers`)."})
+    dataset_data_files: str | None = field(default=None, metadata={"help": "Local data files to load."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
+    picture_steps: int = field(default=0, metadata={"help": "Write hard-sample pictures every N steps; 0 = off."})
+
+
+def offline_default_arguments(output_dir: str = "unigame-janus-tiny") -> list[str]:
+    """The embedded default run: tiny Janus, synthetic data, CPU-sized settings."""
+    return [
+        "--output_dir", output_dir,
+        "--max_steps", "40",
+        "--per_device_train_batch_size", "4",
+        "--learning_rate", "2e-3",
+        "--perturber_learning_rate", "3e-2",
+        "--logging_steps", "5",
+        "--save_steps", "20",
+        "--num_candidates", "2",
+        "--buffer_batch_size", "2",
+        "--consistency_threshold", "0.0",
+        "--use_peft", "--lora_r", "8", "--lora_alpha", "16",
+        "--report_to", "none",
+        "--picture_steps", "20",
+        "--bf16", "false",
+    ]
+
+
+def load_model_and_data(script_args, training_args, model_args):
+    if model_args.model_name_or_path is None:  # embedded offline default
+        from trl_unigame.testing import tiny_clip, tiny_janus, tiny_vqa_dataset
+
+        model, processor = tiny_janus(seed=training_args.seed)
+        clip_model, clip_processor = tiny_clip(seed=training_args.seed)
+        scorer = CLIPConsistencyScorer(model=clip_model, processor=clip_processor)
+        train = tiny_vqa_dataset(256, seed=training_args.seed)
+        return model, processor, train, None, scorer
+
+    from datasets import load_dataset
+
+    quantization_config = get_quantization_config(model_args)
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    model_kwargs = dict(
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        dtype=dtype,
+    )
+    if quantization_config is not None:
+        from trl_unigame.interfaces import JanusInterface
+
+        # Keep the small generation projections and the VQ model out of 4-bit.
+        quantization_config.llm_int8_skip_modules = JanusInterface.quantization_skip_modules.fget(None)
+        model_kwargs["quantization_config"] = quantization_config
+        from accelerate import PartialState
+
+        model_kwargs["device_map"] = {"": PartialState().local_process_index} if torch.cuda.is_available() else None
+    model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **model_kwargs)
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    if script_args.dataset_name is None:
+        raise ValueError("Pass --dataset_name (a Hub id, or a builder such as `parquet` with --dataset_data_files).")
+    dataset = load_dataset(
+        script_args.dataset_name, name=script_args.dataset_config, data_files=script_args.dataset_data_files
+    )
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"Split {script_args.dataset_train_split!r} not found; the dataset has {list(dataset)}. "
+            "Choose one with --dataset_train_split."
+        )
+    train = dataset[script_args.dataset_train_split]
+    if script_args.max_train_samples:
+        train = train.select(range(min(script_args.max_train_samples, len(train))))
+    columns = dict(
+        image_column=script_args.image_column,
+        question_column=script_args.question_column,
+        answer_column=script_args.answer_column,
+        prompt_column=training_args.prompt_column,
+    )
+    train = to_vqa_format(train, **columns)
+    evaluation = None
+    if training_args.eval_strategy != "no" and script_args.dataset_test_split in dataset:
+        evaluation = to_vqa_format(dataset[script_args.dataset_test_split], **columns)
+    scorer = None
+    if training_args.consistency_model is not None:
+        scorer = CLIPConsistencyScorer(training_args.consistency_model, device=training_args.device)
+    return model, processor, train, evaluation, scorer
+
+
+def main(script_args, training_args, model_args):
+    model, processor, train, evaluation, scorer = load_model_and_data(script_args, training_args, model_args)
+    callbacks = []
+    if script_args.picture_steps:
+        from trl_unigame.callbacks import HardSamplePicturesCallback
+
+        callbacks.append(HardSamplePicturesCallback(every_n_steps=script_args.picture_steps))
+    if scorer is None:
+        training_args.consistency_model = None
+    trainer = UniGameTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=processor,
+        peft_config=get_peft_config(model_args),
+        consistency_scorer=scorer,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.create_model_card(
+            model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+            dataset=script_args.dataset_name or "synthetic shapes VQA (trl_unigame.testing)",
+        )
+        if training_args.push_to_hub:
+            trainer.push_to_hub(dataset=script_args.dataset_name)
+        out = os.path.abspath(training_args.output_dir)
+        print(
+            f"\nSaved the LoRA adapter, the perturber ({out}/perturber) and the processor to {out}.\n"
+            "Load them with:\n\n"
+            "    from peft import PeftModel\n"
+            "    from trl_unigame import Perturber\n"
+            f"    model = PeftModel.from_pretrained(base_model, {out!r})\n"
+            f"    perturber = Perturber.from_pretrained({out + '/perturber'!r}).attach(model)\n"
+        )
+    return trainer
+
+
+def make_parser():
+    return TrlParser((UniGameScriptArguments, UniGameConfig, ModelConfig))
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:] or offline_default_arguments()
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    main(script_args, training_args, model_args)

@@ -1,0 +1,91 @@
+"""Callbacks that show what the game does: hard-sample grids and curves of eps and the losses."""
+
+from __future__ import annotations
+
+import os
+
+from transformers import TrainerCallback
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "HardSamplePicturesCallback needs matplotlib: `pip install matplotlib` or `pip install trl-unigame[plots]`."
+        ) from error
+    return plt
+
+
+class HardSamplePicturesCallback(TrainerCallback):
+    r"""
+    Every `every_n_steps` optimizer steps, writes to `output_dir/pictures/`:
+    - `hard_samples_step{N}.png`: the hardest decoded candidates in the buffer, each with its question, answer,
+      hardness `H` and consistency `s`;
+    - `curves.png`: eps, the clean, adversarial and buffer losses over steps.
+
+    Args:
+        every_n_steps (`int`, *optional*, defaults to `100`): Interval in optimizer steps.
+        max_samples (`int`, *optional*, defaults to `8`): Hard samples shown.
+    """
+
+    def __init__(self, every_n_steps: int = 100, max_samples: int = 8):
+        _require_matplotlib()
+        if every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be at least 1, got {every_n_steps}.")
+        self.every_n_steps = every_n_steps
+        self.max_samples = max_samples
+        self.trainer = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every_n_steps or not state.is_world_process_zero or self.trainer is None:
+            return control
+        directory = os.path.join(args.output_dir, "pictures")
+        os.makedirs(directory, exist_ok=True)
+        self.write_hard_samples(os.path.join(directory, f"hard_samples_step{state.global_step}.png"))
+        self.write_curves(state.log_history, os.path.join(directory, "curves.png"))
+        return control
+
+    def write_hard_samples(self, path: str) -> str | None:
+        plt = _require_matplotlib()
+        entries = self.trainer.buffer.entries[: self.max_samples]
+        if not entries:
+            return None
+        fig, axes = plt.subplots(1, len(entries), figsize=(3 * len(entries), 3.6), squeeze=False)
+        for ax, entry in zip(axes[0], entries):
+            ax.imshow(entry.image.permute(1, 2, 0).numpy())
+            ax.axis("off")
+            s = "n/a" if entry.consistency is None else f"{entry.consistency:.2f}"
+            ax.set_title(
+                f"Q: {entry.row.get('question', '')[:40]}\nA: {entry.row.get('answer', '')[:30]}\nH={entry.hardness:.2f} s={s}",
+                fontsize=7,
+            )
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    @staticmethod
+    def write_curves(log_history: list[dict], path: str) -> str | None:
+        plt = _require_matplotlib()
+        keys = ["unigame/clean_loss", "unigame/adversarial_loss", "unigame/buffer_loss"]
+        rows = [r for r in log_history if "unigame/eps" in r]
+        if not rows:
+            return None
+        fig, (loss_ax, eps_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                loss_ax.plot(*zip(*points), label=key.split("/")[1])
+        loss_ax.set_xlabel("step")
+        loss_ax.legend(fontsize=7)
+        eps_ax.plot([r["step"] for r in rows], [r["unigame/eps"] for r in rows])
+        eps_ax.set_xlabel("step")
+        eps_ax.set_title("eps", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
