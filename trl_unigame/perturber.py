@@ -145,12 +145,14 @@ class Perturber(
     # --------------------------------------------------------------------------------------------------- math
     @property
     def eps_tensor(self) -> torch.Tensor:
-        return self.config.eps_min + (self.config.eps_max - self.config.eps_min) * torch.sigmoid(self.rho)
+        eps = self.config.eps_min + (self.config.eps_max - self.config.eps_min) * torch.sigmoid(self.rho)
+        # float32 rounding can step just outside the bounds when sigmoid saturates
+        return eps.clamp(self.config.eps_min, self.config.eps_max)
 
     @property
     def eps(self) -> float:
         """The current per-token norm of the perturbation."""
-        return float(self.eps_tensor.detach())
+        return min(max(float(self.eps_tensor.detach()), self.config.eps_min), self.config.eps_max)
 
     def delta(self, tokens: torch.Tensor) -> torch.Tensor:
         """The perturbation (float32) for `tokens` of shape `(..., hidden_size)`; each token's L2 norm equals `eps`."""
@@ -262,7 +264,8 @@ class Perturber(
         """
         save_directory = Path(save_directory)
         (save_directory / "README.md").unlink(missing_ok=True)  # the card reflects the current config
-        return super().save_pretrained(save_directory, config=self.config, **kwargs)
+        kwargs["config"] = self.config
+        return super().save_pretrained(save_directory, **kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token, **kwargs):

@@ -1,0 +1,165 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from trl_unigame import Perturber, UnsupportedModelError, get_interface
+from trl_unigame.testing import tiny_janus_processor
+from trl_unigame.unigame_trainer import prepare_understanding_player
+
+
+def _batch(interface, vqa, n=4):
+    rows = vqa.select(range(n))
+    return interface.build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
+
+
+def test_per_sample_loss_matches_manual_computation(janus, vqa):
+    model, processor = janus
+    interface = get_interface(model, processor)
+    inputs = _batch(interface, vqa)
+    losses = interface.understanding_loss(model, inputs)
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                   pixel_values=inputs["pixel_values"]).logits
+    expected = []
+    for i in range(logits.shape[0]):
+        labels = inputs["labels"][i, 1:]
+        mask = labels != -100
+        expected.append(F.cross_entropy(logits[i, :-1][mask], labels[mask]))
+    torch.testing.assert_close(losses, torch.stack(expected), rtol=1e-5, atol=1e-5)
+    assert losses.shape == (4,)
+    assert losses.std() > 0, "each sample must get its own loss, not the batch mean"
+
+
+def test_labels_cover_only_the_answer_and_eos(janus, vqa):
+    model, processor = janus
+    interface = get_interface(model, processor)
+    inputs = _batch(interface, vqa)
+    tokenizer = processor.tokenizer
+    for i, answer in enumerate(vqa["answer"][:4]):
+        labelled = inputs["labels"][i][inputs["labels"][i] != -100]
+        assert labelled[-1].item() == tokenizer.eos_token_id
+        assert tokenizer.decode(labelled[:-1]).strip() == answer
+        image_positions = inputs["input_ids"][i] == model.config.image_token_id
+        assert image_positions.sum() == interface.num_image_tokens
+        assert (inputs["labels"][i][image_positions] == -100).all()
+    # left padding: the padded positions are masked out of attention and labels
+    pad = inputs["attention_mask"] == 0
+    assert (inputs["labels"][pad] == -100).all()
+
+
+@pytest.mark.parametrize("site", ["understanding", "generation"])
+def test_perturbation_at_each_site_changes_output_and_gets_gradients(janus, vqa, site):
+    model, processor = janus
+    interface = get_interface(model, processor)
+    perturber = Perturber.for_model(model, sites=[site], eps_max=0.5, eps_init=0.4).attach(model)
+    if site == "understanding":
+        inputs = _batch(interface, vqa)
+
+        def run():
+            return interface.understanding_loss(model, inputs).sum()
+    else:
+        tokens = torch.randint(0, 64, (2, 5))
+
+        def run():
+            embeds = model.prepare_embeddings_for_image_generation(tokens)
+            hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
+            return model.model.generation_head(hidden).logsumexp(-1).sum()
+
+    with perturber.disabled():
+        clean = run()
+    perturbed = run()
+    assert not torch.allclose(clean, perturbed)
+    perturbed.backward()
+    grads = [p.grad for p in perturber.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_understanding_loss_leaves_vision_and_generation_stack_without_gradient(janus, vqa, use_lora):
+    model, processor = janus
+    interface = get_interface(model, processor)
+    peft_config = LoraConfig(r=4, lora_alpha=8) if use_lora else None
+    model = prepare_understanding_player(model, interface, peft_config)
+    interface = get_interface(model, processor)
+    interface.understanding_loss(model, _batch(interface, vqa)).mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    frozen = ("vision_model", "aligner", "vqmodel", "generation_embeddings", "generation_aligner", "generation_head")
+    for name, grad in grads.items():
+        if any(f".{part}." in name for part in frozen):
+            assert grad is None, name
+    trained = [n for n, g in grads.items() if g is not None]
+    assert trained and all("language_model" in n or "lm_head" in n for n in trained)
+    if use_lora:
+        assert all("lora_" in n for n in trained)
+
+
+def test_generation_shape_range_and_seed(janus):
+    model, processor = janus
+    interface = get_interface(model, processor)
+    prompts = ["A red circle.", "A blue square on a white background."]
+    first = interface.generate_images(prompts, num_images=3, generator=torch.Generator().manual_seed(0))
+    again = interface.generate_images(prompts, num_images=3, generator=torch.Generator().manual_seed(0))
+    other = interface.generate_images(prompts, num_images=3, generator=torch.Generator().manual_seed(1))
+    assert first.shape == (6, 3, interface.image_size, interface.image_size)
+    assert first.min() >= 0 and first.max() <= 1
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_greedy_generation_matches_transformers_generate(janus):
+    model, processor = janus
+    interface = get_interface(model, processor)
+    prompts = ["A red circle.", "A green triangle on a white background."]
+    ours = interface.generate_images(prompts, num_images=1, guidance_scale=3.0, temperature=0.0)
+    texts = [interface._chat_prompt(p, with_image=False) for p in prompts]
+    enc = processor(text=texts, generation_mode="image", return_tensors="pt", padding=True)
+    tokens = model.generate(**enc, generation_mode="image", do_sample=False, guidance_scale=3.0)
+    reference = ((model.decode_image_tokens(tokens).permute(0, 3, 1, 2) + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_with_perturbation_differs(janus):
+    model, processor = janus
+    interface = get_interface(model, processor)
+    perturber = Perturber.for_model(model, eps_max=2.0, eps_init=1.5).attach(model)
+    prompts = ["A red circle."]
+    with perturber.disabled():
+        clean = interface.generate_images(prompts, num_images=2, temperature=0.0)
+    perturbed = interface.generate_images(prompts, num_images=2, temperature=0.0)
+    assert not torch.equal(clean, perturbed)
+
+
+def test_interface_sees_through_peft(janus):
+    model, processor = janus
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=get_interface(model).lora_target_modules))
+    interface = get_interface(peft_model, processor)
+    assert interface.base_model is model
+    lora = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    assert lora and not any("vision_model" in n for n in lora)
+
+
+def test_processor_round_trips_offline(tmp_path, monkeypatch, vqa):
+    from transformers import JanusProcessor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    processor = tiny_janus_processor()
+    processor.save_pretrained(tmp_path)
+    loaded = JanusProcessor.from_pretrained(tmp_path)
+    text = "<|User|>: <image_placeholder>\nWhat color is the circle?\n\n<|Assistant|>:"
+    a = processor(text=[text], images=[vqa[0]["image"]], return_tensors="pt")
+    b = loaded(text=[text], images=[vqa[0]["image"]], return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
+    assert loaded.chat_template == processor.chat_template
+
+
+def test_unsupported_model_gets_a_clear_error():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*janus.*register_interface"):
+        get_interface(model)
+    with pytest.raises(UnsupportedModelError):
+        Perturber.for_model(model)

@@ -1,0 +1,198 @@
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from trl_unigame import Perturber, PerturberConfig, get_interface
+from trl_unigame.testing import tiny_janus
+
+
+def _inputs(model, processor, vqa, n=3):
+    rows = vqa.select(range(n))
+    return get_interface(model, processor).build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rho=st.floats(-30, 30),
+    eps_min=st.floats(0, 0.05),
+    span=st.floats(1e-3, 0.5),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_every_token_delta_has_norm_eps_and_eps_is_bounded(rho, eps_min, span, dtype, seed):
+    eps_max = eps_min + span
+    perturber = Perturber(PerturberConfig(hidden_size=16, eps_min=eps_min, eps_max=eps_max, eps_init=eps_min + span / 2))
+    with torch.no_grad():
+        perturber.rho.fill_(rho)
+    assert eps_min <= perturber.eps <= eps_max
+    tokens = (torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
+    delta = perturber.delta(tokens)
+    assert delta.dtype == torch.float32
+    torch.testing.assert_close(delta.norm(dim=-1), torch.full((2, 5), perturber.eps), rtol=1e-4, atol=1e-7)
+    assert perturber(tokens).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_perturbation_survives_low_precision_models(dtype, janus, vqa):
+    model, processor = janus
+    model.to(dtype)
+    interface = get_interface(model, processor)
+    perturber = Perturber.for_model(model).attach(model)
+    captured = {}
+    handle = interface.understanding_site.register_forward_hook(lambda m, a, o: captured.setdefault("out", []).append(o))
+    inputs = _inputs(model, processor, vqa)
+    with torch.no_grad():
+        with perturber.disabled():
+            model(**{k: v for k, v in inputs.items() if k != "labels"} | {"pixel_values": inputs["pixel_values"].to(dtype)})
+        model(**{k: v for k, v in inputs.items() if k != "labels"} | {"pixel_values": inputs["pixel_values"].to(dtype)})
+    handle.remove()
+    clean, perturbed = captured["out"]
+    assert perturbed.dtype == dtype
+    # Computed in float32 then cast: the perturbed tokens move by about eps (up to the dtype's rounding).
+    moved = (perturbed.float() - clean.float()).norm(dim=-1)
+    assert (moved > 0).all()
+    spacing = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    bound = spacing * clean.float().abs().amax(-1) * clean.shape[-1] ** 0.5
+    assert ((moved - perturber.eps).abs() <= bound + 1e-6).all()
+
+
+def test_disabled_or_detached_gives_the_clean_model(janus, vqa):
+    model, processor = janus
+    inputs = _inputs(model, processor, vqa)
+    interface = get_interface(model, processor)
+    clean = interface.understanding_loss(model, inputs)
+    perturber = Perturber.for_model(model, eps_max=0.5, eps_init=0.25).attach(model)
+    assert not torch.equal(interface.understanding_loss(model, inputs), clean)
+    with perturber.disabled():
+        assert torch.equal(interface.understanding_loss(model, inputs), clean)
+    perturber.detach()
+    assert not perturber.is_attached
+    assert torch.equal(interface.understanding_loss(model, inputs), clean)
+
+
+def test_save_then_load_gives_identical_perturbed_outputs(tmp_path, janus, vqa):
+    model, processor = janus
+    inputs = _inputs(model, processor, vqa)
+    interface = get_interface(model, processor)
+    perturber = Perturber.for_model(model, eps_max=0.5, eps_init=0.3, depth=2).attach(model)
+    with torch.no_grad():
+        perturber.rho.add_(0.7)
+    expected = interface.understanding_loss(model, inputs)
+    perturber.save_pretrained(tmp_path / "p")
+    assert sorted(os.listdir(tmp_path / "p")) == ["README.md", "config.json", "model.safetensors"]
+    perturber.detach()
+    loaded = Perturber.from_pretrained(tmp_path / "p").attach(model)
+    assert loaded.config == perturber.config
+    assert loaded.eps == pytest.approx(perturber.eps)
+    torch.testing.assert_close(interface.understanding_loss(model, inputs), expected, rtol=0, atol=0)
+
+
+def test_hidden_size_mismatch_names_both_sizes(janus):
+    model, _ = janus
+    perturber = Perturber(PerturberConfig(hidden_size=64))
+    with pytest.raises(ValueError, match="64.*32"):
+        perturber.attach(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(hidden_size=8, eps_min=0.03, eps_max=0.02), "eps_min < eps_max"),
+        (dict(hidden_size=8, eps_init=0.5), "eps_init"),
+        (dict(hidden_size=8, depth=0), "depth"),
+        (dict(hidden_size=8, sites=["vision"]), "sites"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PerturberConfig(**kwargs)
+
+
+def _janus_pro_config(hidden, layers, intermediate, heads):
+    from transformers import JanusConfig
+
+    return JanusConfig(
+        text_config={"model_type": "llama", "vocab_size": 102400, "hidden_size": hidden, "num_hidden_layers": layers,
+                     "intermediate_size": intermediate, "num_attention_heads": heads, "num_key_value_heads": heads},
+        vision_config={"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 384,
+                       "patch_size": 16, "projection_dim": hidden, "num_image_tokens": 576},
+        vq_config={"projection_dim": hidden, "image_token_embed_dim": hidden},
+        image_token_id=100581,
+    )
+
+
+@pytest.mark.parametrize(
+    "name, hidden, layers, intermediate, heads",
+    [("Janus-Pro-1B", 2048, 24, 5632, 16), ("Janus-Pro-7B", 4096, 30, 11008, 32)],
+)
+def test_overhead_is_under_one_percent(name, hidden, layers, intermediate, heads):
+    from transformers import JanusForConditionalGeneration
+
+    with torch.device("meta"):
+        model = JanusForConditionalGeneration(_janus_pro_config(hidden, layers, intermediate, heads))
+        perturber = Perturber.for_model(model)
+    model_params = sum(p.numel() for p in model.parameters())
+    ratio = perturber.num_parameters() / model_params
+    assert perturber.num_parameters() == 3 * hidden * hidden + 2 * hidden + 1
+    assert ratio < 0.01, f"{name}: {perturber.num_parameters()} / {model_params} = {ratio:.4%}"
+
+
+def test_push_to_hub_uploads_adapter_and_card(tmp_path, monkeypatch, janus):
+    import shutil
+
+    from huggingface_hub import HfApi, ModelCard
+
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        class Url(str):
+            pass
+
+        url = Url(f"https://huggingface.co/{repo_id}")
+        url.repo_id = repo_id
+        return url
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        uploaded["repo_id"] = repo_id
+        shutil.copytree(folder_path, tmp_path / "uploaded")
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    model, _ = janus
+    perturber = Perturber.for_model(model, base_model_name_or_path="deepseek-community/Janus-Pro-1B")
+    perturber.push_to_hub("someone/janus-unigame-perturber")
+    folder = tmp_path / "uploaded"
+    assert uploaded["repo_id"] == "someone/janus-unigame-perturber"
+    assert sorted(os.listdir(folder)) == ["README.md", "config.json", "model.safetensors"]
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == "deepseek-community/Janus-Pro-1B"
+    assert {"trl", "unigame"} <= set(card.data.tags)
+    assert "arXiv:2511.19413" in card.text and "@article" in card.text
+    assert json.loads((folder / "config.json").read_text())["hidden_size"] == 32
+    loaded = Perturber.from_pretrained(folder)
+    for a, b in zip(loaded.state_dict().values(), perturber.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_lives_beside_lora_in_one_directory(tmp_path, vqa):
+    model, processor = tiny_janus(seed=0)
+    interface = get_interface(model, processor)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=interface.lora_target_modules, init_lora_weights=False))
+    perturber = Perturber.for_model(peft_model, eps_max=0.5, eps_init=0.3).attach(peft_model)
+    inputs = _inputs(peft_model, processor, vqa)
+    expected = interface.understanding_loss(peft_model, inputs)
+    peft_model.save_pretrained(tmp_path)
+    perturber.save_pretrained(tmp_path / "perturber")
+    assert {"adapter_config.json", "adapter_model.safetensors", "perturber"} <= set(os.listdir(tmp_path))
+
+    base, _ = tiny_janus(seed=0)
+    loaded = PeftModel.from_pretrained(base, tmp_path)
+    Perturber.from_pretrained(tmp_path / "perturber").attach(loaded)
+    torch.testing.assert_close(get_interface(loaded, processor).understanding_loss(loaded, inputs), expected)
