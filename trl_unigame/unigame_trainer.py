@@ -70,6 +70,7 @@ class UniGameMixin:
         self.consistency_scorer = consistency_scorer
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._buffer_inputs = None
+        self.current_gradient_accumulation_steps = getattr(self, "current_gradient_accumulation_steps", 1)
         for callback in self.callback_handler.callbacks:
             if hasattr(callback, "trainer") and getattr(callback, "trainer", None) is None:
                 callback.trainer = self

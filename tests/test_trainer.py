@@ -1,0 +1,323 @@
+import os
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from trl_unigame import HardSampleBuffer, UniGameConfig, UniGameTrainer, select_hard_candidates
+from trl_unigame.data import ROWS_KEY
+from trl_unigame.testing import tiny_janus
+
+
+def make_args(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        max_steps=3,
+        learning_rate=5e-3,
+        perturber_learning_rate=5e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        num_candidates=2,
+        buffer_batch_size=2,
+        consistency_threshold=-1.0,
+        consistency_model=None,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    defaults.update(overrides)
+    return UniGameConfig(**defaults)
+
+
+def make_trainer(tmp_path, vqa, lora_dropout=0.05, scorer=None, collator=None, **overrides):
+    model, processor = tiny_janus(seed=0)
+    return UniGameTrainer(
+        model,
+        make_args(tmp_path, **overrides),
+        train_dataset=vqa,
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=lora_dropout),
+        consistency_scorer=scorer,
+        data_collator=collator,
+    )
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def first_batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return batch
+
+
+def test_lora_moves_frozen_stays_and_perturber_learns(tmp_path, vqa, clip_scorer):
+    trainer = make_trainer(tmp_path, vqa, scorer=clip_scorer, max_steps=2)
+    before = snapshot(trainer.model)
+    perturber_before = snapshot(trainer.perturber)
+    trainer.train()
+    after = snapshot(trainer.model)
+    moved = [n for n in before if not torch.equal(before[n], after[n])]
+    assert moved and all("lora_" in n for n in moved)
+    assert any("lora_" in n for n in moved)
+    assert all(not torch.equal(perturber_before[n], p) for n, p in snapshot(trainer.perturber).items())
+    logs = [l for l in trainer.state.log_history if "unigame/eps" in l]
+    for key in ("unigame/clean_loss", "unigame/adversarial_loss", "unigame/eps", "unigame/delta_norm",
+                "unigame/buffer_size", "unigame/mined", "unigame/kept_fraction", "unigame/consistency",
+                "unigame/skipped_perturber_steps", "unigame/skipped_understanding_steps"):
+        assert key in logs[0], key
+    assert "unigame/buffer_loss" in logs[-1]
+
+
+def test_perturber_step_does_not_lower_the_adversarial_loss(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, lora_dropout=0.0, perturber_learning_rate=1e-2)
+    batch = first_batch(trainer)
+    batch.pop(ROWS_KEY)
+    inputs = trainer._prepare_inputs(batch)
+    model = trainer.model
+    model.eval()  # no dropout, so the loss is a function of the perturber alone
+
+    def adversarial_loss():
+        with torch.no_grad():
+            return trainer._host_loss(model, inputs).item()
+
+    lora_before = snapshot(model)
+    before = adversarial_loss()
+    for _ in range(3):
+        trainer._perturber_step(model, inputs)
+    after = adversarial_loss()
+    assert after >= before
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(lora_before[n], p) for n, p in snapshot(model).items())
+
+
+def test_buffer_fills_is_sampled_and_respects_capacity(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, buffer_capacity=3, max_steps=4, hardness_quantile=0.0,
+                           candidates_kept_per_sample=2)
+    sampled = []
+    original = trainer.buffer.sample
+    trainer.buffer.sample = lambda k: sampled.append(original(k)) or sampled[-1]
+    trainer.train()
+    assert len(trainer.buffer) == 3
+    assert any(len(s) == 2 for s in sampled)
+    hardness = [e.hardness for e in trainer.buffer.entries]
+    assert hardness == sorted(hardness, reverse=True)
+    assert all(e.image.dtype == torch.uint8 and e.image.shape[0] == 3 for e in trainer.buffer.entries)
+
+
+def test_eps_stays_within_bounds_under_a_large_perturber_lr(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, perturber_learning_rate=10.0, max_steps=4, mining_interval=0)
+    trainer.train()
+    assert 0.0 <= trainer.perturber.eps <= 0.02
+    eps = [l["unigame/eps"] for l in trainer.state.log_history if "unigame/eps" in l]
+    assert all(0.0 <= e <= 0.02 for e in eps)
+
+
+def test_gradient_accumulation_matches_larger_batch(tmp_path, vqa):
+    results = []
+    for batch_size, accumulation in ((2, 1), (1, 2)):
+        trainer = make_trainer(
+            tmp_path / f"{batch_size}", vqa, lora_dropout=0.0, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, max_steps=2, buffer_weight=0.0,
+        )
+        trainer.train()
+        results.append(snapshot(trainer.model))
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, vqa):
+    overrides = dict(max_steps=4, save_strategy="steps", save_steps=2, buffer_capacity=4, hardness_quantile=0.0)
+    full = make_trainer(tmp_path / "full", vqa, **overrides)
+    full.train()
+    checkpoint = os.path.join(full.args.output_dir, "checkpoint-2")
+    assert {"perturber", "perturber_optimizer.pt", "unigame_buffer_rank0.pt"} <= set(os.listdir(checkpoint))
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(os.path.join(checkpoint, "perturber")))
+
+    resumed = make_trainer(tmp_path / "resumed", vqa, **overrides)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    for a, b in ((full.model, resumed.model), (full.perturber, resumed.perturber)):
+        sa, sb = snapshot(a), snapshot(b)
+        for name in sa:
+            torch.testing.assert_close(sb[name], sa[name], rtol=0, atol=1e-6, msg=name)
+    assert [e.hardness for e in full.buffer.entries] == pytest.approx([e.hardness for e in resumed.buffer.entries])
+
+    def losses(trainer):
+        return [(l["step"], l["loss"], l["unigame/adversarial_loss"]) for l in trainer.state.log_history
+                if "loss" in l and l["step"] > 2]
+
+    assert len(losses(full)) == 2
+    for (s1, l1, a1), (s2, l2, a2) in zip(losses(full), losses(resumed)):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-6) and a1 == pytest.approx(a2, abs=1e-6)
+
+
+def test_final_save_holds_lora_perturber_and_processor(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, max_steps=1, mining_interval=0)
+    trainer.train()
+    trainer.save_model()
+    files = set(os.listdir(trainer.args.output_dir))
+    assert {"adapter_config.json", "adapter_model.safetensors", "perturber", "processor_config.json"} <= files
+
+
+def test_nan_batch_leaves_weights_untouched(tmp_path, vqa):
+    from trl_unigame import UniGameDataCollator, get_interface
+
+    model, processor = tiny_janus(seed=0)
+    interface = get_interface(model, processor)
+    inner = UniGameDataCollator(interface)
+
+    def poisoned(rows):
+        batch = inner(rows)
+        batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
+        return batch
+
+    trainer = UniGameTrainer(model, make_args(tmp_path, max_steps=2, mining_interval=0), train_dataset=vqa,
+                             processing_class=processor, peft_config=LoraConfig(r=4, lora_alpha=8),
+                             data_collator=poisoned)
+    lora, perturber = snapshot(trainer.model), snapshot(trainer.perturber)
+    with pytest.warns(UserWarning, match="not finite"):
+        trainer.train()
+    assert all(torch.equal(lora[n], p) for n, p in snapshot(trainer.model).items())
+    assert all(torch.equal(perturber[n], p) for n, p in snapshot(trainer.perturber).items())
+    logs = [l for l in trainer.state.log_history if "unigame/skipped_understanding_steps" in l]
+    assert sum(l["unigame/skipped_understanding_steps"] for l in logs) == 2
+    assert sum(l["unigame/skipped_perturber_steps"] for l in logs) == 2
+
+
+@pytest.mark.parametrize("update, optimizer_steps", [("mixed", 3), ("separate", 6)])
+def test_understanding_update_mixed_or_separate(tmp_path, vqa, update, optimizer_steps):
+    # Mining fills the buffer before the first update, so every step has a buffer batch.
+    trainer = make_trainer(tmp_path, vqa, understanding_update=update, max_steps=3, hardness_quantile=0.0)
+    trainer.train()
+    assert all("unigame/buffer_loss" in l for l in trainer.state.log_history if "loss" in l)
+    steps = {int(state["step"]) for state in trainer.optimizer.state.values()}
+    assert steps == {optimizer_steps}
+
+
+def test_model_trains_in_train_mode_and_generation_restores_it(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, max_steps=1)
+    modes = []
+    original = trainer.interface.generate_images
+
+    def spy(*args, **kwargs):
+        modes.append(trainer.interface.base_model.training)
+        return original(*args, **kwargs)
+
+    trainer.interface.generate_images = spy
+    compute = trainer._host_loss
+    trainer._host_loss = lambda model, inputs, **kw: modes.append(("loss", model.training)) or compute(model, inputs, **kw)
+    trainer.train()
+    assert modes[0] == ("loss", True)  # perturber step
+    assert modes[1] is False  # generation in eval mode
+    assert modes[2:] and all(m == ("loss", True) for m in modes[2:])  # clean and buffer losses
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(candidates_kept_per_sample=5, num_candidates=2), "candidates_kept_per_sample"),
+        (dict(selection="best"), "selection"),
+        (dict(hardness_quantile=1.5), "hardness_quantile"),
+        (dict(perturber_eps_init=0.05), "perturber_eps_init"),
+        (dict(understanding_update="both"), "understanding_update"),
+    ],
+)
+def test_inconsistent_config_is_rejected(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_bad_datasets_are_rejected_before_training(tmp_path, vqa):
+    model, processor = tiny_janus(seed=0)
+    args = make_args(tmp_path)
+    with pytest.raises(ValueError, match=r"missing the column\(s\) \['answer'\].*'caption'"):
+        UniGameTrainer(model, args, train_dataset=vqa.remove_columns("answer"), processing_class=processor)
+    with pytest.raises(ValueError, match="empty"):
+        UniGameTrainer(model, args, train_dataset=vqa.select([]), processing_class=processor)
+    assert not os.path.exists(args.output_dir)
+
+
+def test_unsupported_model_is_rejected_before_training(tmp_path, vqa):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trl_unigame import UnsupportedModelError
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    _, processor = tiny_janus(seed=0)
+    with pytest.raises(UnsupportedModelError, match="janus"):
+        UniGameTrainer(model, make_args(tmp_path), train_dataset=vqa, processing_class=processor)
+
+
+def test_resume_from_a_foreign_checkpoint_fails_clearly(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, max_steps=2)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    with pytest.raises(FileNotFoundError, match="perturber"):
+        trainer._load_optimizer_and_scheduler(str(foreign))
+
+
+# ----------------------------------------------------------------------------------------------- selection
+def _scored():
+    # source:        0     0     0     1     1     1
+    hardness = torch.tensor([5.0, 1.0, 3.0, 4.0, 6.0, 0.5])
+    consistency = torch.tensor([0.1, 0.5, 0.4, 0.35, 0.2, 0.1])
+    source = torch.tensor([0, 0, 0, 1, 1, 1])
+    return hardness, consistency, source
+
+
+def test_paper_rule_requires_consistency_and_hardness():
+    h, s, src = _scored()
+    # quantile 0.5 of H = 3.5: hard = {0, 3, 4}; consistent (s >= 0.3) = {1, 2, 3}
+    kept = select_hard_candidates(h, s, src, rule="paper", quantile=0.5, threshold=0.3, top_k=2)
+    assert kept.tolist() == [3]
+
+
+def test_reference_rule_keeps_hard_or_inconsistent_then_top_k():
+    h, s, src = _scored()
+    # hard = {0, 3, 4}; inconsistent (s <= 0.3) = {0, 4, 5} -> candidates {0, 3, 4, 5}; top-1 per source: 0 and 4
+    kept = select_hard_candidates(h, s, src, rule="reference", quantile=0.5, threshold=0.3, top_k=1)
+    assert kept.tolist() == [4, 0]
+    kept = select_hard_candidates(h, s, src, rule="reference", quantile=0.5, threshold=0.3, top_k=2)
+    assert kept.tolist() == [4, 0, 3]
+
+
+def test_selection_without_consistency_uses_hardness_alone():
+    h, _, src = _scored()
+    kept = select_hard_candidates(h, None, src, quantile=0.5, top_k=1)
+    assert kept.tolist() == [4, 0]
+
+
+# ----------------------------------------------------------------------------------------------- buffer
+def test_buffer_keeps_the_hardest_and_samples_by_rank():
+    buffer = HardSampleBuffer(capacity=3, temperature=1.0, seed=0)
+    image = torch.zeros(3, 4, 4)
+    for h in [1.0, 5.0, 3.0, 0.5, 4.0]:
+        buffer.push(image, {"question": f"q{h}", "answer": "a"}, h)
+    assert [e.hardness for e in buffer.entries] == [5.0, 4.0, 3.0]
+    probabilities = buffer.probabilities()
+    assert probabilities[0] > probabilities[1] > probabilities[2]
+    torch.testing.assert_close(probabilities, torch.softmax(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), 0))
+    counts = torch.zeros(3)
+    for _ in range(300):
+        drawn = buffer.sample(1)[0]
+        counts[[e.hardness for e in buffer.entries].index(drawn.hardness)] += 1
+    assert counts[0] > counts[1] > counts[2]
+    drawn = buffer.sample(5)
+    assert len(drawn) == 3 and len({d.hardness for d in drawn}) == 3  # without replacement
+
+
+def test_buffer_pop_and_state_round_trip():
+    buffer = HardSampleBuffer(capacity=4, pop=True, seed=3)
+    for h in range(4):
+        buffer.push(torch.rand(3, 2, 2), {"question": str(h), "answer": "x"}, float(h))
+    state = buffer.state_dict()
+    clone = HardSampleBuffer()
+    clone.load_state_dict(state)
+    a, b = buffer.sample(2), clone.sample(2)
+    assert [e.hardness for e in a] == [e.hardness for e in b]
+    assert len(buffer) == 2 and len(clone) == 2
+    assert all(torch.equal(x.image, y.image) for x, y in zip(buffer.entries, clone.entries))
