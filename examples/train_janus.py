@@ -163,10 +163,10 @@ def main(script_args, training_args, model_args):
     if trainer.is_world_process_zero():
         trainer.create_model_card(
             model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
-            dataset=script_args.dataset_name or "synthetic shapes VQA (trl_unigame.testing)",
+            dataset_name=script_args.dataset_name,
         )
         if training_args.push_to_hub:
-            trainer.push_to_hub(dataset=script_args.dataset_name)
+            trainer.push_to_hub(dataset_name=script_args.dataset_name)
         out = os.path.abspath(training_args.output_dir)
         print(
             f"\nSaved the LoRA adapter, the perturber ({out}/perturber) and the processor to {out}.\n"

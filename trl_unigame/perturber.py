@@ -273,13 +273,21 @@ class Perturber(
         from safetensors.torch import load_file
 
         map_location = kwargs.pop("map_location", "cpu")
+        subfolder = kwargs.pop("subfolder", None)
+        kwargs.pop("config", None)  # read below from the perturber's own folder
         if os.path.isdir(model_id):
-            config_file = os.path.join(model_id, "config.json")
-            weights_file = os.path.join(model_id, "model.safetensors")
+            folder = os.path.join(model_id, subfolder) if subfolder else model_id
+            config_file = os.path.join(folder, "config.json")
+            weights_file = os.path.join(folder, "model.safetensors")
+            if not os.path.isfile(weights_file):
+                raise FileNotFoundError(
+                    f"No perturber in {folder} (no model.safetensors). A UniGame output keeps it in its "
+                    "`perturber/` folder: pass that folder, or `subfolder='perturber'`."
+                )
         else:
             download = dict(
                 revision=revision, cache_dir=cache_dir, force_download=force_download,
-                local_files_only=local_files_only, token=token,
+                local_files_only=local_files_only, token=token, subfolder=subfolder,
             )
             config_file = hf_hub_download(model_id, "config.json", **download)
             weights_file = hf_hub_download(model_id, "model.safetensors", **download)

@@ -51,15 +51,18 @@ def _corpus() -> list[str]:
     return lines
 
 
-def tiny_janus_config(vocab_size: int = 128):
-    """Returns the `JanusConfig` of a tiny random Janus (about 360k parameters) that runs on CPU in milliseconds."""
+def tiny_janus_config(vocab_size: int = 128, hidden_size: int = 32):
+    """Returns the `JanusConfig` of a tiny random Janus (about 360k parameters) that runs on CPU in milliseconds.
+
+    `hidden_size` is the LLM's width (64 or more lets bitsandbytes quantize the LLM's layers on CPU).
+    """
     from transformers import JanusConfig
 
     text_config = {
         "model_type": "llama",
         "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "intermediate_size": 64,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
@@ -74,7 +77,7 @@ def tiny_janus_config(vocab_size: int = 128):
         "num_attention_heads": 2,
         "image_size": TINY_IMAGE_SIZE,
         "patch_size": 4,
-        "projection_dim": 32,
+        "projection_dim": hidden_size,
         "mlp_ratio": 2.0,
         "num_image_tokens": TINY_NUM_IMAGE_TOKENS,
     }
@@ -85,8 +88,8 @@ def tiny_janus_config(vocab_size: int = 128):
         "base_channels": 32,
         "channel_multiplier": [1, 1, 1],
         "num_res_blocks": 1,
-        "projection_dim": 32,
-        "image_token_embed_dim": 32,
+        "projection_dim": hidden_size,
+        "image_token_embed_dim": hidden_size,
         "num_patches": 4,
     }
     return JanusConfig(
@@ -146,13 +149,13 @@ def tiny_janus_processor(save_dir: str | None = None):
         return JanusProcessor.from_pretrained(save_dir)
 
 
-def save_tiny_janus(save_dir: str, seed: int = 0) -> str:
+def save_tiny_janus(save_dir: str, seed: int = 0, hidden_size: int = 32) -> str:
     """Writes a tiny random Janus checkpoint and its processor to `save_dir` (a stand-in for a Hub checkpoint)."""
     from transformers import GenerationConfig, JanusForConditionalGeneration
 
     torch.manual_seed(seed)
     processor = tiny_janus_processor(save_dir)
-    config = tiny_janus_config(vocab_size=len(processor.tokenizer))
+    config = tiny_janus_config(vocab_size=len(processor.tokenizer), hidden_size=hidden_size)
     model = JanusForConditionalGeneration(config)
     tok = processor.tokenizer
     model.generation_config = GenerationConfig(
@@ -165,7 +168,7 @@ def save_tiny_janus(save_dir: str, seed: int = 0) -> str:
     return save_dir
 
 
-def tiny_janus(seed: int = 0, save_dir: str | None = None, **from_pretrained_kwargs):
+def tiny_janus(seed: int = 0, save_dir: str | None = None, hidden_size: int = 32, **from_pretrained_kwargs):
     """Returns `(model, processor)`: a tiny random `JanusForConditionalGeneration` and a real `JanusProcessor`.
 
     Both are written to a directory and loaded back with `from_pretrained`, as a real checkpoint would be.
@@ -175,13 +178,15 @@ def tiny_janus(seed: int = 0, save_dir: str | None = None, **from_pretrained_kwa
             Seed of the random weights.
         save_dir (`str`, *optional*):
             Where to write the checkpoint; a temporary directory when not given.
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the LLM (and so of the shared visual-token space).
         **from_pretrained_kwargs:
             Passed to `JanusForConditionalGeneration.from_pretrained` (e.g. `quantization_config`, `dtype`).
     """
     from transformers import JanusForConditionalGeneration, JanusProcessor
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_tiny_janus(save_dir or tmp, seed=seed)
+        path = save_tiny_janus(save_dir or tmp, seed=seed, hidden_size=hidden_size)
         model = JanusForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
         processor = JanusProcessor.from_pretrained(path)
     return model, processor

@@ -16,7 +16,7 @@ from .buffer import HardSampleBuffer
 from .consistency import CLIPConsistencyScorer
 from .data import ROWS_KEY, UniGameDataCollator, check_columns
 from .interfaces import get_interface, to_pil_images, unwrap_model
-from .perturber import CITATION, PAPER_URL, Perturber
+from .perturber import Perturber
 from .selection import hardness as hardness_score
 from .selection import select_hard_candidates
 from .unigame_config import UniGameArguments, UniGameConfig
@@ -314,19 +314,36 @@ class UniGameMixin:
         else:
             warnings.warn(f"{buffer_file} not found: the hard-sample buffer of this process starts empty.")
 
-    def create_model_card(self, *args, **kwargs):
-        """Writes a model card that tags the run with `trl` and `unigame` and cites the paper."""
-        tags = list(kwargs.pop("tags", None) or [])
-        kwargs["tags"] = sorted(set(tags) | set(self._tag_names))
-        result = super().create_model_card(*args, **kwargs)
-        readme = os.path.join(self.args.output_dir, "README.md")
-        if self.is_world_process_zero() and os.path.isfile(readme):
-            with open(readme, "a") as f:
-                f.write(
-                    f"\n## UniGame\n\nTrained with [UniGame]({PAPER_URL}) self-adversarial post-training; the "
-                    f"perturber is in `{PERTURBER_DIR}/`.\n\n```bibtex\n{CITATION}\n```\n"
-                )
-        return result
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Writes `README.md` in the output directory: base model, dataset, tags (`trl`, `unigame`), the game's
+        configuration and the paper's citation."""
+        if not self.is_world_process_zero():
+            return
+        from dataclasses import fields
+
+        from .model_card import unigame_model_card
+
+        base = unwrap_model(self.model)
+        base_model = getattr(base.config, "_name_or_path", None) or None
+        if base_model and os.path.isdir(base_model):
+            base_model = None  # a local path means nothing on the Hub
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        game = {f.name: getattr(self.args, f.name) for f in fields(UniGameArguments)}
+        card = unigame_model_card(
+            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            base_model=base_model,
+            dataset_name=dataset_name or kwargs.get("dataset"),
+            tags=tags + list(self._tag_names),
+            unigame_config=game,
+            trainer_name=type(self).__name__,
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
 
 class UniGameTrainer(UniGameMixin, Trainer):

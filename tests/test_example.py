@@ -1,0 +1,190 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel
+
+from trl_unigame import Perturber, get_interface
+from trl_unigame.data import to_vqa_format
+from trl_unigame.testing import draw_shape, tiny_janus
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from train_janus import main, make_parser, offline_default_arguments  # noqa: E402
+
+
+def run_example(output_dir, *extra):
+    argv = offline_default_arguments(str(output_dir)) + ["--disable_tqdm", "true", *extra]
+    return main(*make_parser().parse_args_and_config(args=argv))
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+def test_offline_default_saves_what_loads_back(tmp_path, vqa):
+    trainer = run_example(tmp_path / "run", "--max_steps", "6", "--picture_steps", "3", "--save_steps", "3")
+    out = tmp_path / "run"
+    files = set(os.listdir(out))
+    assert {"adapter_model.safetensors", "adapter_config.json", "perturber", "processor_config.json", "README.md"} <= files
+    assert {"curves.png", "hard_samples_step6.png"} <= set(os.listdir(out / "pictures"))
+    card = (out / "README.md").read_text()
+    assert "unigame" in card and "arXiv:2511.19413" in card and '"buffer_weight": 0.5' in card
+
+    base, processor = tiny_janus(seed=trainer.args.seed)
+    model = PeftModel.from_pretrained(base, out)
+    Perturber.from_pretrained(out, subfolder="perturber").attach(model)
+    rows = vqa.select(range(3))
+    interface = get_interface(model, processor)
+    inputs = interface.build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
+    trainer.model.eval()
+    model.eval()
+    with torch.no_grad():
+        expected = trainer.interface.understanding_loss(trainer.model, inputs)
+        with trainer.perturber.disabled():
+            clean_expected = trainer.interface.understanding_loss(trainer.model, inputs)
+        torch.testing.assert_close(interface.understanding_loss(model, inputs), expected)
+    assert not torch.allclose(expected, clean_expected)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_no_arguments(tmp_path):
+    result = subprocess.run(
+        ["accelerate", "launch", os.path.join(ROOT, "examples", "train_janus.py")],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Saved the LoRA adapter" in result.stdout
+    out = tmp_path / "unigame-janus-tiny"
+    assert (out / "perturber" / "model.safetensors").is_file()
+    assert (out / "checkpoint-40" / "unigame_buffer_rank0.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_ranks_identical_and_restores_each_buffer(tmp_path):
+    out = tmp_path / "ddp"
+    command = ["torchrun", "--nproc_per_node", "2", "--master_port", "29517", os.path.join(ROOT, "tests", "ddp_worker.py")]
+    result = subprocess.run(command + [str(out)], env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["world"] == rank1["world"] == 2
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+    assert any("lora_" in n for n in rank0["params"]) and any("perturber." in n for n in rank0["params"])
+    checkpoint = out / "checkpoint-2"
+    saved = [torch.load(checkpoint / f"unigame_buffer_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert all(len(s["hardness"]) > 0 for s in saved)
+    assert saved[0]["hardness"] != saved[1]["hardness"]  # each rank mines its own shard
+
+    # Resume both ranks from step 2: each must load its own buffer and end where the uninterrupted run ended.
+    resumed = tmp_path / "resumed"
+    result = subprocess.run(
+        command[:-1] + ["--master_port", "29518", command[-1], str(resumed), "--resume_from_checkpoint", str(checkpoint)],
+        env=env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for r in (0, 1):
+        again = torch.load(resumed / f"rank{r}.pt")
+        first = rank0 if r == 0 else rank1
+        assert again["buffer"] == pytest.approx(first["buffer"])
+        for name, value in first["params"].items():
+            torch.testing.assert_close(again["params"][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_qlora_trains_a_4bit_model(tmp_path, vqa):
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    from trl_unigame import JanusInterface, UniGameConfig, UniGameTrainer
+
+    # bitsandbytes' CPU kernels need layers at least 64 wide: the tiny vision tower (32) stays unquantized.
+    skip = JanusInterface.quantization_skip_modules.fget(None) + ["model.vision_model", "model.aligner"]
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
+                                      llm_int8_skip_modules=skip)
+    model, processor = tiny_janus(seed=0, hidden_size=64, quantization_config=quantization)
+    assert model.is_loaded_in_4bit
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.language_model.modules())
+    args = UniGameConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, max_steps=2,
+                         learning_rate=1e-2, report_to=[], save_strategy="no", consistency_model=None,
+                         num_candidates=2, mining_interval=1, disable_tqdm=True)
+    trainer = UniGameTrainer(model, args, train_dataset=vqa, processing_class=processor,
+                             peft_config=LoraConfig(r=4, lora_alpha=8))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert before and all("lora_" in n for n in before)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_push_to_hub_uploads_adapter_perturber_and_card(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, ModelCard
+
+    uploaded = tmp_path / "uploaded"
+
+    def create_repo(self, repo_id, **kwargs):
+        class Url(str):
+            pass
+
+        url = Url(f"https://huggingface.co/{repo_id}")
+        url.repo_id = repo_id
+        return url
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=None, run_as_future=False, **kwargs):
+        from concurrent.futures import Future
+
+        patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+        shutil.copytree(folder_path, uploaded, ignore=shutil.ignore_patterns(*patterns), dirs_exist_ok=True)
+        if not run_as_future:
+            return "commit"
+        future = Future()
+        future.set_result("commit")
+        return future
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    run_example(tmp_path / "run", "--max_steps", "2", "--push_to_hub", "--hub_model_id", "someone/tiny-unigame",
+                "--picture_steps", "0", "--save_steps", "100")
+    files = set(os.listdir(uploaded))
+    assert {"adapter_model.safetensors", "adapter_config.json", "perturber", "README.md"} <= files
+    assert not any(f.startswith("checkpoint-") for f in files)
+    card = ModelCard.load(uploaded / "README.md")
+    assert {"trl", "unigame"} <= set(card.data.tags)
+    assert "@article" in card.text and '"num_candidates": 2' in card.text
+    assert Perturber.from_pretrained(uploaded / "perturber").config.hidden_size == 32
+
+
+# ------------------------------------------------------------------------------------------- datasets
+def test_vqav2_answers_reduce_to_the_majority():
+    image = draw_shape("red", "circle")
+    data = Dataset.from_dict({
+        "image": [image, image],
+        "question": ["What color?", "What shape?"],
+        "answers": [[{"answer": "red"}, {"answer": "blue"}, {"answer": "red"}], ["circle", "round", "circle"]],
+        "question_id": [1, 2],
+    })
+    mapped = to_vqa_format(data)
+    assert mapped["answer"] == ["red", "circle"]
+    assert set(mapped.column_names) == {"image", "question", "answer"}
+
+
+def test_conversational_format_is_understood():
+    image = draw_shape("blue", "square")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "square"}]}]
+    mapped = to_vqa_format(Dataset.from_dict({"messages": [messages], "images": [[image]]}))
+    assert mapped[0]["question"] == "What shape?" and mapped[0]["answer"] == "square"
+
+
+def test_missing_columns_are_named_with_the_columns_found():
+    data = Dataset.from_dict({"img": [draw_shape("red", "square")], "q": ["?"], "label": ["red"]})
+    with pytest.raises(ValueError, match=r"missing the column\(s\).*'image'.*'question'.*it has \['img', 'q', 'label'\]"):
+        to_vqa_format(data)
+    mapped = to_vqa_format(data, image_column="img", question_column="q", answer_column="label")
+    assert set(mapped.column_names) == {"image", "question", "answer"}
