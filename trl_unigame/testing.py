@@ -164,7 +164,13 @@ def save_tiny_janus(save_dir: str, seed: int = 0, hidden_size: int = 32) -> str:
         pad_token_id=tok.pad_token_id,
         generation_kwargs={"boi_token_id": tok.convert_tokens_to_ids(BOI_TOKEN)},
     )
-    model.save_pretrained(save_dir)
+    # Written file by file (not `model.save_pretrained`, which writes on rank 0 only) so that every process of a
+    # distributed test can build its own copy; the layout is the one `from_pretrained` reads.
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(save_dir)
+    model.generation_config.save_pretrained(save_dir)
+    save_model(model, os.path.join(save_dir, "model.safetensors"), metadata={"format": "pt"})
     return save_dir
 
 
@@ -267,7 +273,11 @@ def tiny_clip(seed: int = 0, save_dir: str | None = None):
             projection_dim=16,
         )
         torch.manual_seed(seed)
-        CLIPModel(config).save_pretrained(path)
+        clip = CLIPModel(config)
+        clip.config.save_pretrained(path)
+        from safetensors.torch import save_model
+
+        save_model(clip, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, do_convert_rgb=True
         )

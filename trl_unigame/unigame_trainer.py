@@ -304,10 +304,10 @@ class UniGameMixin:
                 f"{checkpoint} has no {PERTURBER_DIR}/model.safetensors: it was not written by a UniGame trainer, "
                 "so the perturber cannot be resumed. Start a new run or pick a UniGame checkpoint."
             )
-        self.perturber.load_state_dict(load_file(weights, device=str(self.args.device)))
+        self.perturber.load_state_dict(load_file(weights))  # copied onto the perturber's device in place
         optimizer_file = os.path.join(checkpoint, PERTURBER_OPTIMIZER_NAME)
         if os.path.isfile(optimizer_file):
-            self.perturber_optimizer.load_state_dict(torch.load(optimizer_file, map_location=self.args.device))
+            self.perturber_optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu"))
         buffer_file = os.path.join(checkpoint, BUFFER_NAME.format(rank=self.args.process_index))
         if os.path.isfile(buffer_file):
             self.buffer.load_state_dict(torch.load(buffer_file, weights_only=False))
