@@ -166,12 +166,15 @@ def test_vqav2_answers_reduce_to_the_majority():
     data = Dataset.from_dict({
         "image": [image, image],
         "question": ["What color?", "What shape?"],
-        "answers": [[{"answer": "red"}, {"answer": "blue"}, {"answer": "red"}], ["circle", "round", "circle"]],
+        "answers": [[{"answer": "red"}, {"answer": "blue"}, {"answer": "red"}],
+                    [{"answer": "round"}, {"answer": "circle"}, {"answer": "circle"}]],
         "question_id": [1, 2],
     })
     mapped = to_vqa_format(data)
     assert mapped["answer"] == ["red", "circle"]
     assert set(mapped.column_names) == {"image", "question", "answer"}
+    plain = Dataset.from_dict({"image": [image], "question": ["?"], "answers": [["no", "yes", "yes"]]})
+    assert to_vqa_format(plain)["answer"] == ["yes"]
 
 
 def test_conversational_format_is_understood():

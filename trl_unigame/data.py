@@ -140,7 +140,7 @@ def to_vqa_format(
     def to_row(row):
         answer = row[answer_source]
         answer = _majority(answer) if isinstance(answer, list) else str(answer)
-        return {"image": row[image_column], "question": row[question_column], "answer": answer}
+        return {"question": row[question_column], "answer": answer}
 
     mapped = dataset.map(to_row, remove_columns=[c for c in columns if c not in keep and c != image_column])
     if image_column != "image":
