@@ -15,6 +15,7 @@ from .interfaces import (
 from .perturber import Perturber, PerturberConfig
 from .selection import select_hard_candidates
 from .unigame_config import UniGameArguments, UniGameConfig
+from .stacking import UniGameDPOConfig, UniGameDPOTrainer, UniGameSFTConfig, UniGameSFTTrainer
 from .unigame_trainer import UniGameMixin, UniGameTrainer
 
 
@@ -27,6 +28,10 @@ __all__ = [
     "PerturberConfig",
     "UniGameArguments",
     "UniGameConfig",
+    "UniGameDPOConfig",
+    "UniGameDPOTrainer",
+    "UniGameSFTConfig",
+    "UniGameSFTTrainer",
     "UniGameDataCollator",
     "UniGameMixin",
     "UniGameTrainer",

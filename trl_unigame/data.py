@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 
@@ -73,8 +74,10 @@ class RowKeepingCollator:
         self.describe = describe
 
     def __call__(self, rows):
+        # Described first, and copied: host collators may rewrite rows in place (e.g. fill images into messages).
+        described = [copy.deepcopy(self.describe(r)) for r in rows]
         batch = self.collator(rows)
-        batch[ROWS_KEY] = [self.describe(r) for r in rows]
+        batch[ROWS_KEY] = described
         return batch
 
 

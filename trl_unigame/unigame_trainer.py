@@ -68,7 +68,7 @@ class UniGameMixin:
         if consistency_scorer is None and args.consistency_model is not None and args.mining_interval > 0:
             consistency_scorer = CLIPConsistencyScorer(args.consistency_model, device=self.args.device)
         self.consistency_scorer = consistency_scorer
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._game_metrics: dict[str, list[float]] = defaultdict(list)
         self._buffer_inputs = None
         self.current_gradient_accumulation_steps = getattr(self, "current_gradient_accumulation_steps", 1)
         for callback in self.callback_handler.callbacks:
@@ -126,7 +126,7 @@ class UniGameMixin:
                 tv = [(d[..., 1:, :] - d[..., :-1, :]).pow(2).sum(-1).mean() for d in deltas if d.dim() >= 3 and d.shape[-2] > 1]
                 if tv:
                     objective = objective + args.tv_reg_weight * torch.stack(tv).mean()
-            self._metrics["unigame/delta_norm"].append(float(torch.cat([d.detach().norm(dim=-1).flatten() for d in deltas]).mean()))
+            self._game_metrics["unigame/delta_norm"].append(float(torch.cat([d.detach().norm(dim=-1).flatten() for d in deltas]).mean()))
         if args.eps_reg_weight:
             objective = objective + args.eps_reg_weight * eps.pow(2)
         if torch.isfinite(objective):
@@ -134,7 +134,7 @@ class UniGameMixin:
             for p, g in zip(params, grads):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
-            self._metrics["unigame/adversarial_loss"].append(float(adversarial_loss.detach()))
+            self._game_metrics["unigame/adversarial_loss"].append(float(adversarial_loss.detach()))
         else:
             self._skip("perturber", "the perturber's loss is not finite")
         if self.accelerator.sync_gradients:
@@ -151,7 +151,7 @@ class UniGameMixin:
                 p.grad = g
             self.perturber_optimizer.step()
         self.perturber_optimizer.zero_grad(set_to_none=True)
-        self._metrics["unigame/eps"].append(self.perturber.eps)
+        self._game_metrics["unigame/eps"].append(self.perturber.eps)
 
     @torch.no_grad()
     def _mine(self, model: nn.Module, rows: list[dict[str, Any]]) -> None:
@@ -202,11 +202,11 @@ class UniGameMixin:
                 )
         finally:
             unwrapped.train(was_training)
-        self._metrics["unigame/mined"].append(float(len(source)))
-        self._metrics["unigame/kept_fraction"].append(len(keep) / max(len(source), 1))
-        self._metrics["unigame/candidate_loss"].append(float(ce.mean()))
+        self._game_metrics["unigame/mined"].append(float(len(source)))
+        self._game_metrics["unigame/kept_fraction"].append(len(keep) / max(len(source), 1))
+        self._game_metrics["unigame/candidate_loss"].append(float(ce.mean()))
         if consistency is not None:
-            self._metrics["unigame/consistency"].append(float(consistency.mean()))
+            self._game_metrics["unigame/consistency"].append(float(consistency.mean()))
 
     def _sample_buffer(self) -> dict[str, Any] | None:
         if self.args.buffer_weight == 0 or len(self.buffer) == 0:
@@ -225,7 +225,7 @@ class UniGameMixin:
         if not torch.isfinite(loss):
             self._skip("understanding", "the buffer loss is not finite")
             return
-        self._metrics["unigame/buffer_loss"].append(float(loss.detach()) / max(self.args.buffer_weight, 1e-12))
+        self._game_metrics["unigame/buffer_loss"].append(float(loss.detach()) / max(self.args.buffer_weight, 1e-12))
         self.accelerator.backward(loss)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
@@ -239,12 +239,12 @@ class UniGameMixin:
         clean = self._host_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         loss = clean
         if model.training:
-            self._metrics["unigame/clean_loss"].append(float(clean.detach()))
+            self._game_metrics["unigame/clean_loss"].append(float(clean.detach()))
             if self._buffer_inputs is not None:
                 buffer_loss = self._host_loss(model, self._buffer_inputs)
-                self._metrics["unigame/buffer_loss"].append(float(buffer_loss.detach()))
+                self._game_metrics["unigame/buffer_loss"].append(float(buffer_loss.detach()))
                 loss = clean + self.args.buffer_weight * buffer_loss
-            self._metrics["unigame/buffer_size"].append(float(len(self.buffer)))
+            self._game_metrics["unigame/buffer_size"].append(float(len(self.buffer)))
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def _host_loss(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -254,7 +254,7 @@ class UniGameMixin:
     # ------------------------------------------------------------------------------------------- faults
     def _skip(self, player: str, why: str) -> None:
         warnings.warn(f"UniGame step {self.state.global_step}: {why}; the {player} update of this step is skipped.")
-        self._metrics[f"unigame/skipped_{player}_steps"].append(1.0)
+        self._game_metrics[f"unigame/skipped_{player}_steps"].append(1.0)
 
     def _drop_non_finite_update(self, model: nn.Module) -> None:
         """After the (all-reduced) backward of a step: if any gradient is not finite, the step leaves weights as
@@ -268,11 +268,11 @@ class UniGameMixin:
     # ------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs or "train_loss" not in logs and not any(k.startswith("eval_") for k in logs):
-            metrics = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
+            metrics = {k: sum(v) / len(v) for k, v in self._game_metrics.items() if v}
             for key in ("unigame/skipped_perturber_steps", "unigame/skipped_understanding_steps"):
-                metrics[key] = float(sum(self._metrics.get(key, [])))
+                metrics[key] = float(sum(self._game_metrics.get(key, [])))
             logs = {**logs, **metrics}
-            self._metrics.clear()
+            self._game_metrics.clear()
         super().log(logs, start_time)
 
     # ----------------------------------------------------------------------------------- checkpoints
@@ -313,38 +313,6 @@ class UniGameMixin:
             self.buffer.load_state_dict(torch.load(buffer_file, weights_only=False))
         else:
             warnings.warn(f"{buffer_file} not found: the hard-sample buffer of this process starts empty.")
-
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        dataset_name: str | None = None,
-        tags: str | list[str] | None = None,
-        **kwargs,
-    ) -> None:
-        """Writes `README.md` in the output directory: base model, dataset, tags (`trl`, `unigame`), the game's
-        configuration and the paper's citation."""
-        if not self.is_world_process_zero():
-            return
-        from dataclasses import fields
-
-        from .model_card import unigame_model_card
-
-        base = unwrap_model(self.model)
-        base_model = getattr(base.config, "_name_or_path", None) or None
-        if base_model and os.path.isdir(base_model):
-            base_model = None  # a local path means nothing on the Hub
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        game = {f.name: getattr(self.args, f.name) for f in fields(UniGameArguments)}
-        card = unigame_model_card(
-            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
-            base_model=base_model,
-            dataset_name=dataset_name or kwargs.get("dataset"),
-            tags=tags + list(self._tag_names),
-            unigame_config=game,
-            trainer_name=type(self).__name__,
-        )
-        card.save(os.path.join(self.args.output_dir, "README.md"))
-
 
 class UniGameTrainer(UniGameMixin, Trainer):
     r"""
@@ -447,6 +415,37 @@ class UniGameTrainer(UniGameMixin, Trainer):
 
     def _host_loss(self, model, inputs, num_items_in_batch=None):
         return self.interface.understanding_loss(model, inputs).mean()
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Writes `README.md` in the output directory: base model, dataset, tags (`trl`, `unigame`), the game's
+        configuration and the paper's citation."""
+        if not self.is_world_process_zero():
+            return
+        from dataclasses import fields
+
+        from .model_card import unigame_model_card
+
+        base = unwrap_model(self.model)
+        base_model = getattr(base.config, "_name_or_path", None) or None
+        if base_model and os.path.isdir(base_model):
+            base_model = None  # a local path means nothing on the Hub
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        game = {f.name: getattr(self.args, f.name) for f in fields(UniGameArguments)}
+        card = unigame_model_card(
+            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            base_model=base_model,
+            dataset_name=dataset_name or kwargs.get("dataset"),
+            tags=tags + list(self._tag_names),
+            unigame_config=game,
+            trainer_name=type(self).__name__,
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop(ROWS_KEY, None)
