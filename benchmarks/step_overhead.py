@@ -49,11 +49,20 @@ def run_variant(variant, args):
     if on_gpu:
         model.to("cuda")
     config = UniGameConfig(
-        output_dir=os.path.join(args.output_dir, variant), per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps, report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=10**6,
-        use_cpu=not on_gpu, bf16=args.dtype == "bfloat16" and on_gpu, consistency_model=None,
+        output_dir=os.path.join(args.output_dir, variant),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=10**6,
+        use_cpu=not on_gpu,
+        bf16=args.dtype == "bfloat16" and on_gpu,
+        consistency_model=None,
         mining_interval={"game_no_mining": 0, "game_m1": 1, "game_m4": 4}.get(variant, 1),
-        num_candidates=args.num_candidates, buffer_batch_size=args.batch_size, hardness_quantile=0.0,
+        num_candidates=args.num_candidates,
+        buffer_batch_size=args.batch_size,
+        hardness_quantile=0.0,
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05)
     times = []
@@ -85,12 +94,13 @@ def run_variant(variant, args):
 
         trainer = PlainTrainer(model, config, train_dataset=data, data_collator=collator, callbacks=[Timer()])
     else:
-        trainer = UniGameTrainer(model, config, train_dataset=data, processing_class=processor, peft_config=lora,
-                                 callbacks=[Timer()])
+        trainer = UniGameTrainer(
+            model, config, train_dataset=data, processing_class=processor, peft_config=lora, callbacks=[Timer()]
+        )
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    steady = times[args.warmup:] or times
+    steady = times[args.warmup :] or times
     peak = torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"variant": variant, "step_s": statistics.median(steady), "peak_bytes": peak}))
 
@@ -120,12 +130,16 @@ def main():
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"device: {device}; model: {args.model_name_or_path or 'tiny random Janus'}; batch {args.batch_size}; "
-          f"K = {args.num_candidates}; median of steps {args.warmup + 1}..{args.steps}")
+    print(
+        f"device: {device}; model: {args.model_name_or_path or 'tiny random Janus'}; batch {args.batch_size}; "
+        f"K = {args.num_candidates}; median of steps {args.warmup + 1}..{args.steps}"
+    )
     print(f"{'variant':<16} {'step (ms)':>10} {'time ratio':>11} {'peak memory ratio':>18}  description")
     for variant, r in results.items():
-        print(f"{variant:<16} {1e3 * r['step_s']:>10.1f} {r['step_s'] / base['step_s']:>11.2f} "
-              f"{r['peak_bytes'] / base['peak_bytes']:>18.2f}  {VARIANTS[variant]}")
+        print(
+            f"{variant:<16} {1e3 * r['step_s']:>10.1f} {r['step_s'] / base['step_s']:>11.2f} "
+            f"{r['peak_bytes'] / base['peak_bytes']:>18.2f}  {VARIANTS[variant]}"
+        )
 
 
 if __name__ == "__main__":

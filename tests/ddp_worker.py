@@ -12,10 +12,28 @@ from train_janus import main, make_parser, offline_default_arguments  # noqa: E4
 
 if __name__ == "__main__":
     output_dir, extra = sys.argv[1], sys.argv[2:]
-    argv = offline_default_arguments(output_dir) + [
-        "--max_steps", "4", "--save_steps", "2", "--picture_steps", "0", "--per_device_train_batch_size", "2",
-        "--use_cpu", "true", "--ddp_backend", "gloo", "--hardness_quantile", "0.0", "--disable_tqdm", "true",
-    ] + extra
+    argv = (
+        offline_default_arguments(output_dir)
+        + [
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "2",
+            "--picture_steps",
+            "0",
+            "--per_device_train_batch_size",
+            "2",
+            "--use_cpu",
+            "true",
+            "--ddp_backend",
+            "gloo",
+            "--hardness_quantile",
+            "0.0",
+            "--disable_tqdm",
+            "true",
+        ]
+        + extra
+    )
     trainer = main(*make_parser().parse_args_and_config(args=argv))
     rank = trainer.args.process_index
     state = {n: p.detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}

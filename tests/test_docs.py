@@ -29,5 +29,7 @@ def test_every_script_option_is_documented():
     from trl import ModelConfig
 
     page = read("train_janus.md")
-    missing = [f.name for cls in (UniGameScriptArguments, ModelConfig) for f in fields(cls) if f"--{f.name}" not in page]
+    missing = [
+        f.name for cls in (UniGameScriptArguments, ModelConfig) for f in fields(cls) if f"--{f.name}" not in page
+    ]
     assert not missing, f"docs/train_janus.md does not list {missing}"

@@ -31,7 +31,13 @@ def test_offline_default_saves_what_loads_back(tmp_path, vqa):
     trainer = run_example(tmp_path / "run", "--max_steps", "6", "--picture_steps", "3", "--save_steps", "3")
     out = tmp_path / "run"
     files = set(os.listdir(out))
-    assert {"adapter_model.safetensors", "adapter_config.json", "perturber", "processor_config.json", "README.md"} <= files
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "perturber",
+        "processor_config.json",
+        "README.md",
+    } <= files
     assert {"curves.png", "hard_samples_step6.png"} <= set(os.listdir(out / "pictures"))
     card = (out / "README.md").read_text()
     assert "unigame" in card and "arXiv:2511.19413" in card and '"buffer_weight": 0.5' in card
@@ -56,7 +62,11 @@ def test_offline_default_saves_what_loads_back(tmp_path, vqa):
 def test_accelerate_launch_with_no_arguments(tmp_path):
     result = subprocess.run(
         ["accelerate", "launch", os.path.join(ROOT, "examples", "train_janus.py")],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Saved the LoRA adapter" in result.stdout
@@ -68,7 +78,14 @@ def test_accelerate_launch_with_no_arguments(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_keeps_ranks_identical_and_restores_each_buffer(tmp_path):
     out = tmp_path / "ddp"
-    command = ["torchrun", "--nproc_per_node", "2", "--master_port", "29517", os.path.join(ROOT, "tests", "ddp_worker.py")]
+    command = [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        os.path.join(ROOT, "tests", "ddp_worker.py"),
+    ]
     result = subprocess.run(command + [str(out)], env=env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
@@ -84,8 +101,12 @@ def test_two_process_ddp_keeps_ranks_identical_and_restores_each_buffer(tmp_path
     # Resume both ranks from step 2: each must load its own buffer and end where the uninterrupted run ended.
     resumed = tmp_path / "resumed"
     result = subprocess.run(
-        command[:-1] + ["--master_port", "29518", command[-1], str(resumed), "--resume_from_checkpoint", str(checkpoint)],
-        env=env(), capture_output=True, text=True, timeout=600,
+        command[:-1]
+        + ["--master_port", "29518", command[-1], str(resumed), "--resume_from_checkpoint", str(checkpoint)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     for r in (0, 1):
@@ -104,18 +125,30 @@ def test_qlora_trains_a_4bit_model(tmp_path, vqa):
 
     # bitsandbytes' CPU kernels need layers at least 64 wide: the tiny vision tower (32) stays unquantized.
     skip = JanusInterface.quantization_skip_modules.fget(None) + ["model.vision_model", "model.aligner"]
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
-                                      llm_int8_skip_modules=skip)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip
+    )
     model, processor = tiny_janus(seed=0, hidden_size=64, quantization_config=quantization)
     assert model.is_loaded_in_4bit
     import bitsandbytes as bnb
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.language_model.modules())
-    args = UniGameConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, max_steps=2,
-                         learning_rate=1e-2, report_to=[], save_strategy="no", consistency_model=None,
-                         num_candidates=2, mining_interval=1, disable_tqdm=True)
-    trainer = UniGameTrainer(model, args, train_dataset=vqa, processing_class=processor,
-                             peft_config=LoraConfig(r=4, lora_alpha=8))
+    args = UniGameConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        consistency_model=None,
+        num_candidates=2,
+        mining_interval=1,
+        disable_tqdm=True,
+    )
+    trainer = UniGameTrainer(
+        model, args, train_dataset=vqa, processing_class=processor, peft_config=LoraConfig(r=4, lora_alpha=8)
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     after = dict(trainer.model.named_parameters())
@@ -149,8 +182,18 @@ def test_push_to_hub_uploads_adapter_perturber_and_card(tmp_path, monkeypatch):
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    run_example(tmp_path / "run", "--max_steps", "2", "--push_to_hub", "--hub_model_id", "someone/tiny-unigame",
-                "--picture_steps", "0", "--save_steps", "100")
+    run_example(
+        tmp_path / "run",
+        "--max_steps",
+        "2",
+        "--push_to_hub",
+        "--hub_model_id",
+        "someone/tiny-unigame",
+        "--picture_steps",
+        "0",
+        "--save_steps",
+        "100",
+    )
     files = set(os.listdir(uploaded))
     assert {"adapter_model.safetensors", "adapter_config.json", "perturber", "README.md"} <= files
     assert not any(f.startswith("checkpoint-") for f in files)
@@ -163,13 +206,17 @@ def test_push_to_hub_uploads_adapter_perturber_and_card(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------- datasets
 def test_vqav2_answers_reduce_to_the_majority():
     image = draw_shape("red", "circle")
-    data = Dataset.from_dict({
-        "image": [image, image],
-        "question": ["What color?", "What shape?"],
-        "answers": [[{"answer": "red"}, {"answer": "blue"}, {"answer": "red"}],
-                    [{"answer": "round"}, {"answer": "circle"}, {"answer": "circle"}]],
-        "question_id": [1, 2],
-    })
+    data = Dataset.from_dict(
+        {
+            "image": [image, image],
+            "question": ["What color?", "What shape?"],
+            "answers": [
+                [{"answer": "red"}, {"answer": "blue"}, {"answer": "red"}],
+                [{"answer": "round"}, {"answer": "circle"}, {"answer": "circle"}],
+            ],
+            "question_id": [1, 2],
+        }
+    )
     mapped = to_vqa_format(data)
     assert mapped["answer"] == ["red", "circle"]
     assert set(mapped.column_names) == {"image", "question", "answer"}
@@ -179,15 +226,19 @@ def test_vqav2_answers_reduce_to_the_majority():
 
 def test_conversational_format_is_understood():
     image = draw_shape("blue", "square")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "square"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "square"}]},
+    ]
     mapped = to_vqa_format(Dataset.from_dict({"messages": [messages], "images": [[image]]}))
     assert mapped[0]["question"] == "What shape?" and mapped[0]["answer"] == "square"
 
 
 def test_missing_columns_are_named_with_the_columns_found():
     data = Dataset.from_dict({"img": [draw_shape("red", "square")], "q": ["?"], "label": ["red"]})
-    with pytest.raises(ValueError, match=r"missing the column\(s\).*'image'.*'question'.*it has \['img', 'q', 'label'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing the column\(s\).*'image'.*'question'.*it has \['img', 'q', 'label'\]"
+    ):
         to_vqa_format(data)
     mapped = to_vqa_format(data, image_column="img", question_column="q", answer_column="label")
     assert set(mapped.column_names) == {"image", "question", "answer"}

@@ -18,8 +18,9 @@ def test_per_sample_loss_matches_manual_computation(janus, vqa):
     interface = get_interface(model, processor)
     inputs = _batch(interface, vqa)
     losses = interface.understanding_loss(model, inputs)
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                   pixel_values=inputs["pixel_values"]).logits
+    logits = model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"]
+    ).logits
     expected = []
     for i in range(logits.shape[0]):
         labels = inputs["labels"][i, 1:]
@@ -157,8 +158,16 @@ def test_processor_round_trips_offline(tmp_path, monkeypatch, vqa):
 def test_unsupported_model_gets_a_clear_error():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*janus.*register_interface"):
         get_interface(model)
     with pytest.raises(UnsupportedModelError):

@@ -26,7 +26,9 @@ def _inputs(model, processor, vqa, n=3):
 )
 def test_every_token_delta_has_norm_eps_and_eps_is_bounded(rho, eps_min, span, dtype, seed):
     eps_max = eps_min + span
-    perturber = Perturber(PerturberConfig(hidden_size=16, eps_min=eps_min, eps_max=eps_max, eps_init=eps_min + span / 2))
+    perturber = Perturber(
+        PerturberConfig(hidden_size=16, eps_min=eps_min, eps_max=eps_max, eps_init=eps_min + span / 2)
+    )
     with torch.no_grad():
         perturber.rho.fill_(rho)
     assert eps_min <= perturber.eps <= eps_max
@@ -44,12 +46,19 @@ def test_perturbation_survives_low_precision_models(dtype, janus, vqa):
     interface = get_interface(model, processor)
     perturber = Perturber.for_model(model).attach(model)
     captured = {}
-    handle = interface.understanding_site.register_forward_hook(lambda m, a, o: captured.setdefault("out", []).append(o))
+    handle = interface.understanding_site.register_forward_hook(
+        lambda m, a, o: captured.setdefault("out", []).append(o)
+    )
     inputs = _inputs(model, processor, vqa)
     with torch.no_grad():
         with perturber.disabled():
-            model(**{k: v for k, v in inputs.items() if k != "labels"} | {"pixel_values": inputs["pixel_values"].to(dtype)})
-        model(**{k: v for k, v in inputs.items() if k != "labels"} | {"pixel_values": inputs["pixel_values"].to(dtype)})
+            model(
+                **{k: v for k, v in inputs.items() if k != "labels"}
+                | {"pixel_values": inputs["pixel_values"].to(dtype)}
+            )
+        model(
+            **{k: v for k, v in inputs.items() if k != "labels"} | {"pixel_values": inputs["pixel_values"].to(dtype)}
+        )
     handle.remove()
     clean, perturbed = captured["out"]
     assert perturbed.dtype == dtype
@@ -118,10 +127,24 @@ def _janus_pro_config(hidden, layers, intermediate, heads):
     from transformers import JanusConfig
 
     return JanusConfig(
-        text_config={"model_type": "llama", "vocab_size": 102400, "hidden_size": hidden, "num_hidden_layers": layers,
-                     "intermediate_size": intermediate, "num_attention_heads": heads, "num_key_value_heads": heads},
-        vision_config={"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 384,
-                       "patch_size": 16, "projection_dim": hidden, "num_image_tokens": 576},
+        text_config={
+            "model_type": "llama",
+            "vocab_size": 102400,
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "intermediate_size": intermediate,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+        },
+        vision_config={
+            "hidden_size": 1024,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 384,
+            "patch_size": 16,
+            "projection_dim": hidden,
+            "num_image_tokens": 576,
+        },
         vq_config={"projection_dim": hidden, "image_token_embed_dim": hidden},
         image_token_id=100581,
     )
@@ -184,7 +207,9 @@ def test_push_to_hub_uploads_adapter_and_card(tmp_path, monkeypatch, janus):
 def test_lives_beside_lora_in_one_directory(tmp_path, vqa):
     model, processor = tiny_janus(seed=0)
     interface = get_interface(model, processor)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=interface.lora_target_modules, init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=interface.lora_target_modules, init_lora_weights=False)
+    )
     perturber = Perturber.for_model(peft_model, eps_max=0.5, eps_init=0.3).attach(peft_model)
     inputs = _inputs(peft_model, processor, vqa)
     expected = interface.understanding_loss(peft_model, inputs)

@@ -19,9 +19,21 @@ from trl_unigame.testing import tiny_janus
 
 
 COMMON = dict(
-    use_cpu=True, bf16=False, per_device_train_batch_size=2, max_steps=2, logging_steps=1, report_to=[],
-    consistency_model=None, num_candidates=2, hardness_quantile=0.0, buffer_batch_size=2, save_steps=2,
-    disable_tqdm=True, learning_rate=1e-2, perturber_learning_rate=1e-2, seed=0,
+    use_cpu=True,
+    bf16=False,
+    per_device_train_batch_size=2,
+    max_steps=2,
+    logging_steps=1,
+    report_to=[],
+    consistency_model=None,
+    num_candidates=2,
+    hardness_quantile=0.0,
+    buffer_batch_size=2,
+    save_steps=2,
+    disable_tqdm=True,
+    learning_rate=1e-2,
+    perturber_learning_rate=1e-2,
+    seed=0,
 )
 
 
@@ -60,8 +72,8 @@ def check_played(trainer, before, perturber_before, trainable="lora_"):
     moved = [n for n in before if not torch.equal(before[n], after[n])]
     assert moved and all(trainable in n for n in moved)
     assert all(not torch.equal(perturber_before[n], p) for n, p in snapshot(trainer.perturber).items())
-    logs = [l for l in trainer.state.log_history if "loss" in l]
-    assert all("unigame/adversarial_loss" in l and "unigame/buffer_loss" in l for l in logs)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert all("unigame/adversarial_loss" in log and "unigame/buffer_loss" in log for log in logs)
     checkpoint = os.path.join(trainer.args.output_dir, "checkpoint-2")
     assert {"perturber", "perturber_optimizer.pt", "unigame_buffer_rank0.pt"} <= set(os.listdir(checkpoint))
 
@@ -69,12 +81,17 @@ def check_played(trainer, before, perturber_before, trainable="lora_"):
 def test_sft_conversational_vision_trains_the_game(tmp_path, vqa):
     model, processor = tiny_janus(seed=0)
     args = UniGameSFTConfig(output_dir=str(tmp_path), gradient_checkpointing=False, **COMMON)
-    trainer = UniGameSFTTrainer(model, args=args, train_dataset=conversational(vqa), processing_class=processor,
-                                peft_config=LoraConfig(r=4, lora_alpha=8))
+    trainer = UniGameSFTTrainer(
+        model,
+        args=args,
+        train_dataset=conversational(vqa),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8),
+    )
     before, perturber_before = snapshot(trainer.model), snapshot(trainer.perturber)
     trainer.train()
     check_played(trainer, before, perturber_before)
-    logs = [l for l in trainer.state.log_history if "loss" in l]
+    logs = [log for log in trainer.state.log_history if "loss" in log]
     assert "mean_token_accuracy" in logs[0]  # SFT's own metrics are kept
     # The SFT loss that is reported is clean + beta * buffer.
     for log in logs:
@@ -87,8 +104,13 @@ def test_sft_conversational_vision_trains_the_game(tmp_path, vqa):
 def test_sft_adversarial_loss_is_sft_loss_with_the_perturbation(tmp_path, vqa):
     model, processor = tiny_janus(seed=0)
     args = UniGameSFTConfig(output_dir=str(tmp_path), gradient_checkpointing=False, **COMMON)
-    trainer = UniGameSFTTrainer(model, args=args, train_dataset=conversational(vqa), processing_class=processor,
-                                peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+    trainer = UniGameSFTTrainer(
+        model,
+        args=args,
+        train_dataset=conversational(vqa),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0),
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     rows = batch.pop(ROWS_KEY)
     assert [r["answer"] for r in rows] and all(r["question"] for r in rows)
@@ -108,12 +130,18 @@ def test_dpo_with_images_trains_the_game(tmp_path, vqa, explicit_ref):
     ref_model = tiny_janus(seed=0)[0] if explicit_ref else None
     args = UniGameDPOConfig(output_dir=str(tmp_path), **COMMON)
     peft_config = LoraConfig(r=4, lora_alpha=8)
-    trainer = UniGameDPOTrainer(model, ref_model=ref_model, args=args, train_dataset=preference(vqa),
-                                processing_class=processor, peft_config=peft_config)
+    trainer = UniGameDPOTrainer(
+        model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=preference(vqa),
+        processing_class=processor,
+        peft_config=peft_config,
+    )
     before, perturber_before = snapshot(trainer.model), snapshot(trainer.perturber)
     trainer.train()
     check_played(trainer, before, perturber_before)
-    logs = [l for l in trainer.state.log_history if "loss" in l]
+    logs = [log for log in trainer.state.log_history if "loss" in log]
     assert "rewards/margins" in logs[0]  # DPO's own metrics are kept
     assert trainer.buffer.entries[0].row["pair"]["rejected"][0]["role"] == "assistant"
     if explicit_ref:
@@ -134,11 +162,25 @@ def test_sequential_sft_then_unigame_then_dpo(tmp_path, vqa):
     # 1. plain TRL SFT with LoRA on the LLM
     model, processor = tiny_janus(seed=0)
     interface = get_interface(model)
-    sft_args = SFTConfig(output_dir=str(tmp_path / "sft"), use_cpu=True, bf16=False, gradient_checkpointing=False,
-                         max_steps=2, per_device_train_batch_size=2, report_to=[], save_strategy="no",
-                         learning_rate=1e-2, disable_tqdm=True)
-    sft = SFTTrainer(model, args=sft_args, train_dataset=conversational(vqa), processing_class=processor,
-                     peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=interface.lora_target_modules))
+    sft_args = SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        save_strategy="no",
+        learning_rate=1e-2,
+        disable_tqdm=True,
+    )
+    sft = SFTTrainer(
+        model,
+        args=sft_args,
+        train_dataset=conversational(vqa),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=interface.lora_target_modules),
+    )
     sft.train()
     sft.save_model()
 
@@ -163,8 +205,9 @@ def test_sequential_sft_then_unigame_then_dpo(tmp_path, vqa):
     for name, value in snapshot(game.model).items():
         assert torch.equal(unigame_lora[name], value)
     dpo_args = UniGameDPOConfig(output_dir=str(tmp_path / "dpo"), **COMMON)
-    dpo = UniGameDPOTrainer(model, args=dpo_args, train_dataset=preference(vqa), processing_class=processor,
-                            perturber=perturber)
+    dpo = UniGameDPOTrainer(
+        model, args=dpo_args, train_dataset=preference(vqa), processing_class=processor, perturber=perturber
+    )
     assert dpo.perturber is perturber
     dpo.train()
     assert any(not torch.equal(unigame_lora[n], p) for n, p in snapshot(dpo.model).items())

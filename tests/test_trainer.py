@@ -64,10 +64,19 @@ def test_lora_moves_frozen_stays_and_perturber_learns(tmp_path, vqa, clip_scorer
     assert moved and all("lora_" in n for n in moved)
     assert any("lora_" in n for n in moved)
     assert all(not torch.equal(perturber_before[n], p) for n, p in snapshot(trainer.perturber).items())
-    logs = [l for l in trainer.state.log_history if "unigame/eps" in l]
-    for key in ("unigame/clean_loss", "unigame/adversarial_loss", "unigame/eps", "unigame/delta_norm",
-                "unigame/buffer_size", "unigame/mined", "unigame/kept_fraction", "unigame/consistency",
-                "unigame/skipped_perturber_steps", "unigame/skipped_understanding_steps"):
+    logs = [log for log in trainer.state.log_history if "unigame/eps" in log]
+    for key in (
+        "unigame/clean_loss",
+        "unigame/adversarial_loss",
+        "unigame/eps",
+        "unigame/delta_norm",
+        "unigame/buffer_size",
+        "unigame/mined",
+        "unigame/kept_fraction",
+        "unigame/consistency",
+        "unigame/skipped_perturber_steps",
+        "unigame/skipped_understanding_steps",
+    ):
         assert key in logs[0], key
     assert "unigame/buffer_loss" in logs[-1]
 
@@ -95,8 +104,9 @@ def test_perturber_step_does_not_lower_the_adversarial_loss(tmp_path, vqa):
 
 
 def test_buffer_fills_is_sampled_and_respects_capacity(tmp_path, vqa):
-    trainer = make_trainer(tmp_path, vqa, buffer_capacity=3, max_steps=4, hardness_quantile=0.0,
-                           candidates_kept_per_sample=2)
+    trainer = make_trainer(
+        tmp_path, vqa, buffer_capacity=3, max_steps=4, hardness_quantile=0.0, candidates_kept_per_sample=2
+    )
     sampled = []
     original = trainer.buffer.sample
     trainer.buffer.sample = lambda k: sampled.append(original(k)) or sampled[-1]
@@ -112,7 +122,7 @@ def test_eps_stays_within_bounds_under_a_large_perturber_lr(tmp_path, vqa):
     trainer = make_trainer(tmp_path, vqa, perturber_learning_rate=10.0, max_steps=4, mining_interval=0)
     trainer.train()
     assert 0.0 <= trainer.perturber.eps <= 0.02
-    eps = [l["unigame/eps"] for l in trainer.state.log_history if "unigame/eps" in l]
+    eps = [log["unigame/eps"] for log in trainer.state.log_history if "unigame/eps" in log]
     assert all(0.0 <= e <= 0.02 for e in eps)
 
 
@@ -120,8 +130,13 @@ def test_gradient_accumulation_matches_larger_batch(tmp_path, vqa):
     results = []
     for batch_size, accumulation in ((2, 1), (1, 2)):
         trainer = make_trainer(
-            tmp_path / f"{batch_size}", vqa, lora_dropout=0.0, per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation, max_steps=2, buffer_weight=0.0,
+            tmp_path / f"{batch_size}",
+            vqa,
+            lora_dropout=0.0,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=2,
+            buffer_weight=0.0,
         )
         trainer.train()
         results.append(snapshot(trainer.model))
@@ -146,8 +161,11 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, vqa):
     assert [e.hardness for e in full.buffer.entries] == pytest.approx([e.hardness for e in resumed.buffer.entries])
 
     def losses(trainer):
-        return [(l["step"], l["loss"], l["unigame/adversarial_loss"]) for l in trainer.state.log_history
-                if "loss" in l and l["step"] > 2]
+        return [
+            (log["step"], log["loss"], log["unigame/adversarial_loss"])
+            for log in trainer.state.log_history
+            if "loss" in log and log["step"] > 2
+        ]
 
     assert len(losses(full)) == 2
     for (s1, l1, a1), (s2, l2, a2) in zip(losses(full), losses(resumed)):
@@ -174,17 +192,22 @@ def test_nan_batch_leaves_weights_untouched(tmp_path, vqa):
         batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
         return batch
 
-    trainer = UniGameTrainer(model, make_args(tmp_path, max_steps=2, mining_interval=0), train_dataset=vqa,
-                             processing_class=processor, peft_config=LoraConfig(r=4, lora_alpha=8),
-                             data_collator=poisoned)
+    trainer = UniGameTrainer(
+        model,
+        make_args(tmp_path, max_steps=2, mining_interval=0),
+        train_dataset=vqa,
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8),
+        data_collator=poisoned,
+    )
     lora, perturber = snapshot(trainer.model), snapshot(trainer.perturber)
     with pytest.warns(UserWarning, match="not finite"):
         trainer.train()
     assert all(torch.equal(lora[n], p) for n, p in snapshot(trainer.model).items())
     assert all(torch.equal(perturber[n], p) for n, p in snapshot(trainer.perturber).items())
-    logs = [l for l in trainer.state.log_history if "unigame/skipped_understanding_steps" in l]
-    assert sum(l["unigame/skipped_understanding_steps"] for l in logs) == 2
-    assert sum(l["unigame/skipped_perturber_steps"] for l in logs) == 2
+    logs = [log for log in trainer.state.log_history if "unigame/skipped_understanding_steps" in log]
+    assert sum(log["unigame/skipped_understanding_steps"] for log in logs) == 2
+    assert sum(log["unigame/skipped_perturber_steps"] for log in logs) == 2
 
 
 @pytest.mark.parametrize("update, optimizer_steps", [("mixed", 3), ("separate", 6)])
@@ -192,7 +215,7 @@ def test_understanding_update_mixed_or_separate(tmp_path, vqa, update, optimizer
     # Mining fills the buffer before the first update, so every step has a buffer batch.
     trainer = make_trainer(tmp_path, vqa, understanding_update=update, max_steps=3, hardness_quantile=0.0)
     trainer.train()
-    assert all("unigame/buffer_loss" in l for l in trainer.state.log_history if "loss" in l)
+    assert all("unigame/buffer_loss" in log for log in trainer.state.log_history if "loss" in log)
     steps = {int(state["step"]) for state in trainer.optimizer.state.values()}
     assert steps == {optimizer_steps}
 
@@ -208,7 +231,9 @@ def test_model_trains_in_train_mode_and_generation_restores_it(tmp_path, vqa):
 
     trainer.interface.generate_images = spy
     compute = trainer._host_loss
-    trainer._host_loss = lambda model, inputs, **kw: modes.append(("loss", model.training)) or compute(model, inputs, **kw)
+    trainer._host_loss = lambda model, inputs, **kw: (
+        modes.append(("loss", model.training)) or compute(model, inputs, **kw)
+    )
     trainer.train()
     assert modes[0] == ("loss", True)  # perturber step
     assert modes[1] is False  # generation in eval mode
@@ -245,8 +270,16 @@ def test_unsupported_model_is_rejected_before_training(tmp_path, vqa):
 
     from trl_unigame import UnsupportedModelError
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     _, processor = tiny_janus(seed=0)
     with pytest.raises(UnsupportedModelError, match="janus"):
         UniGameTrainer(model, make_args(tmp_path), train_dataset=vqa, processing_class=processor)

@@ -14,8 +14,8 @@ from .interfaces import (
 )
 from .perturber import Perturber, PerturberConfig
 from .selection import select_hard_candidates
-from .unigame_config import UniGameArguments, UniGameConfig
 from .stacking import UniGameDPOConfig, UniGameDPOTrainer, UniGameSFTConfig, UniGameSFTTrainer
+from .unigame_config import UniGameArguments, UniGameConfig
 from .unigame_trainer import UniGameMixin, UniGameTrainer
 
 

@@ -61,7 +61,9 @@ class HardSampleBuffer:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def push(self, image: torch.Tensor, row: dict[str, Any], hardness: float, consistency: float | None = None) -> bool:
+    def push(
+        self, image: torch.Tensor, row: dict[str, Any], hardness: float, consistency: float | None = None
+    ) -> bool:
         """Adds one candidate; returns whether it was kept."""
         hardness = float(hardness)
         if hardness != hardness:  # NaN never enters

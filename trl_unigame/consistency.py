@@ -25,7 +25,9 @@ class CLIPConsistencyScorer:
             Where to run; defaults to the model's device.
     """
 
-    def __init__(self, model_name_or_path: str = "openai/clip-vit-base-patch16", model=None, processor=None, device=None):
+    def __init__(
+        self, model_name_or_path: str = "openai/clip-vit-base-patch16", model=None, processor=None, device=None
+    ):
         from transformers import CLIPModel, CLIPProcessor
 
         if model is None:

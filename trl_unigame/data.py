@@ -17,12 +17,12 @@ def check_columns(dataset, required: list[str], name: str = "train_dataset", hin
     if columns is None:
         return
     if isinstance(columns, dict):  # DatasetDict
-        raise ValueError(f"`{name}` is a DatasetDict with splits {list(columns)}: pass one split, e.g. dataset['train'].")
+        raise ValueError(
+            f"`{name}` is a DatasetDict with splits {list(columns)}: pass one split, e.g. dataset['train']."
+        )
     missing = [c for c in required if c not in columns]
     if missing:
-        raise ValueError(
-            f"`{name}` is missing the column(s) {missing}; it has {list(columns)}. {hint}".strip()
-        )
+        raise ValueError(f"`{name}` is missing the column(s) {missing}; it has {list(columns)}. {hint}".strip())
     try:
         if len(dataset) == 0:
             raise ValueError(f"`{name}` is empty: UniGame needs at least one sample to train on.")

@@ -71,9 +71,7 @@ class PerturberConfig:
         if self.depth < 1:
             raise ValueError(f"`depth` must be at least 1, got {self.depth}.")
         if not 0 <= self.eps_min < self.eps_max:
-            raise ValueError(
-                f"Need 0 <= eps_min < eps_max, got eps_min={self.eps_min} and eps_max={self.eps_max}."
-            )
+            raise ValueError(f"Need 0 <= eps_min < eps_max, got eps_min={self.eps_min} and eps_max={self.eps_max}.")
         if not self.eps_min < self.eps_init < self.eps_max:
             raise ValueError(
                 f"`eps_init` must lie strictly between eps_min={self.eps_min} and eps_max={self.eps_max}, "
@@ -286,8 +284,12 @@ class Perturber(
                 )
         else:
             download = dict(
-                revision=revision, cache_dir=cache_dir, force_download=force_download,
-                local_files_only=local_files_only, token=token, subfolder=subfolder,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                local_files_only=local_files_only,
+                token=token,
+                subfolder=subfolder,
             )
             config_file = hf_hub_download(model_id, "config.json", **download)
             weights_file = hf_hub_download(model_id, "model.safetensors", **download)

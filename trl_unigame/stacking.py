@@ -74,7 +74,9 @@ class _StackedGame(UniGameMixin):
         if peft_config is not None and getattr(peft_config, "target_modules", None) is None:
             peft_config.target_modules = interface.lora_target_modules
         check_columns(
-            kwargs.get("train_dataset"), list(self._required_columns), "train_dataset",
+            kwargs.get("train_dataset"),
+            list(self._required_columns),
+            "train_dataset",
             "UniGame stacking needs the image column (`images` or `image`) to play the game on.",
         )
         super().__init__(model, args=args, peft_config=peft_config, **kwargs)

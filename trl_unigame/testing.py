@@ -219,7 +219,8 @@ def tiny_vqa_dataset(n: int = 32, seed: int = 0, image_size: int = 32):
 
     The image determines the answer (its colour or its shape), so a model can learn the task.
     """
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     rng = np.random.default_rng(seed)
     rows = {"image": [], "question": [], "answer": [], "caption": []}

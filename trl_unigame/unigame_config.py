@@ -157,15 +157,21 @@ class UniGameArguments:
         )
         check("mining_interval", self.mining_interval >= 0, ">= 0 (0 disables mining)")
         check("num_candidates", self.num_candidates >= 1, ">= 1")
-        check("candidates_kept_per_sample", 1 <= self.candidates_kept_per_sample <= self.num_candidates,
-              f"in [1, num_candidates={self.num_candidates}]")
+        check(
+            "candidates_kept_per_sample",
+            1 <= self.candidates_kept_per_sample <= self.num_candidates,
+            f"in [1, num_candidates={self.num_candidates}]",
+        )
         check("consistency_threshold", -1 <= self.consistency_threshold <= 1, "in [-1, 1] (a cosine similarity)")
         check("hardness_quantile", 0 <= self.hardness_quantile <= 1, "in [0, 1]")
         check("selection", self.selection in SELECTION_RULES, f"one of {list(SELECTION_RULES)}")
         check("generation_guidance_scale", self.generation_guidance_scale >= 1, ">= 1")
         check("generation_temperature", self.generation_temperature >= 0, ">= 0 (0 is greedy)")
-        check("understanding_update", self.understanding_update in UNDERSTANDING_UPDATES,
-              f"one of {list(UNDERSTANDING_UPDATES)}")
+        check(
+            "understanding_update",
+            self.understanding_update in UNDERSTANDING_UPDATES,
+            f"one of {list(UNDERSTANDING_UPDATES)}",
+        )
         check("buffer_capacity", self.buffer_capacity >= 1, ">= 1")
         check("buffer_batch_size", self.buffer_batch_size >= 1, ">= 1")
         check("buffer_temperature", self.buffer_temperature > 0, "> 0")

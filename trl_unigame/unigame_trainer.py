@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections import defaultdict
@@ -74,11 +73,7 @@ class UniGameMixin:
         for callback in self.callback_handler.callbacks:
             if hasattr(callback, "trainer") and getattr(callback, "trainer", None) is None:
                 callback.trainer = self
-        if (
-            args.understanding_update == "separate"
-            and args.gradient_accumulation_steps > 1
-            and args.world_size > 1
-        ):
+        if args.understanding_update == "separate" and args.gradient_accumulation_steps > 1 and args.world_size > 1:
             raise ValueError(
                 "`understanding_update='separate'` steps the optimizer inside the accumulation window, which "
                 "distributed training cannot synchronise: use `understanding_update='mixed'` or "
@@ -121,16 +116,26 @@ class UniGameMixin:
         eps = self.perturber.eps_tensor
         if deltas:
             if args.delta_reg_weight:
-                objective = objective + args.delta_reg_weight * torch.stack([d.pow(2).sum(-1).mean() for d in deltas]).mean()
+                objective = (
+                    objective + args.delta_reg_weight * torch.stack([d.pow(2).sum(-1).mean() for d in deltas]).mean()
+                )
             if args.tv_reg_weight:
-                tv = [(d[..., 1:, :] - d[..., :-1, :]).pow(2).sum(-1).mean() for d in deltas if d.dim() >= 3 and d.shape[-2] > 1]
+                tv = [
+                    (d[..., 1:, :] - d[..., :-1, :]).pow(2).sum(-1).mean()
+                    for d in deltas
+                    if d.dim() >= 3 and d.shape[-2] > 1
+                ]
                 if tv:
                     objective = objective + args.tv_reg_weight * torch.stack(tv).mean()
-            self._game_metrics["unigame/delta_norm"].append(float(torch.cat([d.detach().norm(dim=-1).flatten() for d in deltas]).mean()))
+            self._game_metrics["unigame/delta_norm"].append(
+                float(torch.cat([d.detach().norm(dim=-1).flatten() for d in deltas]).mean())
+            )
         if args.eps_reg_weight:
             objective = objective + args.eps_reg_weight * eps.pow(2)
         if torch.isfinite(objective):
-            grads = torch.autograd.grad(objective / self.current_gradient_accumulation_steps, params, allow_unused=True)
+            grads = torch.autograd.grad(
+                objective / self.current_gradient_accumulation_steps, params, allow_unused=True
+            )
             for p, g in zip(params, grads):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
@@ -290,7 +295,9 @@ class UniGameMixin:
         os.makedirs(output_dir, exist_ok=True)
         if self.args.should_save:
             torch.save(self.perturber_optimizer.state_dict(), os.path.join(output_dir, PERTURBER_OPTIMIZER_NAME))
-        torch.save(self.buffer.state_dict(), os.path.join(output_dir, BUFFER_NAME.format(rank=self.args.process_index)))
+        torch.save(
+            self.buffer.state_dict(), os.path.join(output_dir, BUFFER_NAME.format(rank=self.args.process_index))
+        )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -313,6 +320,7 @@ class UniGameMixin:
             self.buffer.load_state_dict(torch.load(buffer_file, weights_only=False))
         else:
             warnings.warn(f"{buffer_file} not found: the hard-sample buffer of this process starts empty.")
+
 
 class UniGameTrainer(UniGameMixin, Trainer):
     r"""

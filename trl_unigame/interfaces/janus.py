@@ -94,9 +94,7 @@ class JanusInterface(VisualTokenInterface):
         processor = self._require_processor()
         tokenizer = processor.tokenizer
         prompts = [self._chat_prompt(q, with_image=True) for q in questions]
-        encoded = processor(
-            text=prompts, images=to_pil_images(images), return_tensors=None, padding=False
-        )
+        encoded = processor(text=prompts, images=to_pil_images(images), return_tensors=None, padding=False)
         sequences, label_rows = [], []
         for prompt_ids, answer in zip(encoded["input_ids"], answers):
             answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
@@ -113,7 +111,12 @@ class JanusInterface(VisualTokenInterface):
             labels[i, length - len(seq) :] = torch.tensor(lab)
             attention_mask[i, length - len(seq) :] = 1
         pixel_values = torch.from_numpy(np.stack([np.asarray(p) for p in encoded["pixel_values"]]))
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "labels": labels,
+        }
 
     def understanding_loss(self, model, inputs):
         labels = inputs["labels"]
