@@ -210,10 +210,21 @@ def test_nan_batch_leaves_weights_untouched(tmp_path, vqa):
     assert sum(log["unigame/skipped_perturber_steps"] for log in logs) == 2
 
 
-@pytest.mark.parametrize("update, optimizer_steps", [("mixed", 3), ("separate", 6)])
-def test_understanding_update_mixed_or_separate(tmp_path, vqa, update, optimizer_steps):
-    # Mining fills the buffer before the first update, so every step has a buffer batch.
-    trainer = make_trainer(tmp_path, vqa, understanding_update=update, max_steps=3, hardness_quantile=0.0)
+@pytest.mark.parametrize(
+    "update, accumulation, optimizer_steps", [("mixed", 1, 3), ("separate", 1, 6), ("separate", 2, 6)]
+)
+def test_understanding_update_mixed_or_separate(tmp_path, vqa, update, accumulation, optimizer_steps):
+    # Mining fills the buffer before the first update, so every step has a buffer batch; "separate" adds one
+    # optimizer step per accumulation window, never one per micro-batch.
+    trainer = make_trainer(
+        tmp_path,
+        vqa,
+        understanding_update=update,
+        max_steps=3,
+        hardness_quantile=0.0,
+        per_device_train_batch_size=2 // accumulation,
+        gradient_accumulation_steps=accumulation,
+    )
     trainer.train()
     assert all("unigame/buffer_loss" in log for log in trainer.state.log_history if "loss" in log)
     steps = {int(state["step"]) for state in trainer.optimizer.state.values()}

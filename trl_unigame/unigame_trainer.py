@@ -70,6 +70,7 @@ class UniGameMixin:
         self._game_metrics: dict[str, list[float]] = defaultdict(list)
         self._buffer_inputs = None
         self.current_gradient_accumulation_steps = getattr(self, "current_gradient_accumulation_steps", 1)
+        self._window_position = 0  # micro-batch index inside the current accumulation window
         for callback in self.callback_handler.callbacks:
             if hasattr(callback, "trainer") and getattr(callback, "trainer", None) is None:
                 callback.trainer = self
@@ -89,20 +90,30 @@ class UniGameMixin:
     # -------------------------------------------------------------------------------------------- the step
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """One micro-batch of the game: perturber ascent, mining, understanding descent (clean + buffer)."""
-        rows = inputs.pop(ROWS_KEY)
+        rows = inputs.pop(ROWS_KEY, None)
+        if rows is None and self.args.mining_interval:
+            raise ValueError(
+                f"The batch has no {ROWS_KEY!r}: mining needs each row's question and answer. Wrap a custom collator "
+                "in `trl_unigame.data.RowKeepingCollator`, or use the trainer's default collator."
+            )
         model.train()
         inputs = self._prepare_inputs(inputs)
         self._perturber_step(model, inputs)
-        if self.args.mining_interval and self.state.global_step % self.args.mining_interval == 0:
+        if rows is not None and self.args.mining_interval and self.state.global_step % self.args.mining_interval == 0:
             self._mine(model, rows)
-        self._buffer_inputs = self._sample_buffer()
+        separate = self.args.understanding_update == "separate"
+        # "separate" steps the optimizer on the buffer once per window, before any clean gradient has accumulated.
+        if not separate or self._window_position == 0:
+            self._buffer_inputs = self._sample_buffer()
         with self.perturber.disabled():
-            if self._buffer_inputs is not None and self.args.understanding_update == "separate":
+            if separate and self._buffer_inputs is not None:
                 self._separate_buffer_step(model)
             loss = super().training_step(model, inputs, num_items_in_batch)
         self._buffer_inputs = None
+        self._window_position += 1
         if self.accelerator.sync_gradients:
             self._drop_non_finite_update(model)
+            self._window_position = 0
         return loss
 
     def _perturber_step(self, model: nn.Module, inputs: dict[str, Any]) -> None:
@@ -224,9 +235,9 @@ class UniGameMixin:
 
     def _separate_buffer_step(self, model: nn.Module) -> None:
         """The authors' variant: an optimizer step on the buffer loss alone, before the clean micro-batches."""
+        buffer_inputs, self._buffer_inputs = self._buffer_inputs, None  # the clean loss must not add it again
         with self.compute_loss_context_manager():
-            loss = self.args.buffer_weight * self._host_loss(model, self._buffer_inputs)
-        self._buffer_inputs, buffer_inputs = None, self._buffer_inputs
+            loss = self.args.buffer_weight * self._host_loss(model, buffer_inputs)
         if not torch.isfinite(loss):
             self._skip("understanding", "the buffer loss is not finite")
             return
@@ -234,9 +245,9 @@ class UniGameMixin:
         self.accelerator.backward(loss)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        self._drop_non_finite_update(model)
         self.optimizer.step()
         model.zero_grad()
-        del buffer_inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Host loss on the clean batch, plus `buffer_weight` times the host loss on the buffer batch (mixed update)."""
@@ -272,7 +283,7 @@ class UniGameMixin:
 
     # ------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs or "train_loss" not in logs and not any(k.startswith("eval_") for k in logs):
+        if "loss" in logs:  # training logs only; evaluation and the final summary pass through
             metrics = {k: sum(v) / len(v) for k, v in self._game_metrics.items() if v}
             for key in ("unigame/skipped_perturber_steps", "unigame/skipped_understanding_steps"):
                 metrics[key] = float(sum(self._game_metrics.get(key, [])))
@@ -390,7 +401,10 @@ class UniGameTrainer(UniGameMixin, Trainer):
         self.interface = get_interface(model, processing_class)
         if train_dataset is None:
             raise ValueError("UniGameTrainer needs a `train_dataset` with columns image, question and answer.")
-        hint = "Rename or map the columns (e.g. `dataset.rename_column('img', 'image')`) before training."
+        hint = (
+            "Rename the columns (e.g. `dataset.rename_column('img', 'image')`), or map VQAv2 and conversational "
+            "datasets with `trl_unigame.data.to_vqa_format`, before training."
+        )
         check_columns(train_dataset, ["image", "question", "answer"], "train_dataset", hint)
         check_columns(eval_dataset, ["image", "question", "answer"], "eval_dataset", hint)
         model = prepare_understanding_player(model, self.interface, peft_config)
@@ -417,9 +431,6 @@ class UniGameTrainer(UniGameMixin, Trainer):
 
     def _hard_sample_row(self, row, image):
         return {"image": image, "question": row["question"], "answer": row["answer"], "prompt": row["prompt"]}
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
 
     def _host_loss(self, model, inputs, num_items_in_batch=None):
         return self.interface.understanding_loss(model, inputs).mean()
