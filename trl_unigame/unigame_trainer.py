@@ -246,7 +246,14 @@ class UniGameMixin:
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
         self._drop_non_finite_update(model)
-        self.optimizer.step()
+        # Accelerate's optimizer skips steps inside an accumulation window; this one is meant to happen there.
+        gradient_state = self.accelerator.gradient_state
+        syncing = gradient_state.sync_gradients
+        gradient_state._set_sync_gradients(True)
+        try:
+            self.optimizer.step()
+        finally:
+            gradient_state._set_sync_gradients(syncing)
         model.zero_grad()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
