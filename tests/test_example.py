@@ -242,3 +242,27 @@ def test_missing_columns_are_named_with_the_columns_found():
         to_vqa_format(data)
     mapped = to_vqa_format(data, image_column="img", question_column="q", answer_column="label")
     assert set(mapped.column_names) == {"image", "question", "answer"}
+
+
+def test_pictures_show_source_candidate_and_prediction(tmp_path, vqa):
+    from PIL import Image
+
+    from trl_unigame.callbacks import HardSamplePicturesCallback
+
+    trainer = run_example(tmp_path / "run", "--max_steps", "2", "--picture_steps", "2", "--save_steps", "100")
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, HardSamplePicturesCallback))
+    assert callback.trainer is trainer
+    entries = trainer.buffer.entries
+    assert entries and all(e.extra["source"].dtype == torch.uint8 for e in entries)
+    picture = Image.open(tmp_path / "run" / "pictures" / "hard_samples_step2.png")
+    assert picture.size[1] > 200 * min(len(entries), callback.max_samples)  # one row per hard sample
+    predictions = callback._predict(entries[:2])
+    assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
+
+
+def test_pictures_need_matplotlib_and_say_so(monkeypatch):
+    from trl_unigame.callbacks import HardSamplePicturesCallback
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        HardSamplePicturesCallback(every_n_steps=5)

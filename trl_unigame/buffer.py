@@ -57,6 +57,7 @@ class HardSampleBuffer:
         self.pop = pop
         self.generator = torch.Generator().manual_seed(seed)
         self.entries: list[HardSample] = []  # kept sorted, hardest first
+        self.last_pushed: HardSample | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -71,6 +72,7 @@ class HardSampleBuffer:
         if len(self.entries) >= self.capacity and hardness <= self.entries[-1].hardness:
             return False
         entry = HardSample(_to_uint8(image), dict(row), hardness, None if consistency is None else float(consistency))
+        self.last_pushed = entry
         position = next((i for i, e in enumerate(self.entries) if e.hardness < hardness), len(self.entries))
         self.entries.insert(position, entry)
         del self.entries[self.capacity :]
@@ -109,6 +111,7 @@ class HardSampleBuffer:
             "rows": [e.row for e in self.entries],
             "hardness": [e.hardness for e in self.entries],
             "consistency": [e.consistency for e in self.entries],
+            "extra": [e.extra for e in self.entries],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -116,7 +119,10 @@ class HardSampleBuffer:
         self.temperature = state["temperature"]
         self.pop = state["pop"]
         self.generator.set_state(state["generator"])
+        extras = state.get("extra") or [{} for _ in state["images"]]
         self.entries = [
-            HardSample(image, dict(row), float(h), c)
-            for image, row, h, c in zip(state["images"], state["rows"], state["hardness"], state["consistency"])
+            HardSample(image, dict(row), float(h), c, dict(extra))
+            for image, row, h, c, extra in zip(
+                state["images"], state["rows"], state["hardness"], state["consistency"], extras
+            )
         ]

@@ -50,23 +50,48 @@ class HardSamplePicturesCallback(TrainerCallback):
         return control
 
     def write_hard_samples(self, path: str) -> str | None:
+        """One row per hard sample: the source image (when known) beside the decoded hard candidate, with the
+        question, the answer, the model's prediction on the candidate, `H` and `s`."""
         plt = _require_matplotlib()
         entries = self.trainer.buffer.entries[: self.max_samples]
         if not entries:
             return None
-        fig, axes = plt.subplots(1, len(entries), figsize=(3 * len(entries), 3.6), squeeze=False)
-        for ax, entry in zip(axes[0], entries):
-            ax.imshow(entry.image.permute(1, 2, 0).numpy())
-            ax.axis("off")
+        predictions = self._predict(entries)
+        fig, axes = plt.subplots(len(entries), 2, figsize=(6, 2.6 * len(entries)), squeeze=False)
+        for (source_ax, candidate_ax), entry, prediction in zip(axes, entries, predictions):
+            source = entry.extra.get("source")
+            if source is not None:
+                source_ax.imshow(source.permute(1, 2, 0).numpy())
+                source_ax.set_title("source", fontsize=7)
+            source_ax.axis("off")
+            candidate_ax.imshow(entry.image.permute(1, 2, 0).numpy())
+            candidate_ax.axis("off")
             s = "n/a" if entry.consistency is None else f"{entry.consistency:.2f}"
-            ax.set_title(
-                f"Q: {entry.row.get('question', '')[:40]}\nA: {entry.row.get('answer', '')[:30]}\nH={entry.hardness:.2f} s={s}",
+            candidate_ax.set_title(
+                f"Q: {entry.row.get('question', '')[:48]}\nA: {entry.row.get('answer', '')[:32]} | "
+                f"pred: {prediction[:32]}\nH={entry.hardness:.2f} s={s}",
                 fontsize=7,
             )
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+    def _predict(self, entries) -> list[str]:
+        import torch
+
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with trainer.perturber.disabled():
+                images = torch.stack([e.image for e in entries])
+                return trainer.interface.answer(model, images, [e.row.get("question", "") for e in entries])
+        except NotImplementedError:
+            return ["" for _ in entries]
+        finally:
+            model.train(was_training)
 
     @staticmethod
     def write_curves(log_history: list[dict], path: str) -> str | None:

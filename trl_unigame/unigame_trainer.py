@@ -26,6 +26,14 @@ PERTURBER_OPTIMIZER_NAME = "perturber_optimizer.pt"
 BUFFER_NAME = "unigame_buffer_rank{rank}.pt"
 
 
+def _thumbnail(image: torch.Tensor, size: int = 96) -> torch.Tensor:
+    """A small uint8 copy of a `[0, 1]` image `(3, H, W)`, kept beside a hard sample for display."""
+    image = image.detach().float().unsqueeze(0)
+    if max(image.shape[-2:]) > size:
+        image = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)
+    return (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 class UniGameMixin:
     r"""
     The UniGame game, stacked on a host `transformers.Trainer` subclass by overriding `training_step`,
@@ -100,7 +108,7 @@ class UniGameMixin:
         inputs = self._prepare_inputs(inputs)
         self._perturber_step(model, inputs)
         if rows is not None and self.args.mining_interval and self.state.global_step % self.args.mining_interval == 0:
-            self._mine(model, rows)
+            self._mine(model, rows, inputs)
         separate = self.args.understanding_update == "separate"
         # "separate" steps the optimizer on the buffer once per window, before any clean gradient has accumulated.
         if not separate or self._window_position == 0:
@@ -170,7 +178,7 @@ class UniGameMixin:
         self._game_metrics["unigame/eps"].append(self.perturber.eps)
 
     @torch.no_grad()
-    def _mine(self, model: nn.Module, rows: list[dict[str, Any]]) -> None:
+    def _mine(self, model: nn.Module, rows: list[dict[str, Any]], inputs: dict[str, Any] | None = None) -> None:
         """Generates K candidates per sample through the perturbed generation path, scores and keeps the hardest."""
         args = self.args
         interface = self.interface
@@ -212,10 +220,15 @@ class UniGameMixin:
                 threshold=args.consistency_threshold,
                 top_k=args.candidates_kept_per_sample,
             )
+            sources = self.interface.source_images(inputs) if inputs is not None else None
+            if sources is not None and len(sources) != len(rows):
+                sources = None  # not one image per row: nothing to show beside the candidates
             for i in keep.tolist():
-                self.buffer.push(
+                kept = self.buffer.push(
                     pixels[i], rows[source[i]], float(h[i]), None if consistency is None else float(consistency[i])
                 )
+                if kept and sources is not None:
+                    self.buffer.last_pushed.extra["source"] = _thumbnail(sources[source[i]])
         finally:
             unwrapped.train(was_training)
         self._game_metrics["unigame/mined"].append(float(len(source)))

@@ -117,6 +117,14 @@ class VisualTokenInterface(ABC):
         """Generates `num_images` images per prompt; returns pixels in `[0, 1]`, `(len(prompts) * num_images, 3, H, W)`,
         at the size the understanding side expects, grouped by prompt."""
 
+    def source_images(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The batch's input images as pixels in `[0, 1]` (for display), or `None` when they cannot be recovered."""
+        return None
+
+    def answer(self, model: nn.Module, images, questions: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy answers of `model` to `questions` about `images` (for display)."""
+        raise NotImplementedError
+
 
 _REGISTRY: list[type[VisualTokenInterface]] = []
 

@@ -137,6 +137,31 @@ class JanusInterface(VisualTokenInterface):
         counts = (targets != -100).sum(-1).clamp(min=1)
         return token_loss.sum(-1) / counts
 
+    def source_images(self, inputs):
+        pixels = inputs.get("pixel_values")
+        if pixels is None or self.processor is None:
+            return None
+        image_processor = self.processor.image_processor
+        mean = torch.tensor(image_processor.image_mean, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(image_processor.image_std, device=pixels.device).view(1, -1, 1, 1)
+        return (pixels.float() * std + mean).clamp(0, 1)
+
+    @torch.no_grad()
+    def answer(self, model, images, questions, max_new_tokens=16):
+        processor = self._require_processor()
+        prompts = [self._chat_prompt(q, with_image=True) for q in questions]
+        inputs = processor(text=prompts, images=to_pil_images(images), return_tensors="pt", padding=True)
+        device = next(self.base_model.parameters()).device
+        dtype = next(p for p in self.base_model.parameters() if p.is_floating_point()).dtype
+        inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+        tokenizer = processor.tokenizer
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        return [
+            t.strip() for t in tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
+
     # ----------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate_images(self, prompts, num_images=1, guidance_scale=5.0, temperature=1.0, generator=None):
