@@ -30,3 +30,56 @@ def clip_scorer():
 
     model, processor = tiny_clip(seed=0)
     return CLIPConsistencyScorer(model=model, processor=processor)
+
+
+@pytest.fixture
+def non_unified_model():
+    """A real transformers model with no visual-token interface (a tiny Llama)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """Stands in for the Hub at its network boundary: `create_repo` answers, `upload_folder` copies what would be
+    uploaded into `.folder` and records repo ids in `.calls` (honouring `ignore_patterns`, and `run_as_future` as the Trainer uses it)."""
+    import shutil
+    from concurrent.futures import Future
+
+    from huggingface_hub import HfApi
+
+    uploaded = tmp_path / "uploaded"
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        class RepoUrl(str):
+            pass
+
+        url = RepoUrl(f"https://huggingface.co/{repo_id}")
+        url.repo_id = repo_id
+        return url
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=None, run_as_future=False, **kwargs):
+        calls.append(repo_id)
+        patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+        shutil.copytree(folder_path, uploaded, ignore=shutil.ignore_patterns(*patterns), dirs_exist_ok=True)
+        if not run_as_future:
+            return "commit"
+        future = Future()
+        future.set_result("commit")
+        return future
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    from types import SimpleNamespace
+
+    return SimpleNamespace(folder=uploaded, calls=calls)

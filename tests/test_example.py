@@ -1,5 +1,4 @@
 import os
-import shutil
 import subprocess
 import sys
 
@@ -156,32 +155,10 @@ def test_qlora_trains_a_4bit_model(tmp_path, vqa):
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
 
-def test_push_to_hub_uploads_adapter_perturber_and_card(tmp_path, monkeypatch):
-    from huggingface_hub import HfApi, ModelCard
+def test_push_to_hub_uploads_adapter_perturber_and_card(tmp_path, offline_hub):
+    from huggingface_hub import ModelCard
 
-    uploaded = tmp_path / "uploaded"
-
-    def create_repo(self, repo_id, **kwargs):
-        class Url(str):
-            pass
-
-        url = Url(f"https://huggingface.co/{repo_id}")
-        url.repo_id = repo_id
-        return url
-
-    def upload_folder(self, repo_id, folder_path, ignore_patterns=None, run_as_future=False, **kwargs):
-        from concurrent.futures import Future
-
-        patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
-        shutil.copytree(folder_path, uploaded, ignore=shutil.ignore_patterns(*patterns), dirs_exist_ok=True)
-        if not run_as_future:
-            return "commit"
-        future = Future()
-        future.set_result("commit")
-        return future
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    uploaded = offline_hub.folder
     run_example(
         tmp_path / "run",
         "--max_steps",

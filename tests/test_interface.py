@@ -155,20 +155,8 @@ def test_processor_round_trips_offline(tmp_path, monkeypatch, vqa):
     assert loaded.chat_template == processor.chat_template
 
 
-def test_unsupported_model_gets_a_clear_error():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=32,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    )
+def test_unsupported_model_gets_a_clear_error(non_unified_model):
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*janus.*register_interface"):
-        get_interface(model)
+        get_interface(non_unified_model)
     with pytest.raises(UnsupportedModelError):
-        Perturber.for_model(model)
+        Perturber.for_model(non_unified_model)

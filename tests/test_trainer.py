@@ -276,24 +276,12 @@ def test_bad_datasets_are_rejected_before_training(tmp_path, vqa):
     assert not os.path.exists(args.output_dir)
 
 
-def test_unsupported_model_is_rejected_before_training(tmp_path, vqa):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def test_unsupported_model_is_rejected_before_training(tmp_path, vqa, non_unified_model):
     from trl_unigame import UnsupportedModelError
 
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=32,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    )
     _, processor = tiny_janus(seed=0)
     with pytest.raises(UnsupportedModelError, match="janus"):
-        UniGameTrainer(model, make_args(tmp_path), train_dataset=vqa, processing_class=processor)
+        UniGameTrainer(non_unified_model, make_args(tmp_path), train_dataset=vqa, processing_class=processor)
 
 
 def test_resume_from_a_foreign_checkpoint_fails_clearly(tmp_path, vqa):
