@@ -61,7 +61,10 @@ class UniGameScriptArguments(ScriptArguments):
 
 
 def offline_default_arguments(output_dir: str = "unigame-janus-tiny") -> list[str]:
-    """The embedded default run: tiny Janus, synthetic data, CPU-sized settings."""
+    """The embedded default run: tiny Janus, synthetic data, CPU-sized settings (pictures when matplotlib is there)."""
+    import importlib.util
+
+    pictures = "20" if importlib.util.find_spec("matplotlib") is not None else "0"
     return [
         "--output_dir",
         output_dir,
