@@ -62,9 +62,12 @@ class UniGameScriptArguments(ScriptArguments):
 
 def offline_default_arguments(output_dir: str = "unigame-janus-tiny") -> list[str]:
     """The embedded default run: tiny Janus, synthetic data, CPU-sized settings (pictures when matplotlib is there)."""
-    import importlib.util
+    try:
+        import matplotlib  # noqa: F401
 
-    pictures = "20" if importlib.util.find_spec("matplotlib") is not None else "0"
+        pictures = "20"
+    except ImportError:  # optional: the run works without pictures
+        pictures = "0"
     return [
         "--output_dir",
         output_dir,
@@ -94,7 +97,7 @@ def offline_default_arguments(output_dir: str = "unigame-janus-tiny") -> list[st
         "--report_to",
         "none",
         "--picture_steps",
-        "20",
+        pictures,
         "--bf16",
         "false",
     ]

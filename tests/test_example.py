@@ -241,5 +241,7 @@ def test_pictures_need_matplotlib_and_say_so(monkeypatch):
     from trl_unigame.callbacks import HardSamplePicturesCallback
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    default = offline_default_arguments()
+    assert default[default.index("--picture_steps") + 1] == "0"  # the default run works without matplotlib
     with pytest.raises(ImportError, match="pip install matplotlib"):
         HardSamplePicturesCallback(every_n_steps=5)
