@@ -245,3 +245,57 @@ def test_pictures_need_matplotlib_and_say_so(monkeypatch):
     assert default[default.index("--picture_steps") + 1] == "0"  # the default run works without matplotlib
     with pytest.raises(ImportError, match="pip install matplotlib"):
         HardSamplePicturesCallback(every_n_steps=5)
+
+
+def test_real_path_loads_a_checkpoint_folder_and_a_local_dataset(tmp_path):
+    from trl_unigame.testing import save_tiny_janus, tiny_clip, tiny_vqa_dataset
+
+    model_dir = save_tiny_janus(str(tmp_path / "janus"), seed=0)
+    tiny_clip(seed=0, save_dir=str(tmp_path / "clip"))
+    rows = tiny_vqa_dataset(12, seed=1)
+    vqav2 = Dataset.from_dict(
+        {
+            "picture": rows["image"],
+            "query": rows["question"],
+            "answers": [[{"answer": a}, {"answer": "other"}, {"answer": a}] for a in rows["answer"]],
+        },
+        features=None,
+    ).cast_column("picture", rows.features["image"])
+    vqav2.to_parquet(str(tmp_path / "train.parquet"))
+    out = tmp_path / "run"
+    trainer = main(
+        *make_parser().parse_args_and_config(
+            args=[
+                "--model_name_or_path", model_dir, "--dtype", "float32",
+                "--dataset_name", "parquet", "--dataset_data_files", str(tmp_path / "train.parquet"),
+                "--image_column", "picture", "--question_column", "query",
+                "--consistency_model", str(tmp_path / "clip"), "--consistency_threshold", "-1",
+                "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
+                "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                "--num_candidates", "2", "--report_to", "none", "--use_cpu", "true", "--bf16", "false",
+                "--disable_tqdm", "true", "--save_steps", "100", "--logging_steps", "1",
+            ]
+        )
+    )  # fmt: skip
+    assert trainer.consistency_scorer is not None
+    assert any(log.get("unigame/consistency") is not None for log in trainer.state.log_history)
+    assert trainer.train_dataset.column_names == ["image", "question", "answer"]
+    assert set(trainer.train_dataset["answer"]) <= set(rows["answer"])
+    assert (out / "perturber" / "model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+
+
+def test_real_path_names_the_columns_it_found(tmp_path):
+    from trl_unigame.testing import save_tiny_janus
+
+    model_dir = save_tiny_janus(str(tmp_path / "janus"), seed=0)
+    Dataset.from_dict({"img": [draw_shape("red", "circle")], "text": ["?"]}).to_parquet(str(tmp_path / "d.parquet"))
+    args = make_parser().parse_args_and_config(
+        args=[
+            "--model_name_or_path", model_dir, "--dataset_name", "parquet",
+            "--dataset_data_files", str(tmp_path / "d.parquet"), "--output_dir", str(tmp_path / "out"),
+            "--use_cpu", "true", "--bf16", "false", "--consistency_model", "none",
+        ]
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"it has \['img', 'text'\]"):
+        main(*args)
+    assert not (tmp_path / "out").exists()
