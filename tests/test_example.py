@@ -50,9 +50,9 @@ def test_offline_default_saves_what_loads_back(tmp_path, vqa):
     trainer.model.eval()
     model.eval()
     with torch.no_grad():
-        expected = trainer.interface.understanding_loss(trainer.model, inputs)
-        with trainer.perturber.disabled():
-            clean_expected = trainer.interface.understanding_loss(trainer.model, inputs)
+        with trainer.perturber.active():
+            expected = trainer.interface.understanding_loss(trainer.model, inputs)
+        clean_expected = trainer.interface.understanding_loss(trainer.model, inputs)
         torch.testing.assert_close(interface.understanding_loss(model, inputs), expected)
     assert not torch.allclose(expected, clean_expected)
 

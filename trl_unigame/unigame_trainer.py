@@ -63,6 +63,8 @@ class UniGameMixin:
         # float32 regardless of the model dtype: its output is a norm-0.02 direction that bf16 would round away.
         self.perturber = perturber.to(device=self.args.device, dtype=torch.float32).attach(base)
         self.perturber.requires_grad_(True)
+        # Off outside the game's own passes: `trainer.model` stays the clean model for evaluation and inference.
+        self.perturber.enabled = False
         self.perturber_optimizer = torch.optim.AdamW(
             self.perturber.parameters(), lr=args.perturber_learning_rate, weight_decay=args.perturber_weight_decay
         )
@@ -79,9 +81,11 @@ class UniGameMixin:
         self._buffer_inputs = None
         self.current_gradient_accumulation_steps = getattr(self, "current_gradient_accumulation_steps", 1)
         self._window_position = 0  # micro-batch index inside the current accumulation window
+        from .callbacks import HardSamplePicturesCallback
+
         for callback in self.callback_handler.callbacks:
-            if hasattr(callback, "trainer") and getattr(callback, "trainer", None) is None:
-                callback.trainer = self
+            if isinstance(callback, HardSamplePicturesCallback):
+                callback.trainer = self  # it draws from the buffer and asks the model for predictions
         if args.understanding_update == "separate" and args.gradient_accumulation_steps > 1 and args.world_size > 1:
             raise ValueError(
                 "`understanding_update='separate'` steps the optimizer inside the accumulation window, which "
