@@ -299,3 +299,22 @@ def test_real_path_names_the_columns_it_found(tmp_path):
     with pytest.raises(ValueError, match=r"it has \['img', 'text'\]"):
         main(*args)
     assert not (tmp_path / "out").exists()
+
+
+def test_model_card_names_base_model_dataset_tags_config_and_paper():
+    from huggingface_hub import ModelCard
+
+    from trl_unigame.model_card import unigame_model_card
+
+    card = unigame_model_card(
+        model_name="Janus-Pro-1B-UniGame",
+        base_model="deepseek-community/Janus-Pro-1B",
+        dataset_name="HuggingFaceM4/VQAv2",
+        tags=["vqa"],
+        unigame_config={"buffer_weight": 0.5, "selection": "paper"},
+    )
+    card = ModelCard(str(card))  # round-trips through the YAML header
+    assert card.data.base_model == "deepseek-community/Janus-Pro-1B"
+    assert card.data.datasets == ["HuggingFaceM4/VQAv2"]
+    assert {"trl", "unigame", "vqa"} <= set(card.data.tags)
+    assert '"selection": "paper"' in card.text and "arXiv:2511.19413" in card.text
