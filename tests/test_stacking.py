@@ -78,16 +78,20 @@ def check_played(trainer, before, perturber_before, trainable="lora_"):
     assert {"perturber", "perturber_optimizer.pt", "unigame_buffer_rank0.pt"} <= set(os.listdir(checkpoint))
 
 
-def test_sft_conversational_vision_trains_the_game(tmp_path, vqa):
+def sft_trainer(tmp_path, vqa, **lora):
     model, processor = tiny_janus(seed=0)
     args = UniGameSFTConfig(output_dir=str(tmp_path), gradient_checkpointing=False, **COMMON)
-    trainer = UniGameSFTTrainer(
+    return UniGameSFTTrainer(
         model,
         args=args,
         train_dataset=conversational(vqa),
         processing_class=processor,
-        peft_config=LoraConfig(r=4, lora_alpha=8),
+        peft_config=LoraConfig(r=4, lora_alpha=8, **lora),
     )
+
+
+def test_sft_conversational_vision_trains_the_game(tmp_path, vqa):
+    trainer = sft_trainer(tmp_path, vqa)
     before, perturber_before = snapshot(trainer.model), snapshot(trainer.perturber)
     trainer.train()
     check_played(trainer, before, perturber_before)
@@ -102,15 +106,7 @@ def test_sft_conversational_vision_trains_the_game(tmp_path, vqa):
 
 
 def test_sft_adversarial_loss_is_sft_loss_with_the_perturbation(tmp_path, vqa):
-    model, processor = tiny_janus(seed=0)
-    args = UniGameSFTConfig(output_dir=str(tmp_path), gradient_checkpointing=False, **COMMON)
-    trainer = UniGameSFTTrainer(
-        model,
-        args=args,
-        train_dataset=conversational(vqa),
-        processing_class=processor,
-        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0),
-    )
+    trainer = sft_trainer(tmp_path, vqa, lora_dropout=0.0)
     batch = next(iter(trainer.get_train_dataloader()))
     rows = batch.pop(ROWS_KEY)
     assert [r["answer"] for r in rows] and all(r["question"] for r in rows)
