@@ -126,7 +126,7 @@ def load_model_and_data(script_args, training_args, model_args):
         from trl_unigame.interfaces import JanusInterface
 
         # Keep the small generation projections and the VQ model out of 4-bit.
-        quantization_config.llm_int8_skip_modules = JanusInterface.quantization_skip_modules.fget(None)
+        quantization_config.llm_int8_skip_modules = list(JanusInterface.QUANTIZATION_SKIP_MODULES)
         model_kwargs["quantization_config"] = quantization_config
         from accelerate import PartialState
 

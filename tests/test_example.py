@@ -123,7 +123,7 @@ def test_qlora_trains_a_4bit_model(tmp_path, vqa):
     from trl_unigame import JanusInterface, UniGameConfig, UniGameTrainer
 
     # bitsandbytes' CPU kernels need layers at least 64 wide: the tiny vision tower (32) stays unquantized.
-    skip = JanusInterface.quantization_skip_modules.fget(None) + ["model.vision_model", "model.aligner"]
+    skip = list(JanusInterface.QUANTIZATION_SKIP_MODULES) + ["model.vision_model", "model.aligner"]
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip
     )

@@ -51,10 +51,12 @@ class JanusInterface(VisualTokenInterface):
     def lora_target_modules(self) -> str:
         return rf".*language_model\..*\.({_LLM_PROJECTIONS})"
 
+    #: Kept out of 4-bit quantization: the small generation projections, the VQ model and the LM head.
+    QUANTIZATION_SKIP_MODULES = ("model.generation_aligner", "model.generation_head", "lm_head", "model.vqmodel")
+
     @property
     def quantization_skip_modules(self) -> list[str]:
-        # Small generation projections and the LM head stay in full precision (4-bit kernels need wide inputs).
-        return ["model.generation_aligner", "model.generation_head", "lm_head", "model.vqmodel"]
+        return list(self.QUANTIZATION_SKIP_MODULES)
 
     @property
     def num_image_tokens(self) -> int:
