@@ -84,11 +84,6 @@ class _StackedGame(UniGameMixin):
         self.data_collator = RowKeepingCollator(self.data_collator, self._describe_row)
         self._init_game(perturber, consistency_scorer)
 
-    @staticmethod
-    def _images(row):
-        images = row.get("images", row.get("image"))
-        return images if isinstance(images, list) else [images]
-
 
 class UniGameSFTTrainer(_StackedGame, SFTTrainer):
     r"""
