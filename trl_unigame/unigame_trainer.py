@@ -283,7 +283,12 @@ class UniGameMixin:
             if self._buffer_inputs is not None:
                 buffer_loss = self._host_loss(model, self._buffer_inputs)
                 self._game_metrics["unigame/buffer_loss"].append(float(buffer_loss.detach()))
-                loss = clean + self.args.buffer_weight * buffer_loss
+                weight = self.args.buffer_weight
+                if num_items_in_batch is not None and getattr(self, "model_accepts_loss_kwargs", False):
+                    # The host already normalised the clean loss over the whole accumulation window, so the
+                    # Trainer will not divide by the window; the buffer's batch mean must be divided here.
+                    weight = weight / self.current_gradient_accumulation_steps
+                loss = clean + weight * buffer_loss
             self._game_metrics["unigame/buffer_size"].append(float(len(self.buffer)))
         return (loss, {"loss": loss}) if return_outputs else loss
 
