@@ -92,11 +92,24 @@ def _majority(answers) -> str:
     return max(texts, key=lambda t: (counts[t], -texts.index(t)))
 
 
-def _message_text(message) -> str:
-    content = message["content"]
+def message_text(content) -> str:
+    """Plain text of a message content, a message, a conversation (list of messages) or a string."""
     if isinstance(content, str):
         return content
-    return " ".join(part.get("text", "") for part in content if part.get("type") == "text").strip()
+    if isinstance(content, dict):
+        return message_text(content.get("content", content.get("text", "")))
+    parts = []
+    for item in content:
+        if isinstance(item, dict) and "role" in item:
+            parts.append(message_text(item["content"]))
+        elif isinstance(item, dict) and item.get("type") == "text":
+            parts.append(item.get("text", ""))
+    return " ".join(p for p in parts if p).strip()
+
+
+def first_turn(messages, role: str) -> str:
+    """Text of the first message of `role` in a conversation; empty when there is none."""
+    return next((message_text(m["content"]) for m in messages if m["role"] == role), "")
 
 
 def to_vqa_format(
@@ -126,7 +139,7 @@ def to_vqa_format(
             user = next(m for m in row["messages"] if m["role"] == "user")
             assistant = next(m for m in row["messages"] if m["role"] == "assistant")
             image = row[images_col][0] if isinstance(row[images_col], list) else row[images_col]
-            return {"image": image, "question": _message_text(user), "answer": _message_text(assistant)}
+            return {"image": image, "question": message_text(user), "answer": message_text(assistant)}
 
         return dataset.map(from_messages, remove_columns=columns)
     answer_source = answer_column if answer_column in columns else ("answers" if "answers" in columns else None)

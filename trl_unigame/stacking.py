@@ -6,29 +6,10 @@ from dataclasses import dataclass
 
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from .data import RowKeepingCollator, check_columns
+from .data import RowKeepingCollator, check_columns, first_turn, message_text
 from .interfaces import get_interface
 from .unigame_config import UniGameArguments
 from .unigame_trainer import UniGameMixin
-
-
-def _text(content) -> str:
-    """Plain text of a message content, a conversation (list of messages) or a string."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return _text(content.get("content", content.get("text", "")))
-    parts = []
-    for item in content:
-        if isinstance(item, dict) and "role" in item:
-            parts.append(_text(item["content"]))
-        elif isinstance(item, dict) and item.get("type") == "text":
-            parts.append(item.get("text", ""))
-    return " ".join(p for p in parts if p).strip()
-
-
-def _first_turn(messages, role: str) -> str:
-    return next((_text(m["content"]) for m in messages if m["role"] == role), "")
 
 
 @dataclass
@@ -107,10 +88,10 @@ class UniGameSFTTrainer(_StackedGame, SFTTrainer):
     _required_columns = ("messages", "images")
 
     def _describe_row(self, row):
-        question = _first_turn(row["messages"], "user")
+        question = first_turn(row["messages"], "user")
         return {
             "question": question,
-            "answer": _first_turn(row["messages"], "assistant"),
+            "answer": first_turn(row["messages"], "assistant"),
             "prompt": row.get(self.args.prompt_column) or question,
             "messages": row["messages"],
         }
@@ -137,10 +118,10 @@ class UniGameDPOTrainer(_StackedGame, DPOTrainer):
     _required_columns = ("prompt", "chosen", "rejected", "images")
 
     def _describe_row(self, row):
-        question = _text(row["prompt"])
+        question = message_text(row["prompt"])
         return {
             "question": question,
-            "answer": _text(row["chosen"]),
+            "answer": message_text(row["chosen"]),
             "prompt": row.get(self.args.prompt_column) or question,
             "pair": {k: row[k] for k in ("prompt", "chosen", "rejected")},
         }
