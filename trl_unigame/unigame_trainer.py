@@ -190,8 +190,7 @@ class UniGameMixin:
         was_training = unwrapped.training
         unwrapped.eval()
         try:
-            device = next(interface.base_model.parameters()).device
-            generator = torch.Generator(device=device)
+            generator = torch.Generator(device=interface.device)
             generator.manual_seed(args.seed + 1_000_003 * self.state.global_step + 7919 * args.process_index)
             prompts = [r["prompt"] for r in rows]
             with self.perturber.active():

@@ -67,6 +67,16 @@ class VisualTokenInterface(ABC):
         self.base_model = unwrap_model(model)
         self.processor = processor
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.base_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating-point dtype of the model's parameters (the dtype pixel values are cast to)."""
+        return next(p for p in self.base_model.parameters() if p.is_floating_point()).dtype
+
     @classmethod
     @abstractmethod
     def supports(cls, model: nn.Module) -> bool:

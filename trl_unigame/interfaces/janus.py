@@ -125,11 +125,10 @@ class JanusInterface(VisualTokenInterface):
         # Left padding puts every answer at the end: only the last positions need logits.
         answer_span = int((labels != -100).int().argmax(-1).min().item()) if labels.numel() else 0
         keep = labels.shape[1] - answer_span + 1
-        dtype = next(p for p in self.base_model.parameters() if p.is_floating_point()).dtype
         outputs = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
-            pixel_values=inputs["pixel_values"].to(dtype),
+            pixel_values=inputs["pixel_values"].to(self.dtype),
             logits_to_keep=keep,
             use_cache=False,
         )
@@ -153,9 +152,8 @@ class JanusInterface(VisualTokenInterface):
         processor = self._require_processor()
         prompts = [self._chat_prompt(q, with_image=True) for q in questions]
         inputs = processor(text=prompts, images=to_pil_images(images), return_tensors="pt", padding=True)
-        device = next(self.base_model.parameters()).device
-        dtype = next(p for p in self.base_model.parameters() if p.is_floating_point()).dtype
-        inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+        device = self.device
+        inputs = {k: v.to(device, self.dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
         tokenizer = processor.tokenizer
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
@@ -175,7 +173,7 @@ class JanusInterface(VisualTokenInterface):
         pad_id = gen_config.pad_token_id if gen_config.pad_token_id is not None else tokenizer.pad_token_id
         bos_id = gen_config.bos_token_id if gen_config.bos_token_id is not None else tokenizer.bos_token_id
         boi_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
-        device = next(model.parameters()).device
+        device = self.device
 
         texts = [self._chat_prompt(p, with_image=False) for p in prompts]
         enc = processor(text=texts, generation_mode="image", return_tensors="pt", padding=True, padding_side="left")
