@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .interfaces.base import to_uint8
+
 
 @dataclass
 class HardSample:
@@ -20,12 +22,6 @@ class HardSample:
     hardness: float
     consistency: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _to_uint8(image: torch.Tensor) -> torch.Tensor:
-    if image.dtype == torch.uint8:
-        return image.detach().cpu()
-    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 class HardSampleBuffer:
@@ -57,22 +53,31 @@ class HardSampleBuffer:
         self.pop = pop
         self.generator = torch.Generator().manual_seed(seed)
         self.entries: list[HardSample] = []  # kept sorted, hardest first
-        self.last_pushed: HardSample | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def push(
-        self, image: torch.Tensor, row: dict[str, Any], hardness: float, consistency: float | None = None
+        self,
+        image: torch.Tensor,
+        row: dict[str, Any],
+        hardness: float,
+        consistency: float | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> bool:
-        """Adds one candidate; returns whether it was kept."""
+        """Adds one candidate (with optional display `extra`, e.g. its source image); returns whether it was kept."""
         hardness = float(hardness)
         if hardness != hardness:  # NaN never enters
             return False
         if len(self.entries) >= self.capacity and hardness <= self.entries[-1].hardness:
             return False
-        entry = HardSample(_to_uint8(image), dict(row), hardness, None if consistency is None else float(consistency))
-        self.last_pushed = entry
+        entry = HardSample(
+            to_uint8(image),
+            dict(row),
+            hardness,
+            None if consistency is None else float(consistency),
+            dict(extra or {}),
+        )
         position = next((i for i, e in enumerate(self.entries) if e.hardness < hardness), len(self.entries))
         self.entries.insert(position, entry)
         del self.entries[self.capacity :]

@@ -15,6 +15,7 @@ from .buffer import HardSampleBuffer
 from .consistency import CLIPConsistencyScorer
 from .data import ROWS_KEY, UniGameDataCollator, check_columns
 from .interfaces import get_interface, to_pil_images, unwrap_model
+from .interfaces.base import to_uint8
 from .perturber import Perturber
 from .selection import hardness as hardness_score
 from .selection import select_hard_candidates
@@ -31,7 +32,7 @@ def _thumbnail(image: torch.Tensor, size: int = 96) -> torch.Tensor:
     image = image.detach().float().unsqueeze(0)
     if max(image.shape[-2:]) > size:
         image = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)
-    return (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return to_uint8(image[0])
 
 
 class UniGameMixin:
@@ -227,11 +228,13 @@ class UniGameMixin:
             if sources is not None and len(sources) != len(rows):
                 sources = None  # not one image per row: nothing to show beside the candidates
             for i in keep.tolist():
-                kept = self.buffer.push(
-                    pixels[i], rows[source[i]], float(h[i]), None if consistency is None else float(consistency[i])
+                self.buffer.push(
+                    pixels[i],
+                    rows[source[i]],
+                    float(h[i]),
+                    None if consistency is None else float(consistency[i]),
+                    extra=None if sources is None else {"source": _thumbnail(sources[source[i]])},
                 )
-                if kept and sources is not None:
-                    self.buffer.last_pushed.extra["source"] = _thumbnail(sources[source[i]])
         finally:
             unwrapped.train(was_training)
         self._game_metrics["unigame/mined"].append(float(len(source)))

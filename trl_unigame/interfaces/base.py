@@ -29,12 +29,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A CPU uint8 copy of image pixels given as `[0, 1]` floats (or already uint8)."""
+    if image.dtype == torch.uint8:
+        return image.detach().cpu()
+    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def to_pil_images(images: Any) -> list[Image.Image]:
     """Converts PIL images, `[0, 1]` float tensors `(B, C, H, W)` or uint8 tensors to a list of RGB PIL images."""
     if isinstance(images, torch.Tensor):
-        if images.dtype != torch.uint8:
-            images = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-        arrays = images.permute(0, 2, 3, 1).cpu().numpy()
+        arrays = to_uint8(images).permute(0, 2, 3, 1).numpy()
         return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
     out = []
     for image in images:
