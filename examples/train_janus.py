@@ -156,10 +156,8 @@ def load_model_and_data(script_args, training_args, model_args):
     evaluation = None
     if training_args.eval_strategy != "no" and script_args.dataset_test_split in dataset:
         evaluation = to_vqa_format(dataset[script_args.dataset_test_split], **columns)
-    scorer = None
-    if training_args.consistency_model is not None:
-        scorer = CLIPConsistencyScorer(training_args.consistency_model, device=training_args.device)
-    return model, processor, train, evaluation, scorer
+    # The trainer loads the CLIP scorer named by --consistency_model itself.
+    return model, processor, train, evaluation, None
 
 
 def main(script_args, training_args, model_args):
@@ -169,8 +167,6 @@ def main(script_args, training_args, model_args):
         from trl_unigame.callbacks import HardSamplePicturesCallback
 
         callbacks.append(HardSamplePicturesCallback(every_n_steps=script_args.picture_steps))
-    if scorer is None:
-        training_args.consistency_model = None
     trainer = UniGameTrainer(
         model=model,
         args=training_args,
@@ -184,12 +180,10 @@ def main(script_args, training_args, model_args):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
-        trainer.create_model_card(
-            model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
-            dataset_name=script_args.dataset_name,
-        )
         if training_args.push_to_hub:
-            trainer.push_to_hub(dataset_name=script_args.dataset_name)
+            trainer.push_to_hub(dataset_name=script_args.dataset_name)  # writes the model card too
+        else:
+            trainer.create_model_card(dataset_name=script_args.dataset_name)
         out = os.path.abspath(training_args.output_dir)
         print(
             f"\nSaved the LoRA adapter, the perturber ({out}/perturber) and the processor to {out}.\n"
