@@ -83,3 +83,14 @@ def offline_hub(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     return SimpleNamespace(folder=uploaded, calls=calls)
+
+
+@pytest.fixture
+def vqa_inputs(vqa):
+    """`vqa_inputs(interface, n)`: understanding inputs of the first `n` rows of the tiny VQA dataset."""
+
+    def build(interface, n=4):
+        rows = vqa.select(range(n))
+        return interface.build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
+
+    return build

@@ -26,7 +26,7 @@ def env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 
-def test_offline_default_saves_what_loads_back(tmp_path, vqa):
+def test_offline_default_saves_what_loads_back(tmp_path, vqa_inputs):
     trainer = run_example(tmp_path / "run", "--max_steps", "6", "--picture_steps", "3", "--save_steps", "3")
     out = tmp_path / "run"
     files = set(os.listdir(out))
@@ -44,9 +44,8 @@ def test_offline_default_saves_what_loads_back(tmp_path, vqa):
     base, processor = tiny_janus(seed=trainer.args.seed)
     model = PeftModel.from_pretrained(base, out)
     Perturber.from_pretrained(out, subfolder="perturber").attach(model)
-    rows = vqa.select(range(3))
     interface = get_interface(model, processor)
-    inputs = interface.build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
+    inputs = vqa_inputs(interface, 3)
     trainer.model.eval()
     model.eval()
     with torch.no_grad():

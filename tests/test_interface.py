@@ -8,15 +8,10 @@ from trl_unigame.testing import tiny_janus_processor
 from trl_unigame.unigame_trainer import prepare_understanding_player
 
 
-def _batch(interface, vqa, n=4):
-    rows = vqa.select(range(n))
-    return interface.build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
-
-
-def test_per_sample_loss_matches_manual_computation(janus, vqa):
+def test_per_sample_loss_matches_manual_computation(janus, vqa, vqa_inputs):
     model, processor = janus
     interface = get_interface(model, processor)
-    inputs = _batch(interface, vqa)
+    inputs = vqa_inputs(interface)
     losses = interface.understanding_loss(model, inputs)
     logits = model(
         input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"]
@@ -31,10 +26,10 @@ def test_per_sample_loss_matches_manual_computation(janus, vqa):
     assert losses.std() > 0, "each sample must get its own loss, not the batch mean"
 
 
-def test_labels_cover_only_the_answer_and_eos(janus, vqa):
+def test_labels_cover_only_the_answer_and_eos(janus, vqa, vqa_inputs):
     model, processor = janus
     interface = get_interface(model, processor)
-    inputs = _batch(interface, vqa)
+    inputs = vqa_inputs(interface)
     tokenizer = processor.tokenizer
     for i, answer in enumerate(vqa["answer"][:4]):
         labelled = inputs["labels"][i][inputs["labels"][i] != -100]
@@ -49,12 +44,12 @@ def test_labels_cover_only_the_answer_and_eos(janus, vqa):
 
 
 @pytest.mark.parametrize("site", ["understanding", "generation"])
-def test_perturbation_at_each_site_changes_output_and_gets_gradients(janus, vqa, site):
+def test_perturbation_at_each_site_changes_output_and_gets_gradients(janus, vqa, site, vqa_inputs):
     model, processor = janus
     interface = get_interface(model, processor)
     perturber = Perturber.for_model(model, sites=[site], eps_max=0.5, eps_init=0.4).attach(model)
     if site == "understanding":
-        inputs = _batch(interface, vqa)
+        inputs = vqa_inputs(interface)
 
         def run():
             return interface.understanding_loss(model, inputs).sum()
@@ -77,13 +72,13 @@ def test_perturbation_at_each_site_changes_output_and_gets_gradients(janus, vqa,
 
 
 @pytest.mark.parametrize("use_lora", [True, False])
-def test_understanding_loss_leaves_vision_and_generation_stack_without_gradient(janus, vqa, use_lora):
+def test_understanding_loss_leaves_vision_and_generation_stack_without_gradient(janus, vqa, use_lora, vqa_inputs):
     model, processor = janus
     interface = get_interface(model, processor)
     peft_config = LoraConfig(r=4, lora_alpha=8) if use_lora else None
     model = prepare_understanding_player(model, interface, peft_config)
     interface = get_interface(model, processor)
-    interface.understanding_loss(model, _batch(interface, vqa)).mean().backward()
+    interface.understanding_loss(model, vqa_inputs(interface)).mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     frozen = ("vision_model", "aligner", "vqmodel", "generation_embeddings", "generation_aligner", "generation_head")
     for name, grad in grads.items():

@@ -11,11 +11,6 @@ from trl_unigame import Perturber, PerturberConfig, get_interface
 from trl_unigame.testing import tiny_janus
 
 
-def _inputs(model, processor, vqa, n=3):
-    rows = vqa.select(range(n))
-    return get_interface(model, processor).build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
-
-
 @settings(max_examples=25, deadline=None)
 @given(
     rho=st.floats(-30, 30),
@@ -40,7 +35,7 @@ def test_every_token_delta_has_norm_eps_and_eps_is_bounded(rho, eps_min, span, d
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_perturbation_survives_low_precision_models(dtype, janus, vqa):
+def test_perturbation_survives_low_precision_models(dtype, janus, vqa, vqa_inputs):
     model, processor = janus
     model.to(dtype)
     interface = get_interface(model, processor)
@@ -49,7 +44,7 @@ def test_perturbation_survives_low_precision_models(dtype, janus, vqa):
     handle = interface.understanding_site.register_forward_hook(
         lambda m, a, o: captured.setdefault("out", []).append(o)
     )
-    inputs = _inputs(model, processor, vqa)
+    inputs = vqa_inputs(get_interface(model, processor), 3)
     with torch.no_grad():
         with perturber.disabled():
             model(
@@ -70,9 +65,9 @@ def test_perturbation_survives_low_precision_models(dtype, janus, vqa):
     assert ((moved - perturber.eps).abs() <= bound + 1e-6).all()
 
 
-def test_disabled_or_detached_gives_the_clean_model(janus, vqa):
+def test_disabled_or_detached_gives_the_clean_model(janus, vqa, vqa_inputs):
     model, processor = janus
-    inputs = _inputs(model, processor, vqa)
+    inputs = vqa_inputs(get_interface(model, processor), 3)
     interface = get_interface(model, processor)
     clean = interface.understanding_loss(model, inputs)
     perturber = Perturber.for_model(model, eps_max=0.5, eps_init=0.25).attach(model)
@@ -84,9 +79,9 @@ def test_disabled_or_detached_gives_the_clean_model(janus, vqa):
     assert torch.equal(interface.understanding_loss(model, inputs), clean)
 
 
-def test_save_then_load_gives_identical_perturbed_outputs(tmp_path, janus, vqa):
+def test_save_then_load_gives_identical_perturbed_outputs(tmp_path, janus, vqa, vqa_inputs):
     model, processor = janus
-    inputs = _inputs(model, processor, vqa)
+    inputs = vqa_inputs(get_interface(model, processor), 3)
     interface = get_interface(model, processor)
     perturber = Perturber.for_model(model, eps_max=0.5, eps_init=0.3, depth=2).attach(model)
     with torch.no_grad():
@@ -185,14 +180,14 @@ def test_push_to_hub_uploads_adapter_and_card(offline_hub, janus):
         assert torch.equal(a, b)
 
 
-def test_lives_beside_lora_in_one_directory(tmp_path, vqa):
+def test_lives_beside_lora_in_one_directory(tmp_path, vqa, vqa_inputs):
     model, processor = tiny_janus(seed=0)
     interface = get_interface(model, processor)
     peft_model = get_peft_model(
         model, LoraConfig(r=4, target_modules=interface.lora_target_modules, init_lora_weights=False)
     )
     perturber = Perturber.for_model(peft_model, eps_max=0.5, eps_init=0.3).attach(peft_model)
-    inputs = _inputs(peft_model, processor, vqa)
+    inputs = vqa_inputs(get_interface(peft_model, processor), 3)
     expected = interface.understanding_loss(peft_model, inputs)
     peft_model.save_pretrained(tmp_path)
     perturber.save_pretrained(tmp_path / "perturber")

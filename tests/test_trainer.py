@@ -355,15 +355,14 @@ def test_buffer_pop_and_state_round_trip():
     assert all(torch.equal(x.image, y.image) for x, y in zip(buffer.entries, clone.entries))
 
 
-def test_evaluate_reports_the_clean_understanding_loss(tmp_path, vqa):
+def test_evaluate_reports_the_clean_understanding_loss(tmp_path, vqa, vqa_inputs):
     trainer = make_trainer(tmp_path, vqa, max_steps=1, mining_interval=0)
     trainer.eval_dataset = vqa.select(range(4))
     metrics = trainer.evaluate()
     from trl_unigame import get_interface
 
     interface = get_interface(trainer.model, trainer.processing_class)
-    rows = vqa.select(range(4))
-    inputs = interface.build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
+    inputs = vqa_inputs(interface, 4)
     trainer.model.eval()
     with torch.no_grad():
         expected = interface.understanding_loss(trainer.model, inputs).mean().item()
@@ -371,14 +370,13 @@ def test_evaluate_reports_the_clean_understanding_loss(tmp_path, vqa):
     assert not any(key.startswith("unigame/") for key in metrics)
 
 
-def test_trained_model_is_clean_outside_the_game(tmp_path, vqa):
+def test_trained_model_is_clean_outside_the_game(tmp_path, vqa, vqa_inputs):
     from trl_unigame import get_interface
 
     trainer = make_trainer(tmp_path, vqa, max_steps=1, perturber_eps_init=0.015)
     trainer.train()
     interface = get_interface(trainer.model, trainer.processing_class)
-    rows = vqa.select(range(3))
-    inputs = interface.build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
+    inputs = vqa_inputs(interface, 3)
     trainer.model.eval()
     with torch.no_grad():
         default = interface.understanding_loss(trainer.model, inputs)
