@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -386,3 +387,197 @@ def test_trained_model_is_clean_outside_the_game(tmp_path, vqa, vqa_inputs):
         clean = interface.understanding_loss(trainer.model, inputs)
     assert torch.equal(default, clean)
     assert not torch.equal(perturbed, clean)
+
+
+# ------------------------------------------------------------------------------------------- reliability
+def test_non_finite_perturber_step_leaves_perturber_and_its_optimizer_untouched(tmp_path, vqa):
+    from transformers import TrainerCallback
+
+    from trl_unigame import UniGameDataCollator, get_interface
+
+    model, processor = tiny_janus(seed=0)
+    inner = UniGameDataCollator(get_interface(model, processor))
+    calls = []
+
+    def poisoned_after_two(rows):  # batches 3 and 4 are not finite
+        calls.append(1)
+        batch = inner(rows)
+        if len(calls) > 2:
+            batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
+        return batch
+
+    class AtStepTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                self.perturber = snapshot(trainer.perturber)
+                self.optimizer = copy.deepcopy(trainer.perturber_optimizer.state_dict())
+
+    at_two = AtStepTwo()
+    trainer = UniGameTrainer(
+        model,
+        make_args(tmp_path, max_steps=4, mining_interval=0),
+        train_dataset=vqa,
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8),
+        data_collator=poisoned_after_two,
+        callbacks=[at_two],
+    )
+    with pytest.warns(UserWarning, match="not finite"):
+        trainer.train()
+    state = trainer.perturber_optimizer.state_dict()
+    moments = [s["exp_avg"] for s in at_two.optimizer["state"].values()]
+    assert any(m.abs().sum() > 0 for m in moments)  # momentum that a zero-gradient step would have applied
+    assert all(torch.equal(at_two.perturber[n], p) for n, p in snapshot(trainer.perturber).items())
+    for index, saved in at_two.optimizer["state"].items():
+        assert float(state["state"][index]["step"]) == float(saved["step"]) == 2.0
+        assert torch.equal(state["state"][index]["exp_avg"], saved["exp_avg"])
+        assert torch.equal(state["state"][index]["exp_avg_sq"], saved["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("update", ["mixed", "separate"])
+def test_a_drawn_entry_takes_the_hardness_of_the_current_model(tmp_path, vqa, update):
+    from trl_unigame import get_interface
+    from trl_unigame.interfaces import to_pil_images
+    from trl_unigame.selection import hardness
+
+    trainer = make_trainer(
+        tmp_path,
+        vqa,
+        lora_dropout=0.0,
+        max_steps=1,
+        mining_interval=0,
+        buffer_batch_size=1,
+        understanding_update=update,
+        consistency_threshold=0.3,
+        consistency_weight=0.2,
+    )
+    row = vqa[0]
+    image = torch.from_numpy(__import__("numpy").array(row["image"].convert("RGB"))).permute(2, 0, 1)
+    texts = {"question": row["question"], "answer": row["answer"], "prompt": row["caption"]}
+    trainer.buffer.push(image, texts, 100.0, consistency=0.1)
+    entry = trainer.buffer.entries[0]
+    hard_row = trainer._hard_sample_row(entry.row, to_pil_images(entry.image.unsqueeze(0))[0])
+    batch = trainer.data_collator([hard_row])
+    batch.pop(ROWS_KEY)
+    interface = get_interface(trainer.model, trainer.processing_class)
+    trainer.model.train()
+    with torch.no_grad():
+        ce = interface.understanding_loss(trainer.model, trainer._prepare_inputs(batch)).float().cpu()
+    if update == "separate":  # drawn after the clean step: the model it meets has already moved
+        expected = None
+    else:
+        expected = hardness(ce, torch.tensor([0.1]), 0.2, 0.3).item()
+    trainer.train()
+    assert trainer.buffer.entries[0] is entry
+    assert entry.hardness < 50  # no longer the hardness it was pushed with
+    assert entry.consistency == 0.1  # its consistency term is kept
+    if expected is not None:
+        assert entry.hardness == pytest.approx(expected, rel=1e-5)
+    else:
+        assert entry.hardness == pytest.approx(hardness(ce, torch.tensor([0.1]), 0.2, 0.3).item(), rel=0.2)
+
+
+def test_buffer_rescore_reranks_and_ignores_entries_no_longer_held():
+    buffer = HardSampleBuffer(capacity=3, seed=0)
+    for h in (3.0, 2.0, 1.0):
+        buffer.push(torch.zeros(3, 2, 2), {"question": str(h), "answer": "a"}, h)
+    hardest, middle, easiest = buffer.entries
+    gone = copy.copy(middle)
+    buffer.rescore([hardest, gone, easiest], [0.5, 9.0, float("nan")])
+    assert [e.row["question"] for e in buffer.entries] == ["2.0", "1.0", "3.0"]
+    assert [e.hardness for e in buffer.entries] == [2.0, 1.0, 0.5]
+
+
+def test_mining_that_keeps_nothing_warns_once_and_is_logged(tmp_path, vqa):
+    never_consistent = lambda images, texts: torch.zeros(len(texts))  # noqa: E731
+    trainer = make_trainer(tmp_path, vqa, scorer=never_consistent, consistency_threshold=0.3, max_steps=7)
+    with pytest.warns(UserWarning, match=r"(?s)last 5 mining rounds kept no candidate.*consistency_threshold") as seen:
+        trainer.train()
+    assert sum("kept no candidate" in str(w.message) for w in seen) == 1
+    rounds = [log["unigame/empty_mining_rounds"] for log in trainer.state.log_history if "loss" in log]
+    assert rounds[-1] == 7 and len(trainer.buffer) == 0
+
+
+def test_skipped_perturber_pass_when_adversarial_weight_is_zero(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, adversarial_weight=0.0, max_steps=2, mining_interval=0)
+    perturber = snapshot(trainer.perturber)
+    trainer.train()
+    assert all(torch.equal(perturber[n], p) for n, p in snapshot(trainer.perturber).items())
+    assert not any("unigame/adversarial_loss" in log for log in trainer.state.log_history)
+
+
+def test_rows_with_a_missing_image_are_named_before_training(tmp_path, vqa):
+    from datasets import Dataset
+
+    model, processor = tiny_janus(seed=0)
+    rows = vqa.to_list()
+    rows[5]["image"] = None
+    broken = Dataset.from_list(rows, features=vqa.features)
+    with pytest.raises(ValueError, match=r"train_dataset` row 5: The `image` value is None"):
+        UniGameTrainer(model, make_args(tmp_path), train_dataset=broken, processing_class=processor)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_the_collator_names_a_bad_row_that_slips_through(vqa, janus):
+    from trl_unigame import UniGameDataCollator, get_interface
+
+    collator = UniGameDataCollator(get_interface(*janus))
+    rows = vqa.select(range(2)).to_list()
+    rows[1]["image"] = None
+    with pytest.raises(ValueError, match=r"Row 1 of the batch .*image"):
+        collator(rows)
+
+
+def test_numeric_answers_and_list_captions_become_text(tmp_path, vqa):
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Image as ImageFeature
+
+    rows = vqa.select(range(8)).to_dict()
+    numeric = Dataset.from_dict(
+        {
+            "image": rows["image"],
+            "question": list(range(8)),
+            "answer": [float(i) for i in range(8)],
+            "caption": [[c, "another caption"] for c in rows["caption"]],
+        },
+        features=Features(
+            {
+                "image": ImageFeature(),
+                "question": Value("int64"),
+                "answer": Value("float64"),
+                "caption": Sequence(Value("string")),
+            }
+        ),
+    )
+    trainer = make_trainer(tmp_path, numeric, max_steps=1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    described = batch[ROWS_KEY]
+    assert all(isinstance(r["question"], str) and isinstance(r["answer"], str) for r in described)
+    assert {r["prompt"] for r in described} <= set(rows["caption"])
+    trainer.train()
+
+
+def test_an_unreachable_consistency_model_fails_before_the_model_is_touched(tmp_path, vqa):
+    from peft import PeftModel
+
+    model, processor = tiny_janus(seed=0)
+    args = make_args(tmp_path, consistency_model="openai/clip-vit-base-patch16")
+    with pytest.raises(OSError, match=r"(?s)consistency_model.*local folder.*consistency_model=None"):
+        UniGameTrainer(
+            model, args, train_dataset=vqa, processing_class=processor, peft_config=LoraConfig(r=4, lora_alpha=8)
+        )
+    assert not isinstance(model, PeftModel) and not any("lora_" in n for n, _ in model.named_parameters())
+    assert not os.path.exists(args.output_dir)
+
+
+@pytest.mark.parametrize("missing", ["perturber_optimizer.pt", "unigame_buffer_rank0.pt"])
+def test_resume_refuses_a_checkpoint_without_the_game_state(tmp_path, vqa, missing):
+    overrides = dict(max_steps=2, save_strategy="steps", save_steps=2, mining_interval=0)
+    trainer = make_trainer(tmp_path / "first", vqa, **overrides)
+    trainer.train()
+    checkpoint = os.path.join(trainer.args.output_dir, "checkpoint-2")
+    os.remove(os.path.join(checkpoint, missing))
+    resumed = make_trainer(tmp_path / "again", vqa, **dict(overrides, max_steps=4))
+    with pytest.raises(FileNotFoundError, match=rf"lacks the game's state \({missing}\)"):
+        resumed.train(resume_from_checkpoint=checkpoint)
+    assert sorted(os.listdir(trainer.args.output_dir)) == ["checkpoint-2"]

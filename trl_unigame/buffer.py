@@ -101,6 +101,23 @@ class HardSampleBuffer:
                 del self.entries[i]
         return drawn
 
+    def rescore(self, entries: list[HardSample], hardness: list[float]) -> None:
+        """Gives drawn `entries` their hardness under the current model and re-ranks the buffer.
+
+        Entries no longer held (popped or displaced since they were drawn) are ignored, and so is a NaN score.
+        Without this, entries keep the hardness they had when mined: as the model learns them, new candidates stop
+        displacing them and the buffer freezes.
+        """
+        held = {id(e) for e in self.entries}
+        changed = False
+        for entry, value in zip(entries, hardness):
+            value = float(value)
+            if id(entry) in held and value == value:
+                entry.hardness = value
+                changed = True
+        if changed:
+            self.entries.sort(key=lambda e: e.hardness, reverse=True)  # stable: ties keep their order
+
     @property
     def mean_hardness(self) -> float:
         return sum(e.hardness for e in self.entries) / len(self.entries) if self.entries else 0.0

@@ -52,3 +52,25 @@ class CLIPConsistencyScorer:
         image = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
         text = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
         return (image * text).sum(-1).cpu()
+
+
+def load_consistency_scorer(args, scorer=None):
+    """The trainer's consistency scorer: `scorer` when given, else a [`CLIPConsistencyScorer`] loaded from
+    `args.consistency_model` (none when that is `None` or mining is off).
+
+    Called before the model is prepared, so that a scorer that cannot be loaded stops the run before any work.
+
+    Raises:
+        OSError: naming the model that could not be loaded and what to pass instead.
+    """
+    if scorer is not None or args.consistency_model is None or args.mining_interval == 0:
+        return scorer
+    try:
+        return CLIPConsistencyScorer(args.consistency_model, device=args.device)
+    except OSError as error:
+        raise OSError(
+            f"The consistency model {args.consistency_model!r} (`consistency_model`, used to score mined candidates) "
+            f"could not be loaded: {error}. Without a connection to the Hub, pass a local folder holding a CLIP model "
+            "and its processor (`consistency_model=/path/to/clip`), pass your own `consistency_scorer`, or turn the "
+            "filter off with `consistency_model=None`."
+        ) from error
