@@ -581,3 +581,18 @@ def test_resume_refuses_a_checkpoint_without_the_game_state(tmp_path, vqa, missi
     with pytest.raises(FileNotFoundError, match=rf"lacks the game's state \({missing}\)"):
         resumed.train(resume_from_checkpoint=checkpoint)
     assert sorted(os.listdir(trainer.args.output_dir)) == ["checkpoint-2"]
+
+
+def test_separate_update_steps_on_the_clean_batch_first_then_on_the_buffer(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, understanding_update="separate", max_steps=2, hardness_quantile=0.0)
+    events = []
+    host_loss, buffer_loss = trainer._host_loss, trainer._buffer_loss
+    trainer._host_loss = lambda model, inputs, **kw: events.append("loss") or host_loss(model, inputs, **kw)
+    trainer._buffer_loss = lambda model, batch: events.append("buffer") or buffer_loss(model, batch)
+    trainer.create_optimizer()
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **kw: events.append("step") or step(*a, **kw)
+    trainer.train()
+    # per optimizer step: the perturber's loss, the clean loss, the clean step, the buffer's loss, the buffer step
+    one_step = ["loss", "loss", "step", "buffer", "step"]
+    assert events == one_step * 2

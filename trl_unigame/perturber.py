@@ -21,7 +21,7 @@ PERTURBER_SITES = ("understanding", "generation")
 PAPER_URL = "https://arxiv.org/abs/2511.19413"
 CITATION = """@article{su2025unigame,
   title   = {UniGame: Turning a Unified Multimodal Model Into Its Own Adversary},
-  author  = {Su and Lu and Chen and Li and Wang},
+  author  = {Su, Zhaolong and Lu, Wang and Chen, Hao and Li, Sharon and Wang, Jindong},
   journal = {arXiv preprint arXiv:2511.19413},
   year    = {2025},
 }"""
