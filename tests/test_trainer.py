@@ -596,3 +596,12 @@ def test_separate_update_steps_on_the_clean_batch_first_then_on_the_buffer(tmp_p
     # per optimizer step: the perturber's loss, the clean loss, the clean step, the buffer's loss, the buffer step
     one_step = ["loss", "loss", "step", "buffer", "step"]
     assert events == one_step * 2
+
+
+def test_suggested_threshold_is_a_quantile_of_real_pair_scores(vqa, clip_scorer):
+    from trl_unigame.consistency import suggest_consistency_threshold
+
+    scores = clip_scorer(vqa["image"], vqa["caption"])
+    tau = suggest_consistency_threshold(clip_scorer, vqa, quantile=0.25)
+    assert tau == pytest.approx(float(torch.quantile(scores, 0.25)), abs=1e-6)
+    assert (scores >= tau).float().mean() >= 0.75

@@ -74,3 +74,29 @@ def load_consistency_scorer(args, scorer=None):
             "and its processor (`consistency_model=/path/to/clip`), pass your own `consistency_scorer`, or turn the "
             "filter off with `consistency_model=None`."
         ) from error
+
+
+def suggest_consistency_threshold(
+    scorer, dataset, prompt_column: str = "caption", quantile: float = 0.1, n: int = 256
+):
+    """A `consistency_threshold` calibrated for `scorer` on real data: the `quantile` of its scores on up to `n` real
+    (image, prompt) pairs of `dataset`. A mined candidate then passes the filter when it looks at least as on-topic
+    as the weakest tenth (by default) of the real pairs.
+
+    Args:
+        scorer (`Callable`): `(images, texts) -> scores`, e.g. a [`CLIPConsistencyScorer`].
+        dataset (`datasets.Dataset`): rows with `image` and `prompt_column` (the question is used when it is missing).
+        prompt_column (`str`, *optional*, defaults to `"caption"`): the generation prompt's column.
+        quantile (`float`, *optional*, defaults to `0.1`): which quantile of the real pairs' scores to return.
+        n (`int`, *optional*, defaults to `256`): rows scored, spread over the dataset.
+    """
+    from .data import as_text
+
+    column = prompt_column if prompt_column in dataset.column_names else "question"
+    step = max(len(dataset) // n, 1)
+    rows = dataset.select(range(0, len(dataset), step)[:n])
+    scores = []
+    for start in range(0, len(rows), 32):
+        chunk = rows.select(range(start, min(start + 32, len(rows))))
+        scores.append(torch.as_tensor(scorer(chunk["image"], [as_text(t, column) for t in chunk[column]])).float())
+    return float(torch.quantile(torch.cat(scores), quantile))

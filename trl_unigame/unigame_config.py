@@ -27,7 +27,8 @@ class UniGameArguments:
         perturber_weight_decay (`float`, *optional*, defaults to `0.0`):
             AdamW weight decay of the perturber.
         adversarial_weight (`float`, *optional*, defaults to `120.0`):
-            `lambda`: weight of the understanding loss that the perturber ascends (authors' code: 120).
+            `lambda`: weight of the understanding loss that the perturber ascends (authors' code: 120). `0` skips the
+            perturber's pass.
         delta_reg_weight (`float`, *optional*, defaults to `0.0`):
             Weight of the mean `||delta||^2` penalty in the perturber's loss.
         tv_reg_weight (`float`, *optional*, defaults to `0.0`):
@@ -79,8 +80,8 @@ class UniGameArguments:
         buffer_weight (`float`, *optional*, defaults to `0.5`):
             `beta`: weight of the loss on buffer samples (paper 0.5).
         understanding_update (`str`, *optional*, defaults to `"mixed"`):
-            `"mixed"`: one step on `CE(clean) + beta * CE(buffer)` (paper); `"separate"`: an extra optimizer step on
-            `beta * CE(buffer)` before the clean step (authors' code, with beta 1.0).
+            `"mixed"`: one step on `CE(clean) + beta * CE(buffer)` (paper); `"separate"`: after the clean step, a second
+            optimizer step on `beta * CE(buffer)` (authors' code and order, with beta 1.0).
         buffer_capacity (`int`, *optional*, defaults to `50`):
             Hard samples kept (paper 50; authors' code 4096).
         buffer_batch_size (`int`, *optional*, defaults to `8`):
