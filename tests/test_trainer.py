@@ -605,3 +605,39 @@ def test_suggested_threshold_is_a_quantile_of_real_pair_scores(vqa, clip_scorer)
     tau = suggest_consistency_threshold(clip_scorer, vqa, quantile=0.25)
     assert tau == pytest.approx(float(torch.quantile(scores, 0.25)), abs=1e-6)
     assert (scores >= tau).float().mean() >= 0.75
+
+
+def test_perturbed_weight_trains_on_the_perturbed_batch_without_feeding_the_perturber(tmp_path, vqa):
+    runs = {}
+    for weight in (0.0, 0.5):
+        trainer = make_trainer(
+            tmp_path / str(weight),
+            vqa,
+            lora_dropout=0.0,
+            max_steps=2,
+            mining_interval=0,
+            buffer_weight=0.0,
+            perturbed_weight=weight,
+            perturber_eps_max=1.0,
+            perturber_eps_init=0.5,
+        )
+        trainer.train()
+        runs[weight] = trainer
+    logs = [log for log in runs[0.5].state.log_history if "loss" in log]
+    for log in logs:
+        expected = log["unigame/clean_loss"] + 0.5 * log["unigame/perturbed_loss"]
+        assert log["loss"] == pytest.approx(expected, rel=1e-4)
+        assert log["unigame/perturbed_loss"] != pytest.approx(log["unigame/clean_loss"], rel=1e-6)
+    assert not any("unigame/perturbed_loss" in log for log in runs[0.0].state.log_history)
+    lora_plain, lora_perturbed = snapshot(runs[0.0].model), snapshot(runs[0.5].model)
+    assert any(not torch.equal(lora_plain[n], lora_perturbed[n]) for n in lora_plain)
+    # U's pass on the perturbed batch is a fixed input for U: its backward leaves the perturber without gradient.
+    trainer = runs[0.5]
+    batch = first_batch(trainer)
+    batch.pop(ROWS_KEY)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch)).backward()
+    assert all(p.grad is None for p in trainer.perturber.parameters())
+    assert all(p.requires_grad for p in trainer.perturber.parameters())
+    state = [run.perturber_optimizer.state_dict()["state"] for run in runs.values()]
+    assert all(float(s["step"]) == 2.0 for s in state[1].values())

@@ -79,6 +79,11 @@ class UniGameArguments:
     Args:
         buffer_weight (`float`, *optional*, defaults to `0.5`):
             `beta`: weight of the loss on buffer samples (paper 0.5).
+        perturbed_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of U's loss on the clean batch with the perturber's current perturbation active at the
+            understanding site: training on embedding-space adversarial samples. Not part of the paper's method
+            (its ablation row "adversarial embedding only" is `perturbed_weight > 0` with `mining_interval=0`); `0`
+            runs no such pass.
         understanding_update (`str`, *optional*, defaults to `"mixed"`):
             `"mixed"`: one step on `CE(clean) + beta * CE(buffer)` (paper); `"separate"`: after the clean step, a second
             optimizer step on `beta * CE(buffer)` (authors' code and order, with beta 1.0).
@@ -129,6 +134,10 @@ class UniGameArguments:
         default="caption", metadata={"help": "Column used as generation prompt when present, else the question."}
     )
     buffer_weight: float = field(default=0.5, metadata={"help": "beta: weight of the buffer loss."})
+    perturbed_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the loss on the batch with the perturbation active (embedding-space samples)."},
+    )
     understanding_update: str = field(
         default="mixed", metadata={"help": "mixed: one step on clean + beta * buffer; separate: two steps."}
     )
@@ -145,7 +154,14 @@ class UniGameArguments:
         check("perturber_learning_rate", self.perturber_learning_rate > 0, "> 0")
         check("perturber_weight_decay", self.perturber_weight_decay >= 0, ">= 0")
         check("adversarial_weight", self.adversarial_weight >= 0, ">= 0")
-        for name in ("delta_reg_weight", "tv_reg_weight", "eps_reg_weight", "consistency_weight", "buffer_weight"):
+        for name in (
+            "delta_reg_weight",
+            "tv_reg_weight",
+            "eps_reg_weight",
+            "consistency_weight",
+            "buffer_weight",
+            "perturbed_weight",
+        ):
             check(name, getattr(self, name) >= 0, ">= 0")
         check("perturber_eps_max", self.perturber_eps_max > 0, "> 0")
         check("perturber_eps_init", 0 < self.perturber_eps_init < self.perturber_eps_max, "in (0, perturber_eps_max)")

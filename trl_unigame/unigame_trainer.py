@@ -371,9 +371,26 @@ class UniGameMixin:
                     # The host already normalised the clean loss over the whole accumulation window, so the
                     # Trainer will not divide by the window; the buffer's batch mean must be divided here.
                     weight = weight / self.current_gradient_accumulation_steps
-                loss = clean + weight * buffer_loss
+                loss = loss + weight * buffer_loss
+            if self.args.perturbed_weight:
+                loss = loss + self.args.perturbed_weight * self._perturbed_loss(model, inputs, num_items_in_batch)
             self._game_metrics["unigame/buffer_size"].append(float(len(self.buffer)))
         return (loss, outputs) if return_outputs else loss
+
+    def _perturbed_loss(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """U's loss on the batch with the perturber's current perturbation active: the embedding-space adversarial
+        samples. The perturbation is a fixed input here: U's gradient does not reach the perturber."""
+        frozen = [p for p in self.perturber.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with self.perturber.active(), self._host_metrics_paused():
+                loss = self._host_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        self._game_metrics["unigame/perturbed_loss"].append(float(loss.detach()))
+        return loss
 
     def _host_loss(self, model, inputs, num_items_in_batch=None, return_outputs=False):
         """The host trainer's loss (a scalar), with the host's outputs when `return_outputs`."""
