@@ -641,3 +641,31 @@ def test_perturbed_weight_trains_on_the_perturbed_batch_without_feeding_the_pert
     assert all(p.requires_grad for p in trainer.perturber.parameters())
     state = [run.perturber_optimizer.state_dict()["state"] for run in runs.values()]
     assert all(float(s["step"]) == 2.0 for s in state[1].values())
+
+
+def test_realized_perturbation_is_logged_and_a_bf16_model_that_rounds_it_away_warns(tmp_path, vqa):
+    fp32 = make_trainer(tmp_path / "fp32", vqa, max_steps=1)
+    fp32.train()
+    log = next(log for log in fp32.state.log_history if "loss" in log)
+    assert log["unigame/realized_delta_cosine"] == pytest.approx(1.0, abs=1e-3)
+    assert log["unigame/realized_delta_norm"] == pytest.approx(log["unigame/eps"], rel=0.05)
+    assert log["unigame/generation_realized_delta_cosine"] == pytest.approx(1.0, abs=1e-3)
+    assert log["unigame/token_norm"] > 0
+
+    model, processor = tiny_janus(seed=0, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.model.aligner.parameters():
+            p.mul_(300.0)  # visual tokens of norm in the hundreds, as large projector outputs have
+    trainer = UniGameTrainer(
+        model,
+        make_args(tmp_path / "bf16", max_steps=1, mining_interval=0),
+        train_dataset=vqa,
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8),
+    )
+    with pytest.warns(
+        UserWarning, match=r"(?s)understanding site only part of the perturbation.*perturber_budget='relative'"
+    ):
+        trainer.train()
+    log = next(log for log in trainer.state.log_history if "loss" in log)
+    assert log["unigame/realized_delta_cosine"] < 0.9 and log["unigame/token_norm"] > 100

@@ -45,6 +45,15 @@ class UniGameArguments:
             Number of linear layers of the perturber's MLP.
         perturber_sites (`list[str]`, *optional*, defaults to `["understanding", "generation"]`):
             Where the perturbation acts.
+        perturber_budget (`str`, *optional*, defaults to `"absolute"`):
+            `"absolute"`: `perturber_eps_max`/`perturber_eps_init` are per-token L2 norms (the paper). `"relative"`:
+            they are fractions of each token's own norm, a budget that means the same at every token scale and that
+            a bf16 model does not round away.
+        perturber_generation_budget (`str`, *optional*):
+            The generation site's budget mode; `None` uses `perturber_budget`.
+        perturber_generation_eps_max (`float`, *optional*):
+            The generation site's largest budget; `None` uses `perturber_eps_max`. The two sites can differ by an
+            order of magnitude in token norm, so one absolute budget rarely suits both.
 
     > Parameters that control mining of decoded hard samples
 
@@ -115,6 +124,15 @@ class UniGameArguments:
         default_factory=lambda: ["understanding", "generation"],
         metadata={"help": "Where the perturbation acts: understanding, generation or both."},
     )
+    perturber_budget: str = field(
+        default="absolute", metadata={"help": "absolute: eps is a per-token L2 norm; relative: a fraction of it."}
+    )
+    perturber_generation_budget: str | None = field(
+        default=None, metadata={"help": "The generation site's budget mode (None: perturber_budget)."}
+    )
+    perturber_generation_eps_max: float | None = field(
+        default=None, metadata={"help": "The generation site's largest budget (None: perturber_eps_max)."}
+    )
     mining_interval: int = field(default=1, metadata={"help": "m: mine every m optimizer steps; 0 disables mining."})
     num_candidates: int = field(default=3, metadata={"help": "K: candidate images generated per sample."})
     candidates_kept_per_sample: int = field(default=1, metadata={"help": "k: most candidates kept per sample."})
@@ -171,6 +189,17 @@ class UniGameArguments:
             "perturber_sites",
             bool(self.perturber_sites) and set(self.perturber_sites) <= {"understanding", "generation"},
             "a non-empty subset of ['understanding', 'generation']",
+        )
+        check("perturber_budget", self.perturber_budget in ("absolute", "relative"), "'absolute' or 'relative'")
+        check(
+            "perturber_generation_budget",
+            self.perturber_generation_budget in (None, "absolute", "relative"),
+            "None, 'absolute' or 'relative'",
+        )
+        check(
+            "perturber_generation_eps_max",
+            self.perturber_generation_eps_max is None or self.perturber_generation_eps_max > 0,
+            "None or > 0",
         )
         check("mining_interval", self.mining_interval >= 0, ">= 0 (0 disables mining)")
         check("num_candidates", self.num_candidates >= 1, ">= 1")

@@ -30,6 +30,8 @@ PERTURBER_OPTIMIZER_NAME = "perturber_optimizer.pt"
 BUFFER_NAME = "unigame_buffer_rank{rank}.pt"
 # Consecutive mining rounds that keep nothing before the trainer warns that the game has become plain fine-tuning.
 EMPTY_MINING_ROUNDS_WARNING = 5
+# Below this cosine between the perturbation that reached the model and the intended one, the trainer warns.
+REALIZED_COSINE_WARNING = 0.9
 
 
 @dataclass
@@ -86,6 +88,8 @@ class UniGameMixin:
                 eps_max=args.perturber_eps_max,
                 eps_init=args.perturber_eps_init,
                 sites=args.perturber_sites,
+                budget=args.perturber_budget,
+                site_budgets=generation_budget(args),
             )
         # float32 regardless of the model dtype: its output is a norm-0.02 direction that bf16 would round away.
         self.perturber = perturber.to(device=self.args.device, dtype=torch.float32).attach(base)
@@ -108,6 +112,7 @@ class UniGameMixin:
         self._perturber_window_finite = True
         self._empty_mining_rounds = 0
         self._warned_empty_mining = False
+        self._warned_precision: set[str] = set()
         self.current_gradient_accumulation_steps = getattr(self, "current_gradient_accumulation_steps", 1)
         from .callbacks import HardSamplePicturesCallback
 
@@ -159,10 +164,12 @@ class UniGameMixin:
         with (
             self.perturber.active(),
             self.perturber.recording() as deltas,
+            self.perturber.measuring() as measured,
             self.compute_loss_context_manager(),
             self._host_metrics_paused(),
         ):
             adversarial_loss = self._host_loss(unwrapped, inputs)
+        self._log_realized_perturbation(measured)
         objective = -args.adversarial_weight * adversarial_loss
         eps = self.perturber.eps_tensor
         if deltas:
@@ -227,7 +234,7 @@ class UniGameMixin:
             generator = torch.Generator(device=interface.device)
             generator.manual_seed(args.seed + 1_000_003 * self.state.global_step + 7919 * args.process_index)
             prompts = [r["prompt"] for r in rows]
-            with self.perturber.active():
+            with self.perturber.active(), self.perturber.measuring() as measured:
                 pixels = interface.generate_images(
                     prompts,
                     num_images=args.num_candidates,
@@ -235,6 +242,7 @@ class UniGameMixin:
                     temperature=args.generation_temperature,
                     generator=generator,
                 )
+            self._log_realized_perturbation(measured)
             source = torch.arange(len(rows)).repeat_interleave(args.num_candidates)
             consistency = None
             if self.consistency_scorer is not None:
@@ -276,6 +284,25 @@ class UniGameMixin:
         if consistency is not None:
             self._game_metrics["unigame/consistency"].append(float(consistency.mean()))
         self._note_empty_mining(kept=len(keep), consistency=consistency)
+
+    def _log_realized_perturbation(self, measured: dict[str, dict[str, float]]) -> None:
+        """Logs what reached the model at each site after the cast to its dtype, and warns once when rounding has
+        turned the perturbation into something else (cosine to the intended one below `REALIZED_COSINE_WARNING`)."""
+        for site, values in measured.items():
+            prefix = "unigame/" if site == "understanding" else f"unigame/{site}_"
+            for key in ("realized_delta_norm", "realized_delta_cosine", "token_norm"):
+                self._game_metrics[prefix + key].append(values[key])
+            if values["realized_delta_cosine"] < REALIZED_COSINE_WARNING and site not in self._warned_precision:
+                self._warned_precision.add(site)
+                warnings.warn(
+                    f"UniGame: at the {site} site only part of the perturbation reaches the model: after the cast to "
+                    f"{self.interface.dtype} its norm is {values['realized_delta_norm']:.3g} (intended "
+                    f"{values['intended_delta_norm']:.3g}) and its cosine to the intended direction "
+                    f"{values['realized_delta_cosine']:.2f}, on tokens of median norm {values['token_norm']:.3g}. The "
+                    "rest is rounding noise, and the perturber's gradient points where the forward pass never went. "
+                    "Use a budget relative to the token norm (`perturber_budget='relative'`, e.g. "
+                    "`perturber_eps_max=0.05`), or a larger absolute budget."
+                )
 
     def _note_empty_mining(self, kept: int, consistency: torch.Tensor | None) -> None:
         """Counts consecutive mining rounds that kept nothing, and warns once when the game has quietly become SFT."""
@@ -640,6 +667,16 @@ class UniGameTrainer(UniGameMixin, Trainer):
         with torch.no_grad(), self.perturber.disabled():
             loss = self._host_loss(model, inputs).detach()
         return loss, None, None
+
+
+def generation_budget(args: UniGameArguments) -> dict | None:
+    """The perturber's `site_budgets` for the config's generation-site fields (`None` when they add nothing)."""
+    override = {}
+    if args.perturber_generation_budget is not None:
+        override["budget"] = args.perturber_generation_budget
+    if args.perturber_generation_eps_max is not None:
+        override["eps_max"] = args.perturber_generation_eps_max
+    return {"generation": override} if override else None
 
 
 def prepare_understanding_player(model, interface, peft_config=None):
