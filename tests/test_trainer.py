@@ -669,3 +669,21 @@ def test_realized_perturbation_is_logged_and_a_bf16_model_that_rounds_it_away_wa
         trainer.train()
     log = next(log for log in trainer.state.log_history if "loss" in log)
     assert log["unigame/realized_delta_cosine"] < 0.9 and log["unigame/token_norm"] > 100
+
+
+def test_buffer_age_limit_turns_entries_over_and_turnover_is_logged(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, max_steps=4, hardness_quantile=0.0, buffer_capacity=50, buffer_max_age=1)
+    trainer.train()
+    assert trainer.buffer.entries and all(e.step >= 2 for e in trainer.buffer.entries)  # mined at steps 2 and 3
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert all(log["unigame/buffer_entered"] == 2 for log in logs)  # one kept per sample, batch 2
+    assert all(0 <= log["unigame/buffer_mean_age"] <= 1 for log in logs)
+    assert all(0 < log["unigame/buffer_loss_share"] < 1 for log in logs)
+
+    buffer = HardSampleBuffer(capacity=5)
+    for step in range(4):
+        buffer.push(torch.zeros(3, 2, 2), {"question": "q", "answer": "a"}, float(step), step=step)
+    assert buffer.evict_older_than(2) == 2 and [e.step for e in buffer.entries] == [3, 2]
+    clone = HardSampleBuffer()
+    clone.load_state_dict(buffer.state_dict())
+    assert [e.step for e in clone.entries] == [3, 2]

@@ -104,6 +104,9 @@ class UniGameArguments:
             Temperature `T` of the rank softmax used to sample the buffer.
         buffer_pop (`bool`, *optional*, defaults to `False`):
             Remove sampled entries from the buffer (authors' code: `True`).
+        buffer_max_age (`int`, *optional*):
+            Entries mined more than this many optimizer steps ago leave the buffer (checked after each mining round);
+            `None` keeps them until displaced by harder ones or popped. Not in the paper.
     """
 
     perturber_learning_rate: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the perturber."})
@@ -163,6 +166,9 @@ class UniGameArguments:
     buffer_batch_size: int = field(default=8, metadata={"help": "Hard samples drawn per micro-batch."})
     buffer_temperature: float = field(default=2.0, metadata={"help": "T: temperature of the rank softmax."})
     buffer_pop: bool = field(default=False, metadata={"help": "Remove sampled entries from the buffer."})
+    buffer_max_age: int | None = field(
+        default=None, metadata={"help": "Entries mined more than this many optimizer steps ago leave the buffer."}
+    )
 
     def _validate_unigame(self) -> None:
         def check(name, ok, allowed):
@@ -221,6 +227,7 @@ class UniGameArguments:
         check("buffer_capacity", self.buffer_capacity >= 1, ">= 1")
         check("buffer_batch_size", self.buffer_batch_size >= 1, ">= 1")
         check("buffer_temperature", self.buffer_temperature > 0, "> 0")
+        check("buffer_max_age", self.buffer_max_age is None or self.buffer_max_age >= 0, "None or >= 0")
         if isinstance(self.consistency_model, str) and self.consistency_model.lower() in ("", "none"):
             self.consistency_model = None
 

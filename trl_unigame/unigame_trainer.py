@@ -268,18 +268,27 @@ class UniGameMixin:
             sources = self.interface.source_images(inputs) if inputs is not None else None
             if sources is not None and len(sources) != len(rows):
                 sources = None  # not one image per row: nothing to show beside the candidates
+            step = self.state.global_step
+            entered = 0
             for i in keep.tolist():
-                self.buffer.push(
+                entered += self.buffer.push(
                     pixels[i],
                     rows[source[i]],
                     float(h[i]),
                     None if consistency is None else float(consistency[i]),
                     extra=None if sources is None else {"source": _thumbnail(sources[source[i]])},
+                    step=step,
                 )
+            if args.buffer_max_age is not None:
+                self.buffer.evict_older_than(step - args.buffer_max_age)
         finally:
             unwrapped.train(was_training)
         self._game_metrics["unigame/mined"].append(float(len(source)))
         self._game_metrics["unigame/kept_fraction"].append(len(keep) / max(len(source), 1))
+        self._game_metrics["unigame/buffer_entered"].append(float(entered))
+        if len(self.buffer):
+            ages = [self.state.global_step - e.step for e in self.buffer.entries]
+            self._game_metrics["unigame/buffer_mean_age"].append(sum(ages) / len(ages))
         self._game_metrics["unigame/candidate_loss"].append(float(ce.mean()))
         if consistency is not None:
             self._game_metrics["unigame/consistency"].append(float(consistency.mean()))
@@ -399,6 +408,9 @@ class UniGameMixin:
                     # Trainer will not divide by the window; the buffer's batch mean must be divided here.
                     weight = weight / self.current_gradient_accumulation_steps
                 loss = loss + weight * buffer_loss
+                if self._buffer_batch.entries:
+                    share = float(weight * buffer_loss.detach()) / max(float(loss.detach()), 1e-12)
+                    self._game_metrics["unigame/buffer_loss_share"].append(share)
             if self.args.perturbed_weight:
                 loss = loss + self.args.perturbed_weight * self._perturbed_loss(model, inputs, num_items_in_batch)
             self._game_metrics["unigame/buffer_size"].append(float(len(self.buffer)))
