@@ -1,0 +1,337 @@
+# Copyright 2026 The trl-unigame authors. Licensed under the Apache License, Version 2.0.
+"""
+The effect benchmark: does UniGame beat plain fine-tuning? From the pretrained tiny digits Janus, every method
+fine-tunes the same LoRA on the same rows in the same order (a skill pretraining never asked: "What digit is after
+this?"), then all are evaluated on the held-out test scans: clean accuracy on the new skill and on a pretrained one,
+accuracy under a white-box attack at the visual-token interface, on shifted and corrupted images, round-trip
+consistency (caption -> own image -> own answer) and generation judged by an independent digit classifier.
+
+```bash
+python benchmarks/effect.py --output_dir effect-results            # 3 seeds, every method
+python benchmarks/effect.py --output_dir effect-quick --quick      # 1 seed, few steps: a smoke test
+python benchmarks/effect.py --split validation --methods sft unigame --seeds 0   # tuning: never on test
+```
+
+Writes `results.json` (every number, the config, the git revision, the machine), `results.md` (methods x metrics,
+mean +- std over seeds), `results.png` (bar chart) and each run's LoRA adapter and perturber in `<method>-seed<k>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+# Settings every method shares: the same LoRA, learning rate, batch, steps and data order.
+COMMON = dict(
+    per_device_train_batch_size=8,
+    learning_rate=1e-3,
+    lr_scheduler_type="constant",
+    warmup_steps=0,
+    max_steps=300,
+    logging_steps=25,
+    save_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    bf16=False,
+    dataloader_num_workers=0,
+    disable_tqdm=True,
+    consistency_model=None,
+)
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)
+# The game, scaled to the tiny model. Its understanding tokens have a median norm of about 14 and its generation
+# tokens about 0.85, so the budgets are relative to the token norm (see docs/method.md, "Per-site budgets").
+GAME = dict(
+    perturber_budget="relative",
+    perturber_eps_max=0.1,
+    perturber_eps_init=0.05,
+    perturber_generation_budget="relative",
+    perturber_generation_eps_max=0.3,
+    perturber_learning_rate=5e-3,
+    adversarial_weight=1.0,
+    num_candidates=3,
+    candidates_kept_per_sample=1,
+    mining_interval=1,
+    generation_guidance_scale=3.0,
+    generation_temperature=0.7,
+    consistency_threshold=0.5,
+    consistency_weight=0.2,
+    buffer_capacity=50,
+    buffer_batch_size=8,
+    buffer_max_age=50,
+)
+METHODS = {
+    # Plain fine-tuning: the game switched off, so the step is the Trainer's own step on the same loss.
+    "sft": dict(adversarial_weight=0.0, mining_interval=0, buffer_weight=0.0, perturbed_weight=0.0),
+    # The paper's rule and mixed update, with the digit judge as the faithfulness filter.
+    "unigame": dict(GAME, selection="paper", hardness_quantile=0.6, understanding_update="mixed", buffer_weight=0.5),
+    # The paper's ablation row "adversarial embedding only": the perturber plays, nothing is decoded.
+    "embedding": dict(GAME, mining_interval=0, buffer_weight=0.0, perturbed_weight=0.5),
+    # The authors' code: OR rule, q 0.8, separate clean-then-buffer steps with weight 1, pop.
+    "unigame-reference": dict(
+        GAME,
+        selection="reference",
+        hardness_quantile=0.8,
+        understanding_update="separate",
+        buffer_weight=1.0,
+        buffer_pop=True,
+    ),
+}
+DEFAULT_METHODS = ("sft", "unigame", "embedding")
+FINE_TUNED_SKILL = "after"
+PRETRAINED_SKILL = "digit"
+
+
+class RecordingCollator:
+    """Collates with the trainer's collator and records which rows each batch held (to check equal data)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.seen: list[tuple[int, str]] = []
+
+    def __call__(self, rows):
+        self.seen.extend((int(r["scan_index"]), r["question"]) for r in rows)
+        return self.collator(rows)
+
+
+def train_one(method: str, seed: int, args, train_dataset, judge) -> tuple[object, object, list]:
+    from peft import LoraConfig
+
+    from trl_unigame import UniGameConfig, UniGameTrainer, get_interface
+    from trl_unigame.data import UniGameDataCollator
+    from trl_unigame.testing import pretrained_tiny_janus
+
+    model, processor = pretrained_tiny_janus()
+    run_dir = os.path.join(args.output_dir, f"{method}-seed{seed}")
+    config = UniGameConfig(output_dir=run_dir, seed=seed, data_seed=seed, **{**COMMON, **METHODS[method]})
+    config.max_steps = args.max_steps
+    collator = RecordingCollator(UniGameDataCollator(get_interface(model, processor)))
+    trainer = UniGameTrainer(
+        model,
+        config,
+        train_dataset=train_dataset,
+        processing_class=processor,
+        peft_config=LoraConfig(**LORA),
+        consistency_scorer=judge if config.mining_interval else None,
+        data_collator=collator,
+    )
+    trainer.train()
+    trainer.save_model(run_dir)
+    return trainer, processor, collator.seen
+
+
+def evaluate_one(model, processor, args, datasets, judge, attack_eps) -> dict[str, float]:
+    from trl_unigame.evaluation import UniGameEvaluator
+
+    common = dict(batch_size=64, show_progress=False, seed=0, attack_budget="relative", attack_steps=args.attack_steps)
+    results = {}
+    skill = UniGameEvaluator(
+        model,
+        processor,
+        attack_eps=attack_eps,
+        corruptions=["noise_3", "contrast_3"],
+        consistency=True,
+        judge=judge,
+        generation_guidance_scale=3.0,
+        generation_temperature=0.7,
+        **common,
+    ).evaluate(datasets["skill"])
+    results.update({f"after/{k}": v for k, v in skill.items()})
+    plain = UniGameEvaluator(model, processor, attack_eps=None, **common)
+    results["after_shift2/vqa_accuracy"] = plain.evaluate(datasets["shifted"])["clean/vqa_accuracy"]
+    pretrained = UniGameEvaluator(model, processor, attack_eps=attack_eps[:1], **common).evaluate(
+        datasets["pretrained"]
+    )
+    results.update({f"digit/{k}": v for k, v in pretrained.items()})
+    return results
+
+
+def summarize(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:
+    table = {}
+    for method, results in runs.items():
+        keys = [k for k in results[0] if all(k in r for r in results)]
+        table[method] = {
+            k: (
+                statistics.mean(r[k] for r in results),
+                statistics.stdev([r[k] for r in results]) if len(results) > 1 else 0.0,
+            )
+            for k in keys
+        }
+    return table
+
+
+def markdown(table, columns: list[str]) -> str:
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method, values in table.items():
+        cells = [f"{100 * values[c][0]:.1f} ± {100 * values[c][1]:.1f}" if c in values else "–" for c in columns]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(table, columns: list[str], path: str) -> None:
+    """A grouped bar chart drawn with PIL alone: one group per metric, one bar per method."""
+    from PIL import Image, ImageDraw
+
+    methods = list(table)
+    palette = [(66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188)]
+    bar, gap, height, top, bottom = 14, 18, 260, 30, 120
+    width = 60 + len(columns) * (len(methods) * bar + gap)
+    image = Image.new("RGB", (width, top + height + bottom), "white")
+    draw = ImageDraw.Draw(image)
+    for tick in range(0, 101, 20):
+        y = top + height - tick * height / 100
+        draw.line([(40, y), (width - 10, y)], fill=(225, 225, 225))
+        draw.text((5, y - 6), f"{tick}", fill="black")
+    for i, column in enumerate(columns):
+        x0 = 50 + i * (len(methods) * bar + gap)
+        for j, method in enumerate(methods):
+            mean, std = table[method].get(column, (0.0, 0.0))
+            x = x0 + j * bar
+            y = top + height - mean * height
+            draw.rectangle([x, y, x + bar - 2, top + height], fill=palette[j % len(palette)])
+            spread = std * height
+            draw.line([(x + bar // 2 - 1, y - spread), (x + bar // 2 - 1, y + spread)], fill="black")
+        label = column.replace("/vqa_accuracy", "").replace("/", " ")
+        for k, line in enumerate([label[s : s + 12] for s in range(0, len(label), 12)]):
+            draw.text((x0, top + height + 6 + 12 * k), line, fill="black")
+    for j, method in enumerate(methods):
+        draw.rectangle([50 + 120 * j, 8, 60 + 120 * j, 18], fill=palette[j % len(palette)])
+        draw.text((64 + 120 * j, 6), method, fill="black")
+    image.save(path)
+
+
+def git_revision() -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--output_dir", default="effect-results")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--max_steps", type=int, default=COMMON["max_steps"])
+    parser.add_argument(
+        "--split", default="test", choices=["test", "validation"], help="Evaluate here (tune on validation)."
+    )
+    parser.add_argument("--eval_scans", type=int, default=None, help="Evaluate on the first N scans of the split.")
+    parser.add_argument("--attack_eps", nargs="+", type=float, default=None, help="Relative attack budgets.")
+    parser.add_argument("--attack_steps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 6 steps, 32 evaluation scans: a smoke test.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.max_steps, args.eval_scans = args.seeds[:1], 6, args.eval_scans or 32
+    if args.attack_eps is None:  # the game's budget, and a larger one
+        args.attack_eps = [GAME["perturber_eps_max"], 2.5 * GAME["perturber_eps_max"]]
+    return args
+
+
+def main(argv=None):
+    from tqdm.auto import tqdm
+
+    from trl_unigame.testing import DigitJudge, digits_vqa_dataset, pretrained_tiny_janus
+
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    judge = DigitJudge()
+    train = digits_vqa_dataset("train", skills=(FINE_TUNED_SKILL,), seed=0)
+    scans = dict(max_scans=args.eval_scans)
+    datasets = {
+        "skill": digits_vqa_dataset(args.split, skills=(FINE_TUNED_SKILL,), seed=1, **scans),
+        "shifted": digits_vqa_dataset(args.split, skills=(FINE_TUNED_SKILL,), seed=1, shift=2, **scans),
+        "pretrained": digits_vqa_dataset(args.split, skills=(PRETRAINED_SKILL,), seed=1, **scans),
+    }
+    runs_total = len(args.methods) * len(args.seeds)
+    print(
+        f"{runs_total} runs ({', '.join(args.methods)} x seeds {args.seeds}), {args.max_steps} steps each, evaluated "
+        f"on {len(datasets['skill'])} {args.split} scans. Estimate on 2 CPU cores: about "
+        f"{runs_total * (0.5 * args.max_steps + 40) / 60:.0f} minutes."
+    )
+    started = time.time()
+    base_model, base_processor = pretrained_tiny_janus()
+    base = evaluate_one(base_model, base_processor, args, datasets, judge, args.attack_eps)
+    runs: dict[str, list[dict[str, float]]] = {"base": [base]}
+    seen: dict[tuple[str, int], list] = {}
+    progress = tqdm(total=runs_total, desc="runs", unit="run")
+    for seed in args.seeds:
+        for method in args.methods:
+            trainer, processor, seen[method, seed] = train_one(method, seed, args, train, judge)
+            results = evaluate_one(trainer.model, processor, args, datasets, judge, args.attack_eps)
+            logs = [log for log in trainer.state.log_history if "loss" in log]
+            results["train/clean_loss"] = logs[-1].get("unigame/clean_loss", float("nan")) if logs else float("nan")
+            results["train/seconds"] = trainer.state.log_history[-1].get("train_runtime", float("nan"))
+            runs.setdefault(method, []).append(results)
+            with open(os.path.join(args.output_dir, f"{method}-seed{seed}", "results.json"), "w") as f:
+                json.dump(results, f, indent=2)
+            progress.update()
+    progress.close()
+    for seed in args.seeds:
+        orders = {tuple(seen[m, seed]) for m in args.methods}
+        if len(orders) != 1:
+            raise RuntimeError(f"Seed {seed}: the methods did not see the same rows in the same order.")
+
+    table = summarize(runs)
+    attacks = [f"after/attack_rel{eps:g}/vqa_accuracy" for eps in args.attack_eps]
+    columns = [
+        "after/clean/vqa_accuracy",
+        *attacks,
+        "after_shift2/vqa_accuracy",
+        "after/corrupt_noise_3/vqa_accuracy",
+        "after/corrupt_contrast_3/vqa_accuracy",
+        "after/consistency/vqa_accuracy",
+        "after/consistency/judge_score",
+        "digit/clean/vqa_accuracy",
+        f"digit/attack_rel{args.attack_eps[0]:g}/vqa_accuracy",
+    ]
+    columns = [c for c in columns if any(c in values for values in table.values())]
+    report = {
+        "config": {
+            "common": COMMON,
+            "lora": LORA,
+            "methods": {m: METHODS[m] for m in args.methods},
+            "args": vars(args),
+            "fine_tuned_skill": FINE_TUNED_SKILL,
+            "pretrained_skill": PRETRAINED_SKILL,
+        },
+        "git_revision": git_revision(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+        },
+        "minutes": (time.time() - started) / 60,
+        "runs": runs,
+        "summary": {m: {k: list(v) for k, v in values.items()} for m, values in table.items()},
+        "same_rows_in_same_order": True,
+    }
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    text = (
+        f"Accuracy (%) on the {args.split} split, mean ± std over seeds {args.seeds}; {args.max_steps} steps; "
+        f"attack budgets relative to the token norm.\n\n" + markdown(table, columns) + "\n"
+    )
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(text)
+    bar_chart(table, columns, os.path.join(args.output_dir, "results.png"))
+    print("\n" + text + f"\n{report['minutes']:.1f} minutes. Written to {os.path.abspath(args.output_dir)}.")
+    return report
+
+
+if __name__ == "__main__":
+    main()
