@@ -687,3 +687,19 @@ def test_buffer_age_limit_turns_entries_over_and_turnover_is_logged(tmp_path, vq
     clone = HardSampleBuffer()
     clone.load_state_dict(buffer.state_dict())
     assert [e.step for e in clone.entries] == [3, 2]
+
+
+def test_clean_generation_is_checked_with_the_perturber_off(tmp_path, vqa):
+    states = []
+
+    def scorer(images, texts):
+        states.append(trainer.perturber.enabled)
+        return torch.full((len(texts),), 0.25)
+
+    trainer = make_trainer(tmp_path, vqa, scorer=scorer, max_steps=4, mining_interval=0, generation_check_interval=2)
+    trainer.train()
+    assert states == [False, False]  # steps 0 and 2
+    logs = [log for log in trainer.state.log_history if "unigame/clean_generation_consistency" in log]
+    assert [log["step"] for log in logs] == [1, 3] and all(
+        log["unigame/clean_generation_consistency"] == 0.25 for log in logs
+    )

@@ -80,6 +80,11 @@ class UniGameArguments:
             Classifier-free guidance scale when generating candidates.
         generation_temperature (`float`, *optional*, defaults to `1.0`):
             Sampling temperature of image tokens; `0` is greedy.
+        generation_check_interval (`int`, *optional*, defaults to `0`):
+            Every this many optimizer steps, generate one image per sample with the perturber off and log its mean
+            consistency score (`unigame/clean_generation_consistency`): is fine-tuning the understanding player
+            degrading the shared generator that mining relies on? Most useful with a task-specific judge as the
+            consistency scorer. `0` never checks.
         prompt_column (`str`, *optional*, defaults to `"caption"`):
             Dataset column used as the generation prompt when present; otherwise the question is used.
 
@@ -151,6 +156,10 @@ class UniGameArguments:
     )
     generation_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})
     generation_temperature: float = field(default=1.0, metadata={"help": "Image-token sampling temperature."})
+    generation_check_interval: int = field(
+        default=0,
+        metadata={"help": "Every N steps, score one clean (unperturbed) generation per sample; 0 = never."},
+    )
     prompt_column: str = field(
         default="caption", metadata={"help": "Column used as generation prompt when present, else the question."}
     )
@@ -207,6 +216,7 @@ class UniGameArguments:
             self.perturber_generation_eps_max is None or self.perturber_generation_eps_max > 0,
             "None or > 0",
         )
+        check("generation_check_interval", self.generation_check_interval >= 0, ">= 0 (0 turns the check off)")
         check("mining_interval", self.mining_interval >= 0, ">= 0 (0 disables mining)")
         check("num_candidates", self.num_candidates >= 1, ">= 1")
         check(

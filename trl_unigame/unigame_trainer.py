@@ -141,8 +141,12 @@ class UniGameMixin:
         inputs = self._prepare_inputs(inputs)
         if self.args.adversarial_weight:
             self._perturber_step(model, inputs)
-        if rows is not None and self.args.mining_interval and self.state.global_step % self.args.mining_interval == 0:
+        step = self.state.global_step
+        if rows is not None and self.args.mining_interval and step % self.args.mining_interval == 0:
             self._mine(model, rows, inputs)
+        check = self.args.generation_check_interval
+        if rows is not None and check and step % check == 0 and self.consistency_scorer is not None:
+            self._check_clean_generation(model, rows)
         if self.args.understanding_update == "mixed":
             self._buffer_batch = self._draw_buffer_batch(stand_in=inputs)
         else:
@@ -293,6 +297,29 @@ class UniGameMixin:
         if consistency is not None:
             self._game_metrics["unigame/consistency"].append(float(consistency.mean()))
         self._note_empty_mining(kept=len(keep), consistency=consistency)
+
+    @torch.no_grad()
+    def _check_clean_generation(self, model: nn.Module, rows: list[dict[str, Any]]) -> None:
+        """Scores one generation per sample with the perturber off: the quality of the generator mining relies on."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            generator = torch.Generator(device=self.interface.device)
+            generator.manual_seed(self.args.seed + 15_485_863 + 7919 * self.args.process_index)  # the same each time
+            prompts = [r["prompt"] for r in rows]
+            with self.perturber.disabled():
+                pixels = self.interface.generate_images(
+                    prompts,
+                    num_images=1,
+                    guidance_scale=self.args.generation_guidance_scale,
+                    temperature=self.args.generation_temperature,
+                    generator=generator,
+                )
+            scores = torch.as_tensor(self.consistency_scorer(pixels, prompts), dtype=torch.float32)
+        finally:
+            unwrapped.train(was_training)
+        self._game_metrics["unigame/clean_generation_consistency"].append(float(scores.mean()))
 
     def _log_realized_perturbation(self, measured: dict[str, dict[str, float]]) -> None:
         """Logs what reached the model at each site after the cast to its dtype, and warns once when rounding has
