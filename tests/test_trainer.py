@@ -703,3 +703,40 @@ def test_clean_generation_is_checked_with_the_perturber_off(tmp_path, vqa):
     assert [log["step"] for log in logs] == [1, 3] and all(
         log["unigame/clean_generation_consistency"] == 0.25 for log in logs
     )
+
+
+@pytest.mark.parametrize("eps, cosine, norm_tolerance", [(0.002, 0.999, 0.02), (0.02, 0.99, 0.15)])
+def test_first_order_perturber_gradient_matches_the_exact_one_at_small_eps(tmp_path, vqa, eps, cosine, norm_tolerance):
+    trainer = make_trainer(
+        tmp_path, vqa, lora_dropout=0.0, perturber_eps_max=2 * eps, perturber_eps_init=eps, mining_interval=0
+    )
+    batch = first_batch(trainer)
+    batch.pop(ROWS_KEY)
+    inputs = trainer._prepare_inputs(batch)
+    model, params = trainer.model, list(trainer.perturber.parameters())
+    model.train()
+    with trainer.perturber.active():
+        exact = torch.autograd.grad(trainer._host_loss(model, inputs), params)
+    with trainer.perturber.disabled(), trainer._visual_token_gradient() as captured:
+        trainer._host_loss(model, inputs).backward()
+    delta = trainer.perturber.delta(captured[0].detach())
+    first_order = torch.autograd.grad((captured[0].grad * delta).sum(), params)
+    flat = [torch.cat([g.flatten() for g in grads]) for grads in (exact, first_order)]
+    assert torch.nn.functional.cosine_similarity(*flat, dim=0) > cosine
+    torch.testing.assert_close(flat[1].norm(), flat[0].norm(), rtol=norm_tolerance, atol=0)
+
+
+def test_first_order_update_trains_the_perturber_without_an_extra_pass(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, max_steps=2, mining_interval=0, perturber_update="first_order")
+    calls = []
+    host_loss = trainer._host_loss
+    trainer._host_loss = lambda model, inputs, **kw: calls.append(1) or host_loss(model, inputs, **kw)
+    perturber, lora = snapshot(trainer.perturber), snapshot(trainer.model)
+    trainer.train()
+    assert len(calls) == 2  # the clean pass of each step, nothing else
+    assert all(not torch.equal(perturber[n], p) for n, p in snapshot(trainer.perturber).items())
+    assert any(not torch.equal(lora[n], p) for n, p in snapshot(trainer.model).items())
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert all(log["unigame/adversarial_gain_estimate"] > 0 for log in logs[1:])  # the ascent found a direction
+    assert not any("unigame/adversarial_loss" in log for log in logs)
+    assert all(p.grad is None for p in trainer.perturber.parameters())

@@ -45,6 +45,11 @@ class UniGameArguments:
             Number of linear layers of the perturber's MLP.
         perturber_sites (`list[str]`, *optional*, defaults to `["understanding", "generation"]`):
             Where the perturbation acts.
+        perturber_update (`str`, *optional*, defaults to `"exact"`):
+            How the perturber's ascent is computed. `"exact"`: U's loss with the perturbation active, an extra
+            forward and backward through the model. `"first_order"`: `CE(z + delta) ~ CE(z) + <g, delta>`, with `g`
+            the gradient of the clean loss at the visual tokens, taken from the clean backward that U's update needs
+            anyway; the perturber's step then costs only its own MLP. Accurate when the perturbation is small.
         perturber_budget (`str`, *optional*, defaults to `"absolute"`):
             `"absolute"`: `perturber_eps_max`/`perturber_eps_init` are per-token L2 norms (the paper). `"relative"`:
             they are fractions of each token's own norm, a budget that means the same at every token scale and that
@@ -132,6 +137,12 @@ class UniGameArguments:
         default_factory=lambda: ["understanding", "generation"],
         metadata={"help": "Where the perturbation acts: understanding, generation or both."},
     )
+    perturber_update: str = field(
+        default="exact",
+        metadata={
+            "help": "exact: a perturbed forward and backward; first_order: <clean gradient, delta>, no extra pass."
+        },
+    )
     perturber_budget: str = field(
         default="absolute", metadata={"help": "absolute: eps is a per-token L2 norm; relative: a fraction of it."}
     )
@@ -205,6 +216,7 @@ class UniGameArguments:
             bool(self.perturber_sites) and set(self.perturber_sites) <= {"understanding", "generation"},
             "a non-empty subset of ['understanding', 'generation']",
         )
+        check("perturber_update", self.perturber_update in ("exact", "first_order"), "'exact' or 'first_order'")
         check("perturber_budget", self.perturber_budget in ("absolute", "relative"), "'absolute' or 'relative'")
         check(
             "perturber_generation_budget",

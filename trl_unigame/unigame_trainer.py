@@ -6,7 +6,7 @@ import copy
 import os
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,7 +139,8 @@ class UniGameMixin:
             )
         model.train()
         inputs = self._prepare_inputs(inputs)
-        if self.args.adversarial_weight:
+        first_order = bool(self.args.adversarial_weight) and self.args.perturber_update == "first_order"
+        if self.args.adversarial_weight and not first_order:
             self._perturber_step(model, inputs)
         step = self.state.global_step
         if rows is not None and self.args.mining_interval and step % self.args.mining_interval == 0:
@@ -152,18 +153,22 @@ class UniGameMixin:
         else:
             self._stand_in_inputs = inputs  # for the buffer step after the optimizer step, see `_SeparateBufferStep`
         try:
-            with self.perturber.disabled():
+            with (
+                self.perturber.disabled(),
+                self._visual_token_gradient() if first_order else nullcontext([]) as tokens,
+            ):
                 loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._buffer_batch = None
+        if first_order:
+            self._first_order_perturber_step(tokens)
         if self.accelerator.sync_gradients:
             self._drop_non_finite_update(model)
         return loss
 
     def _perturber_step(self, model: nn.Module, inputs: dict[str, Any]) -> None:
-        """Ascent of the perturber on the host loss; only the perturber's gradients are computed."""
-        args = self.args
-        params = [p for p in self.perturber.parameters()]
+        """Ascent of the perturber on the host loss (`perturber_update="exact"`): a forward and backward with the
+        perturbation active; only the perturber's gradients are computed."""
         unwrapped = self.accelerator.unwrap_model(model)  # no DDP hooks: the model's weights get no gradient here
         with (
             self.perturber.active(),
@@ -174,12 +179,64 @@ class UniGameMixin:
         ):
             adversarial_loss = self._host_loss(unwrapped, inputs)
         self._log_realized_perturbation(measured)
-        objective = -args.adversarial_weight * adversarial_loss
-        eps = self.perturber.eps_tensor
+        if self._ascend(adversarial_loss / self.current_gradient_accumulation_steps, deltas):
+            self._game_metrics["unigame/adversarial_loss"].append(float(adversarial_loss.detach()))
+        if self.accelerator.sync_gradients:
+            self._perturber_optimizer_step()
+
+    @contextmanager
+    def _visual_token_gradient(self):
+        """Keeps the first visual tokens the understanding site produces inside the context (the clean batch's),
+        so that the clean backward leaves their gradient in `.grad` (`perturber_update="first_order"`)."""
+        captured: list[torch.Tensor] = []
+
+        def keep(module, args, output):
+            if captured or not isinstance(output, torch.Tensor):
+                return None
+            if output.requires_grad:
+                output.retain_grad()
+                captured.append(output)
+                return None
+            leaf = output.detach().requires_grad_(True)  # the site is frozen: a leaf changes nothing upstream
+            captured.append(leaf)
+            return leaf
+
+        handle = self.interface.understanding_site.register_forward_hook(keep)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def _first_order_perturber_step(self, captured: list[torch.Tensor]) -> None:
+        """Ascent of the perturber on the first-order change of the clean loss, `<g, delta(z)>`, with `g` the gradient
+        at the visual tokens `z` that the clean backward has just computed: no extra pass through the model."""
+        gradient = captured[0].grad if captured else None
+        if gradient is None:
+            self._perturber_window_finite = False
+            self._skip("perturber", "the clean backward left no gradient at the visual tokens")
+        else:
+            tokens = captured[0].detach()
+            with self.perturber.recording() as deltas:
+                delta = self.perturber.delta(tokens, "understanding")
+            # The clean loss was already divided by the accumulation window, so `gradient` is too.
+            gain = (gradient.detach().float().to(delta.device) * delta).sum()
+            if self._ascend(gain, deltas):
+                self._game_metrics["unigame/adversarial_gain_estimate"].append(
+                    float(gain.detach()) * self.current_gradient_accumulation_steps
+                )
+        if self.accelerator.sync_gradients:
+            self._perturber_optimizer_step()
+
+    def _ascend(self, adversarial: torch.Tensor, deltas: list[torch.Tensor]) -> bool:
+        """Accumulates the perturber's gradient of `-lambda * adversarial + regularisers` (`adversarial` already
+        divided by the accumulation window); returns `False` (and marks the window) when it is not finite."""
+        args = self.args
+        params = list(self.perturber.parameters())
+        penalty = torch.zeros((), device=self.perturber.rho.device)
         if deltas:
             if args.delta_reg_weight:
-                objective = (
-                    objective + args.delta_reg_weight * torch.stack([d.pow(2).sum(-1).mean() for d in deltas]).mean()
+                penalty = (
+                    penalty + args.delta_reg_weight * torch.stack([d.pow(2).sum(-1).mean() for d in deltas]).mean()
                 )
             if args.tv_reg_weight:
                 tv = [
@@ -188,25 +245,22 @@ class UniGameMixin:
                     if d.dim() >= 3 and d.shape[-2] > 1
                 ]
                 if tv:
-                    objective = objective + args.tv_reg_weight * torch.stack(tv).mean()
+                    penalty = penalty + args.tv_reg_weight * torch.stack(tv).mean()
             self._game_metrics["unigame/delta_norm"].append(
                 float(torch.cat([d.detach().norm(dim=-1).flatten() for d in deltas]).mean())
             )
         if args.eps_reg_weight:
-            objective = objective + args.eps_reg_weight * eps.pow(2)
-        if torch.isfinite(objective):
-            grads = torch.autograd.grad(
-                objective / self.current_gradient_accumulation_steps, params, allow_unused=True
-            )
-            for p, g in zip(params, grads):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
-            self._game_metrics["unigame/adversarial_loss"].append(float(adversarial_loss.detach()))
-        else:
+            penalty = penalty + args.eps_reg_weight * self.perturber.eps_tensor.pow(2)
+        objective = -args.adversarial_weight * adversarial + penalty / self.current_gradient_accumulation_steps
+        if not torch.isfinite(objective):
             self._perturber_window_finite = False
             self._skip("perturber", "the perturber's loss is not finite")
-        if self.accelerator.sync_gradients:
-            self._perturber_optimizer_step()
+            return False
+        grads = torch.autograd.grad(objective, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+        return True
 
     def _perturber_optimizer_step(self) -> None:
         """Steps the perturber once per accumulation window, or leaves it and its optimizer exactly as they are when
