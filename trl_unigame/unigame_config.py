@@ -89,6 +89,16 @@ class UniGameArguments:
             Temperature `T` of the rank softmax used to sample the buffer.
         buffer_pop (`bool`, *optional*, defaults to `False`):
             Remove sampled entries from the buffer (authors' code: `True`).
+
+    > Parameters that control generative evaluation
+
+    Args:
+        predict_with_generate (`bool`, *optional*, defaults to `False`):
+            On `evaluate()`, also generate greedy answers to the evaluation set (perturber off) and report their VQA
+            accuracy as `eval_clean/vqa_accuracy` (see [`~evaluation.UniGameEvaluator`]).
+        eval_attack_eps (`float`, *optional*):
+            With `predict_with_generate`, also report the accuracy under a PGD attack of this per-token L2 budget at
+            the understanding site, as `eval_attack_eps{eps}/vqa_accuracy`. `None` runs no attack.
     """
 
     perturber_learning_rate: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the perturber."})
@@ -135,6 +145,14 @@ class UniGameArguments:
     buffer_batch_size: int = field(default=8, metadata={"help": "Hard samples drawn per micro-batch."})
     buffer_temperature: float = field(default=2.0, metadata={"help": "T: temperature of the rank softmax."})
     buffer_pop: bool = field(default=False, metadata={"help": "Remove sampled entries from the buffer."})
+    predict_with_generate: bool = field(
+        default=False,
+        metadata={"help": "On evaluate(), also report the VQA accuracy of generated answers (perturber off)."},
+    )
+    eval_attack_eps: float | None = field(
+        default=None,
+        metadata={"help": "With predict_with_generate, also report accuracy under a PGD attack of this budget."},
+    )
 
     def _validate_unigame(self) -> None:
         def check(name, ok, allowed):
