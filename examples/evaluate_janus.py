@@ -126,7 +126,9 @@ def load_model_and_data(args):
         model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=dtype)
         processor = AutoProcessor.from_pretrained(args.model_name_or_path)
         if args.dataset_name is None:
-            raise ValueError("Pass --dataset_name (a Hub id, or a builder such as `parquet` with --dataset_data_files).")
+            raise ValueError(
+                "Pass --dataset_name (a Hub id, or a builder such as `parquet` with --dataset_data_files)."
+            )
         splits = load_dataset(args.dataset_name, name=args.dataset_config, data_files=args.dataset_data_files)
         if args.dataset_split not in splits:
             raise ValueError(

@@ -332,7 +332,9 @@ def test_round_trip_and_judge_see_the_models_own_images(janus, vqa, clip_scorer)
     images = get_interface(model, processor).generate_images(
         rows["caption"], num_images=1, generator=torch.Generator().manual_seed(3)
     )
-    assert metrics["consistency/judge_score"] == pytest.approx(float(torch.as_tensor(clip_scorer(images, rows["caption"])).mean()))
+    assert metrics["consistency/judge_score"] == pytest.approx(
+        float(torch.as_tensor(clip_scorer(images, rows["caption"])).mean())
+    )
     own = get_interface(model, processor).answer(model, images, rows["question"], max_new_tokens=10)
     assert [p["consistency"] for p in predictions] == own
 
@@ -358,7 +360,9 @@ def test_lora_model_is_evaluated(janus, vqa):
 def test_bad_inputs_fail_before_any_work(janus, vqa):
     model, processor = janus
     calls = ModelCalls(model)
-    with pytest.raises(ValueError, match=r"missing the column\(s\) \['answer.*it has \['image', 'question', 'caption'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing the column\(s\) \['answer.*it has \['image', 'question', 'caption'\]"
+    ):
         evaluator(model, processor).evaluate(vqa.remove_columns("answer"))
     with pytest.raises(ValueError, match="Unknown corruption 'snow'"):
         evaluator(model, processor, corruptions=["snow_2"])
@@ -481,8 +485,8 @@ def test_script_evaluates_a_base_model_and_two_adapters(tmp_path):
 
     base = save_tiny_janus(str(tmp_path / "base"))
     for seed in (1, 2):
-        torch.manual_seed(seed)
         model, _ = tiny_janus(seed=0)
+        torch.manual_seed(seed)  # after building the model, which seeds the RNG itself: the LoRA weights differ
         config = LoraConfig(r=4, target_modules=get_interface(model).lora_target_modules, init_lora_weights=False)
         get_peft_model(model, config).save_pretrained(tmp_path / f"adapter{seed}")
     Perturber.for_model(model).save_pretrained(tmp_path / "perturber")
