@@ -186,13 +186,16 @@ def evaluate_models(args, model, processor, dataset) -> tuple[dict[str, dict[str
 
     results = {"base": run("base", model)}
     peft_model = None
-    for path in args.adapters:
+    for index, path in enumerate(args.adapters):
         name = os.path.basename(os.path.normpath(path))
+        if name in results:  # e.g. two runs' checkpoint-1000
+            name = f"{name}-{index + 1}"
+        adapter_name = f"adapter{index}"  # PEFT module names cannot hold the dots a folder name may have
         if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, path, adapter_name=name)
+            peft_model = PeftModel.from_pretrained(model, path, adapter_name=adapter_name)
         else:
-            peft_model.load_adapter(path, adapter_name=name)
-            peft_model.set_adapter(name)
+            peft_model.load_adapter(path, adapter_name=adapter_name)
+            peft_model.set_adapter(adapter_name)
         results[name] = run(name, peft_model)
     return results, predictions
 
