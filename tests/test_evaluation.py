@@ -126,6 +126,14 @@ def test_vqa_single_reference_is_exact_match_and_string_and_list_mix(vqa_metric)
     assert module.vqa_scores(["Yes", "no", "2"], ["yes", ["yes"], TEN]) == pytest.approx([1, 0, 0.6])
 
 
+def test_reference_answers_accept_every_layout():
+    from trl_unigame.evaluation import majority_answer, reference_answers
+
+    assert reference_answers("yes") == ["yes"] and reference_answers(2) == ["2"]
+    assert reference_answers([{"answer": "a", "answer_confidence": "yes"}, {"answer": "b"}]) == ["a", "b"]
+    assert majority_answer(["b", "a", "a", "b", "a"]) == "a"
+
+
 def test_vqa_metric_accumulates_batches(vqa_metric):
     vqa_metric.add_batch(predictions=["cat"], references=["cat"])
     vqa_metric.add(prediction="2", reference=TEN)

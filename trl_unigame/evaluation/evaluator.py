@@ -26,8 +26,8 @@ DEFAULT_ATTACK_EPS = next(f.default for f in fields(PerturberConfig) if f.name =
 def reference_answers(value) -> list[str]:
     """A row's reference answers as a list of strings: a string, a list of strings, or VQAv2's list of
     `{"answer": ...}` dicts."""
-    if isinstance(value, str):
-        return [value]
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        return [str(value)]
     answers = [a["answer"] if isinstance(a, dict) else a for a in value]
     if not answers:
         raise ValueError("A row has an empty list of reference answers.")
@@ -79,7 +79,8 @@ class UniGameEvaluator:
             PGD step as a fraction of the budget; defaults to `2.5 / attack_steps`.
         perturber ([`Perturber`] or `str`, *optional*):
             A trained perturber, or its folder / Hub id (loaded with [`Perturber.from_pretrained`]); answers are then
-            also generated with it active.
+            also generated with it active (and with it off for every other condition). A detached perturber is
+            attached to `model` for the run and detached after; an attached one is taken as attached to `model`.
         corruptions (`list[str]`, *optional*):
             Image corruptions as `"name_severity"` (`"noise_3"`) or `"name"` (severities 1, 3 and 5), names among
             `noise`, `blur`, `jpeg`, `contrast`.
