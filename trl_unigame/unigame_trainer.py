@@ -14,7 +14,6 @@ from transformers import Trainer
 from .buffer import HardSampleBuffer
 from .consistency import CLIPConsistencyScorer
 from .data import ROWS_KEY, UniGameDataCollator, check_columns
-from .evaluation import UniGameEvaluator
 from .interfaces import get_interface, to_pil_images, unwrap_model
 from .interfaces.base import to_uint8
 from .perturber import Perturber
@@ -334,6 +333,8 @@ class UniGameMixin:
             dataset = self.eval_dataset[dataset]
         if not getattr(self.args, "predict_with_generate", False) or dataset is None or isinstance(dataset, dict):
             return metrics  # a dict was evaluated split by split through this method already
+        from .evaluation import UniGameEvaluator
+
         eps = self.args.eval_attack_eps
         evaluator = UniGameEvaluator(
             self.accelerator.unwrap_model(self.model),
