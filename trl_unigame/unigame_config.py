@@ -98,7 +98,9 @@ class UniGameArguments:
             accuracy as `eval_clean/vqa_accuracy` (see [`~evaluation.UniGameEvaluator`]).
         eval_attack_eps (`float`, *optional*):
             With `predict_with_generate`, also report the accuracy under a PGD attack of this per-token L2 budget at
-            the understanding site, as `eval_attack_eps{eps}/vqa_accuracy`. `None` runs no attack.
+            the understanding site, as `eval_attack_eps{eps}/vqa_accuracy` (read like the perturber's budget: a
+            fraction of each token's norm, `eval_attack_rel{eps}/...`, when that budget is relative). `None` runs no
+            attack.
     """
 
     perturber_learning_rate: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the perturber."})
