@@ -185,12 +185,20 @@ def main(script_args, training_args, model_args):
         else:
             trainer.create_model_card(dataset_name=script_args.dataset_name)
         out = os.path.abspath(training_args.output_dir)
+        from peft import PeftModel
+
+        if isinstance(trainer.model, PeftModel):
+            saved, load = "the LoRA adapter", f"    model = PeftModel.from_pretrained(base_model, {out!r})\n"
+            imports = "    from peft import PeftModel\n"
+        else:
+            saved, load = "the full model", f"    model = AutoModelForImageTextToText.from_pretrained({out!r})\n"
+            imports = "    from transformers import AutoModelForImageTextToText\n"
         print(
-            f"\nSaved the LoRA adapter, the perturber ({out}/perturber) and the processor to {out}.\n"
+            f"\nSaved {saved}, the perturber ({out}/perturber) and the processor to {out}.\n"
             "Load them with:\n\n"
-            "    from peft import PeftModel\n"
+            f"{imports}"
             "    from trl_unigame import Perturber\n"
-            f"    model = PeftModel.from_pretrained(base_model, {out!r})\n"
+            f"{load}"
             f"    perturber = Perturber.from_pretrained({out + '/perturber'!r}).attach(model)\n"
         )
     return trainer
@@ -200,7 +208,45 @@ def make_parser():
     return TrlParser((UniGameScriptArguments, UniGameConfig, ModelConfig))
 
 
+def _options(argv: list[str]) -> list[list[str]]:
+    """Splits a command line into its options, each `--name` with the values that follow it."""
+    groups = []
+    for token in argv:
+        if token.startswith("--") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return groups
+
+
+def _option_name(option: str) -> str:
+    return option[2:].split("=", 1)[0].replace("-", "_")
+
+
+def parse_arguments(argv: list[str]):
+    """Parses the command line. Without a model (`--model_name_or_path`, on the command line or in `--config`), the
+    offline default's settings are the base, and each option given replaces just its own setting."""
+    parser = make_parser()
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    if model_args.model_name_or_path is not None:
+        return script_args, training_args, model_args
+    options = _options(argv)
+    given = {_option_name(group[0]) for group in options if group[0].startswith("--")}
+    for group in options:
+        if _option_name(group[0]) == "config":  # keys set in the YAML file count as given too
+            import yaml
+
+            path = group[1] if len(group) > 1 else group[0].split("=", 1)[1]
+            with open(path) as f:
+                given |= set(yaml.safe_load(f) or {})
+    defaults = [
+        part
+        for group in _options(offline_default_arguments())
+        if _option_name(group[0]) not in given
+        for part in group
+    ]
+    return parser.parse_args_and_config(args=defaults + list(argv))
+
+
 if __name__ == "__main__":
-    argv = sys.argv[1:] or offline_default_arguments()
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
-    main(script_args, training_args, model_args)
+    main(*parse_arguments(sys.argv[1:]))

@@ -73,6 +73,73 @@ def test_accelerate_launch_with_no_arguments(tmp_path):
     assert (out / "checkpoint-40" / "unigame_buffer_rank0.pt").is_file()
 
 
+def test_options_without_a_model_adjust_the_offline_default(tmp_path):
+    from train_janus import parse_arguments
+
+    default_script, default_training, default_model = parse_arguments([])
+    one = parse_arguments(["--max_steps", "4"])
+    two = parse_arguments(["--max_steps", "4", "--learning_rate=1e-3"])
+    for _, training_args, model_args in (one, two):
+        assert training_args.max_steps == 4
+        assert model_args.use_peft and model_args.lora_r == default_model.lora_r == 8
+        assert training_args.num_candidates == default_training.num_candidates == 2
+        assert training_args.output_dir == default_training.output_dir == "unigame-janus-tiny"
+        assert training_args.perturber_learning_rate == default_training.perturber_learning_rate == 3e-2
+    assert one[1].learning_rate == default_training.learning_rate == 2e-3
+    assert two[1].learning_rate == 1e-3
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 0.0005\nnum_candidates: 3\n")
+    _, from_yaml, yaml_model = parse_arguments(["--config", str(config), "--max_steps", "4"])
+    assert (from_yaml.learning_rate, from_yaml.num_candidates, from_yaml.max_steps) == (5e-4, 3, 4)
+    assert yaml_model.use_peft  # the default's other settings stay
+
+
+def test_closing_message_says_what_was_saved(tmp_path, capsys):
+    from train_janus import parse_arguments
+
+    common = ["--output_dir", str(tmp_path / "full"), "--max_steps", "1", "--picture_steps", "0"]
+    main(*parse_arguments(common + ["--use_peft", "false", "--disable_tqdm", "true"]))
+    printed = capsys.readouterr().out
+    assert "Saved the full model" in printed and "LoRA" not in printed
+    assert (tmp_path / "full" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_weights(tmp_path):
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    script = os.path.join(ROOT, "examples", "train_janus.py")
+    options = ["--max_steps", "16", "--save_steps", "4", "--picture_steps", "0", "--disable_tqdm", "true"]
+
+    def launch(output_dir, *extra, **kwargs):
+        command = ["accelerate", "launch", script, "--output_dir", str(output_dir), *options, *extra]
+        return subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+
+    full = launch(tmp_path / "full")
+    assert full.wait(timeout=600) == 0, full.stderr.read()[-3000:]
+
+    run = tmp_path / "killed"
+    killed = launch(run, start_new_session=True)
+    first = run / "checkpoint-4" / "trainer_state.json"
+    deadline = time.time() + 600
+    while not first.is_file() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(killed.pid, signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    assert not (run / "adapter_model.safetensors").exists()  # it never got to the end
+
+    resumed = launch(run, "--resume_from_checkpoint", str(run / "checkpoint-4"))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    for weights in ("adapter_model.safetensors", "perturber/model.safetensors"):
+        expected, got = load_file(tmp_path / "full" / weights), load_file(run / weights)
+        assert expected.keys() == got.keys()
+        for name in expected:
+            assert torch.equal(expected[name], got[name]), (weights, name)
+
+
 @pytest.mark.slow
 def test_two_process_ddp_keeps_ranks_identical_and_restores_each_buffer(tmp_path):
     out = tmp_path / "ddp"

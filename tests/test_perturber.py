@@ -197,3 +197,84 @@ def test_lives_beside_lora_in_one_directory(tmp_path, vqa, vqa_inputs):
     loaded = PeftModel.from_pretrained(base, tmp_path)
     Perturber.from_pretrained(tmp_path / "perturber").attach(loaded)
     torch.testing.assert_close(get_interface(loaded, processor).understanding_loss(loaded, inputs), expected)
+
+
+# --------------------------------------------------------------------------------------------- precision
+def _tokens_of_norm(norm, shape=(4, 64, 2048), seed=0):
+    tokens = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return tokens / tokens.norm(dim=-1, keepdim=True) * norm
+
+
+def test_realized_perturbation_equals_the_intended_one_in_float32():
+    perturber = Perturber(PerturberConfig(hidden_size=2048, width=32, eps_max=0.02, eps_init=0.01))
+    with perturber.measuring() as measured:
+        perturber(_tokens_of_norm(30.0))
+    m = measured["understanding"]
+    assert m["realized_delta_cosine"] == pytest.approx(1.0, abs=1e-3)
+    assert m["realized_delta_norm"] == pytest.approx(perturber.eps, rel=1e-2)
+    assert m["token_norm"] == pytest.approx(30.0, rel=1e-4)
+    perturber(_tokens_of_norm(30.0))
+    assert perturber.last_measurements == measured  # nothing measured outside `measuring()`
+
+
+def test_bf16_rounds_an_absolute_budget_away_on_large_tokens_but_not_a_relative_one():
+    absolute = Perturber(PerturberConfig(hidden_size=2048, width=32, eps_max=0.02, eps_init=0.019))
+    relative = Perturber(PerturberConfig(hidden_size=2048, width=32, eps_max=0.02, eps_init=0.019, budget="relative"))
+    cosines = {}
+    for name, perturber in (("absolute", absolute), ("relative", relative)):
+        for norm in (1.0, 100.0):
+            with perturber.measuring() as measured:
+                perturber(_tokens_of_norm(norm).to(torch.bfloat16))
+            cosines[name, norm] = measured["understanding"]["realized_delta_cosine"]
+    assert cosines["absolute", 1.0] > 0.95
+    assert cosines["absolute", 100.0] < 0.5  # mostly rounding noise
+    assert cosines["relative", 100.0] > 0.95 and cosines["relative", 1.0] > 0.95
+
+
+@settings(max_examples=20, deadline=None)
+@given(rho=st.floats(-30, 30), norm=st.floats(0.1, 200.0), seed=st.integers(0, 2**16))
+def test_relative_budget_scales_with_the_token_norm_within_its_bounds(rho, norm, seed):
+    perturber = Perturber(
+        PerturberConfig(hidden_size=16, eps_min=0.001, eps_max=0.05, eps_init=0.01, budget="relative")
+    )
+    with torch.no_grad():
+        perturber.rho.fill_(rho)
+    tokens = _tokens_of_norm(norm, shape=(2, 3, 16), seed=seed)
+    tokens[1] *= 2  # a second scale in the same batch
+    ratio = perturber.delta(tokens).norm(dim=-1) / tokens.norm(dim=-1)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, perturber.eps), rtol=1e-4, atol=1e-7)
+    assert 0.001 <= perturber.eps <= 0.05
+
+
+def test_each_site_uses_its_own_budget():
+    config = PerturberConfig(
+        hidden_size=16,
+        eps_max=0.1,
+        eps_init=0.05,
+        budget="relative",
+        site_budgets={"generation": {"budget": "absolute", "eps_max": 0.02}},
+    )
+    perturber = Perturber(config)
+    tokens = _tokens_of_norm(10.0, shape=(3, 16))
+    understanding = perturber.delta(tokens, "understanding").norm(dim=-1)
+    generation = perturber.delta(tokens, "generation").norm(dim=-1)
+    torch.testing.assert_close(understanding, torch.full((3,), 0.05 * 10.0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(generation, torch.full((3,), 0.01), rtol=1e-4, atol=1e-6)  # same fraction of its range
+    with pytest.raises(ValueError, match="site_budgets"):
+        PerturberConfig(hidden_size=16, site_budgets={"generation": {"eps_max": 0.0}})
+    with pytest.raises(ValueError, match="budget"):
+        PerturberConfig(hidden_size=16, budget="percent")
+
+
+def test_budget_mode_and_site_budgets_survive_save_and_load(tmp_path, janus):
+    model, _ = janus
+    perturber = Perturber.for_model(
+        model, budget="relative", eps_max=0.05, eps_init=0.02, site_budgets={"generation": {"budget": "absolute"}}
+    )
+    perturber.save_pretrained(tmp_path / "p")
+    loaded = Perturber.from_pretrained(tmp_path / "p")
+    assert loaded.config.budget == "relative"
+    assert loaded.config.site_budget("generation") == ("absolute", 0.0, 0.05)
+    tokens = _tokens_of_norm(7.0, shape=(2, loaded.config.hidden_size))
+    torch.testing.assert_close(loaded.delta(tokens), perturber.delta(tokens))
+    assert "token's norm" in (tmp_path / "p" / "README.md").read_text()

@@ -105,6 +105,44 @@ def test_sft_conversational_vision_trains_the_game(tmp_path, vqa):
     assert "unigame" in (tmp_path / "README.md").read_text()
 
 
+def test_sft_metrics_count_the_clean_pass_only(tmp_path, vqa):
+    def tokens_and_accuracy(trainer):
+        trainer.train()
+        logs = [log for log in trainer.state.log_history if "loss" in log]
+        return [log["num_tokens"] for log in logs], [log["mean_token_accuracy"] for log in logs]
+
+    game = sft_trainer(tmp_path / "game", vqa, lora_dropout=0.0)
+    plain = sft_trainer(tmp_path / "plain", vqa, lora_dropout=0.0)
+    plain.args.adversarial_weight, plain.args.mining_interval, plain.args.buffer_weight = 0.0, 0, 0.0
+    game_tokens, game_accuracy = tokens_and_accuracy(game)
+    plain_tokens, plain_accuracy = tokens_and_accuracy(plain)
+    assert len(game.buffer) > 0  # the buffer pass ran
+    assert game_tokens == plain_tokens
+    assert game_accuracy[0] == pytest.approx(plain_accuracy[0])  # the first step's model is the same in both
+
+
+def test_sft_evaluation_with_compute_metrics_gets_the_host_outputs(tmp_path, vqa):
+    model, processor = tiny_janus(seed=0)
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append(prediction.predictions.shape)
+        return {"logit_rows": float(prediction.predictions.shape[0])}
+
+    args = UniGameSFTConfig(output_dir=str(tmp_path), gradient_checkpointing=False, **{**COMMON, "max_steps": 1})
+    trainer = UniGameSFTTrainer(
+        model,
+        args=args,
+        train_dataset=conversational(vqa),
+        eval_dataset=conversational(vqa.select(range(4))),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8),
+        compute_metrics=compute_metrics,
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_logit_rows"] == 4 and seen and seen[0][-1] == len(processor.tokenizer)
+
+
 def test_sft_adversarial_loss_is_sft_loss_with_the_perturbation(tmp_path, vqa):
     trainer = sft_trainer(tmp_path, vqa, lora_dropout=0.0)
     batch = next(iter(trainer.get_train_dataloader()))

@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -386,3 +387,303 @@ def test_trained_model_is_clean_outside_the_game(tmp_path, vqa, vqa_inputs):
         clean = interface.understanding_loss(trainer.model, inputs)
     assert torch.equal(default, clean)
     assert not torch.equal(perturbed, clean)
+
+
+# ------------------------------------------------------------------------------------------- reliability
+def test_non_finite_perturber_step_leaves_perturber_and_its_optimizer_untouched(tmp_path, vqa):
+    from transformers import TrainerCallback
+
+    from trl_unigame import UniGameDataCollator, get_interface
+
+    model, processor = tiny_janus(seed=0)
+    inner = UniGameDataCollator(get_interface(model, processor))
+    calls = []
+
+    def poisoned_after_two(rows):  # batches 3 and 4 are not finite
+        calls.append(1)
+        batch = inner(rows)
+        if len(calls) > 2:
+            batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
+        return batch
+
+    class AtStepTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                self.perturber = snapshot(trainer.perturber)
+                self.optimizer = copy.deepcopy(trainer.perturber_optimizer.state_dict())
+
+    at_two = AtStepTwo()
+    trainer = UniGameTrainer(
+        model,
+        make_args(tmp_path, max_steps=4, mining_interval=0),
+        train_dataset=vqa,
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8),
+        data_collator=poisoned_after_two,
+        callbacks=[at_two],
+    )
+    with pytest.warns(UserWarning, match="not finite"):
+        trainer.train()
+    state = trainer.perturber_optimizer.state_dict()
+    moments = [s["exp_avg"] for s in at_two.optimizer["state"].values()]
+    assert any(m.abs().sum() > 0 for m in moments)  # momentum that a zero-gradient step would have applied
+    assert all(torch.equal(at_two.perturber[n], p) for n, p in snapshot(trainer.perturber).items())
+    for index, saved in at_two.optimizer["state"].items():
+        assert float(state["state"][index]["step"]) == float(saved["step"]) == 2.0
+        assert torch.equal(state["state"][index]["exp_avg"], saved["exp_avg"])
+        assert torch.equal(state["state"][index]["exp_avg_sq"], saved["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("update", ["mixed", "separate"])
+def test_a_drawn_entry_takes_the_hardness_of_the_current_model(tmp_path, vqa, update):
+    from trl_unigame import get_interface
+    from trl_unigame.interfaces import to_pil_images
+    from trl_unigame.selection import hardness
+
+    trainer = make_trainer(
+        tmp_path,
+        vqa,
+        lora_dropout=0.0,
+        max_steps=1,
+        mining_interval=0,
+        buffer_batch_size=1,
+        understanding_update=update,
+        consistency_threshold=0.3,
+        consistency_weight=0.2,
+    )
+    row = vqa[0]
+    image = torch.from_numpy(__import__("numpy").array(row["image"].convert("RGB"))).permute(2, 0, 1)
+    texts = {"question": row["question"], "answer": row["answer"], "prompt": row["caption"]}
+    trainer.buffer.push(image, texts, 100.0, consistency=0.1)
+    entry = trainer.buffer.entries[0]
+    hard_row = trainer._hard_sample_row(entry.row, to_pil_images(entry.image.unsqueeze(0))[0])
+    batch = trainer.data_collator([hard_row])
+    batch.pop(ROWS_KEY)
+    interface = get_interface(trainer.model, trainer.processing_class)
+    trainer.model.train()
+    with torch.no_grad():
+        ce = interface.understanding_loss(trainer.model, trainer._prepare_inputs(batch)).float().cpu()
+    if update == "separate":  # drawn after the clean step: the model it meets has already moved
+        expected = None
+    else:
+        expected = hardness(ce, torch.tensor([0.1]), 0.2, 0.3).item()
+    trainer.train()
+    assert trainer.buffer.entries[0] is entry
+    assert entry.hardness < 50  # no longer the hardness it was pushed with
+    assert entry.consistency == 0.1  # its consistency term is kept
+    if expected is not None:
+        assert entry.hardness == pytest.approx(expected, rel=1e-5)
+    else:
+        assert entry.hardness == pytest.approx(hardness(ce, torch.tensor([0.1]), 0.2, 0.3).item(), rel=0.2)
+
+
+def test_buffer_rescore_reranks_and_ignores_entries_no_longer_held():
+    buffer = HardSampleBuffer(capacity=3, seed=0)
+    for h in (3.0, 2.0, 1.0):
+        buffer.push(torch.zeros(3, 2, 2), {"question": str(h), "answer": "a"}, h)
+    hardest, middle, easiest = buffer.entries
+    gone = copy.copy(middle)
+    buffer.rescore([hardest, gone, easiest], [0.5, 9.0, float("nan")])
+    assert [e.row["question"] for e in buffer.entries] == ["2.0", "1.0", "3.0"]
+    assert [e.hardness for e in buffer.entries] == [2.0, 1.0, 0.5]
+
+
+def test_mining_that_keeps_nothing_warns_once_and_is_logged(tmp_path, vqa):
+    never_consistent = lambda images, texts: torch.zeros(len(texts))  # noqa: E731
+    trainer = make_trainer(tmp_path, vqa, scorer=never_consistent, consistency_threshold=0.3, max_steps=7)
+    with pytest.warns(UserWarning, match=r"(?s)last 5 mining rounds kept no candidate.*consistency_threshold") as seen:
+        trainer.train()
+    assert sum("kept no candidate" in str(w.message) for w in seen) == 1
+    rounds = [log["unigame/empty_mining_rounds"] for log in trainer.state.log_history if "loss" in log]
+    assert rounds[-1] == 7 and len(trainer.buffer) == 0
+
+
+def test_skipped_perturber_pass_when_adversarial_weight_is_zero(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, adversarial_weight=0.0, max_steps=2, mining_interval=0)
+    perturber = snapshot(trainer.perturber)
+    trainer.train()
+    assert all(torch.equal(perturber[n], p) for n, p in snapshot(trainer.perturber).items())
+    assert not any("unigame/adversarial_loss" in log for log in trainer.state.log_history)
+
+
+def test_rows_with_a_missing_image_are_named_before_training(tmp_path, vqa):
+    from datasets import Dataset
+
+    model, processor = tiny_janus(seed=0)
+    rows = vqa.to_list()
+    rows[5]["image"] = None
+    broken = Dataset.from_list(rows, features=vqa.features)
+    with pytest.raises(ValueError, match=r"train_dataset` row 5: The `image` value is None"):
+        UniGameTrainer(model, make_args(tmp_path), train_dataset=broken, processing_class=processor)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_the_collator_names_a_bad_row_that_slips_through(vqa, janus):
+    from trl_unigame import UniGameDataCollator, get_interface
+
+    collator = UniGameDataCollator(get_interface(*janus))
+    rows = vqa.select(range(2)).to_list()
+    rows[1]["image"] = None
+    with pytest.raises(ValueError, match=r"Row 1 of the batch .*image"):
+        collator(rows)
+
+
+def test_numeric_answers_and_list_captions_become_text(tmp_path, vqa):
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Image as ImageFeature
+
+    rows = vqa.select(range(8)).to_dict()
+    numeric = Dataset.from_dict(
+        {
+            "image": rows["image"],
+            "question": list(range(8)),
+            "answer": [float(i) for i in range(8)],
+            "caption": [[c, "another caption"] for c in rows["caption"]],
+        },
+        features=Features(
+            {
+                "image": ImageFeature(),
+                "question": Value("int64"),
+                "answer": Value("float64"),
+                "caption": Sequence(Value("string")),
+            }
+        ),
+    )
+    trainer = make_trainer(tmp_path, numeric, max_steps=1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    described = batch[ROWS_KEY]
+    assert all(isinstance(r["question"], str) and isinstance(r["answer"], str) for r in described)
+    assert {r["prompt"] for r in described} <= set(rows["caption"])
+    trainer.train()
+
+
+def test_an_unreachable_consistency_model_fails_before_the_model_is_touched(tmp_path, vqa):
+    from peft import PeftModel
+
+    model, processor = tiny_janus(seed=0)
+    args = make_args(tmp_path, consistency_model="openai/clip-vit-base-patch16")
+    with pytest.raises(OSError, match=r"(?s)consistency_model.*local folder.*consistency_model=None"):
+        UniGameTrainer(
+            model, args, train_dataset=vqa, processing_class=processor, peft_config=LoraConfig(r=4, lora_alpha=8)
+        )
+    assert not isinstance(model, PeftModel) and not any("lora_" in n for n, _ in model.named_parameters())
+    assert not os.path.exists(args.output_dir)
+
+
+@pytest.mark.parametrize("missing", ["perturber_optimizer.pt", "unigame_buffer_rank0.pt"])
+def test_resume_refuses_a_checkpoint_without_the_game_state(tmp_path, vqa, missing):
+    overrides = dict(max_steps=2, save_strategy="steps", save_steps=2, mining_interval=0)
+    trainer = make_trainer(tmp_path / "first", vqa, **overrides)
+    trainer.train()
+    checkpoint = os.path.join(trainer.args.output_dir, "checkpoint-2")
+    os.remove(os.path.join(checkpoint, missing))
+    resumed = make_trainer(tmp_path / "again", vqa, **dict(overrides, max_steps=4))
+    with pytest.raises(FileNotFoundError, match=rf"lacks the game's state \({missing}\)"):
+        resumed.train(resume_from_checkpoint=checkpoint)
+    assert sorted(os.listdir(trainer.args.output_dir)) == ["checkpoint-2"]
+
+
+def test_separate_update_steps_on_the_clean_batch_first_then_on_the_buffer(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, understanding_update="separate", max_steps=2, hardness_quantile=0.0)
+    events = []
+    host_loss, buffer_loss = trainer._host_loss, trainer._buffer_loss
+    trainer._host_loss = lambda model, inputs, **kw: events.append("loss") or host_loss(model, inputs, **kw)
+    trainer._buffer_loss = lambda model, batch: events.append("buffer") or buffer_loss(model, batch)
+    trainer.create_optimizer()
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **kw: events.append("step") or step(*a, **kw)
+    trainer.train()
+    # per optimizer step: the perturber's loss, the clean loss, the clean step, the buffer's loss, the buffer step
+    one_step = ["loss", "loss", "step", "buffer", "step"]
+    assert events == one_step * 2
+
+
+def test_suggested_threshold_is_a_quantile_of_real_pair_scores(vqa, clip_scorer):
+    from trl_unigame.consistency import suggest_consistency_threshold
+
+    scores = clip_scorer(vqa["image"], vqa["caption"])
+    tau = suggest_consistency_threshold(clip_scorer, vqa, quantile=0.25)
+    assert tau == pytest.approx(float(torch.quantile(scores, 0.25)), abs=1e-6)
+    assert (scores >= tau).float().mean() >= 0.75
+
+
+def test_perturbed_weight_trains_on_the_perturbed_batch_without_feeding_the_perturber(tmp_path, vqa):
+    runs = {}
+    for weight in (0.0, 0.5):
+        trainer = make_trainer(
+            tmp_path / str(weight),
+            vqa,
+            lora_dropout=0.0,
+            max_steps=2,
+            mining_interval=0,
+            buffer_weight=0.0,
+            perturbed_weight=weight,
+            perturber_eps_max=1.0,
+            perturber_eps_init=0.5,
+        )
+        trainer.train()
+        runs[weight] = trainer
+    logs = [log for log in runs[0.5].state.log_history if "loss" in log]
+    for log in logs:
+        expected = log["unigame/clean_loss"] + 0.5 * log["unigame/perturbed_loss"]
+        assert log["loss"] == pytest.approx(expected, rel=1e-4)
+        assert log["unigame/perturbed_loss"] != pytest.approx(log["unigame/clean_loss"], rel=1e-6)
+    assert not any("unigame/perturbed_loss" in log for log in runs[0.0].state.log_history)
+    lora_plain, lora_perturbed = snapshot(runs[0.0].model), snapshot(runs[0.5].model)
+    assert any(not torch.equal(lora_plain[n], lora_perturbed[n]) for n in lora_plain)
+    # U's pass on the perturbed batch is a fixed input for U: its backward leaves the perturber without gradient.
+    trainer = runs[0.5]
+    batch = first_batch(trainer)
+    batch.pop(ROWS_KEY)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch)).backward()
+    assert all(p.grad is None for p in trainer.perturber.parameters())
+    assert all(p.requires_grad for p in trainer.perturber.parameters())
+    state = [run.perturber_optimizer.state_dict()["state"] for run in runs.values()]
+    assert all(float(s["step"]) == 2.0 for s in state[1].values())
+
+
+def test_realized_perturbation_is_logged_and_a_bf16_model_that_rounds_it_away_warns(tmp_path, vqa):
+    fp32 = make_trainer(tmp_path / "fp32", vqa, max_steps=1)
+    fp32.train()
+    log = next(log for log in fp32.state.log_history if "loss" in log)
+    assert log["unigame/realized_delta_cosine"] == pytest.approx(1.0, abs=1e-3)
+    assert log["unigame/realized_delta_norm"] == pytest.approx(log["unigame/eps"], rel=0.05)
+    assert log["unigame/generation_realized_delta_cosine"] == pytest.approx(1.0, abs=1e-3)
+    assert log["unigame/token_norm"] > 0
+
+    model, processor = tiny_janus(seed=0, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.model.aligner.parameters():
+            p.mul_(300.0)  # visual tokens of norm in the hundreds, as large projector outputs have
+    trainer = UniGameTrainer(
+        model,
+        make_args(tmp_path / "bf16", max_steps=1, mining_interval=0),
+        train_dataset=vqa,
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8),
+    )
+    with pytest.warns(
+        UserWarning, match=r"(?s)understanding site only part of the perturbation.*perturber_budget='relative'"
+    ):
+        trainer.train()
+    log = next(log for log in trainer.state.log_history if "loss" in log)
+    assert log["unigame/realized_delta_cosine"] < 0.9 and log["unigame/token_norm"] > 100
+
+
+def test_buffer_age_limit_turns_entries_over_and_turnover_is_logged(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, max_steps=4, hardness_quantile=0.0, buffer_capacity=50, buffer_max_age=1)
+    trainer.train()
+    assert trainer.buffer.entries and all(e.step >= 2 for e in trainer.buffer.entries)  # mined at steps 2 and 3
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert all(log["unigame/buffer_entered"] == 2 for log in logs)  # one kept per sample, batch 2
+    assert all(0 <= log["unigame/buffer_mean_age"] <= 1 for log in logs)
+    assert all(0 < log["unigame/buffer_loss_share"] < 1 for log in logs)
+
+    buffer = HardSampleBuffer(capacity=5)
+    for step in range(4):
+        buffer.push(torch.zeros(3, 2, 2), {"question": "q", "answer": "a"}, float(step), step=step)
+    assert buffer.evict_older_than(2) == 2 and [e.step for e in buffer.entries] == [3, 2]
+    clone = HardSampleBuffer()
+    clone.load_state_dict(buffer.state_dict())
+    assert [e.step for e in clone.entries] == [3, 2]

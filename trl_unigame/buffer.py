@@ -14,7 +14,8 @@ from .interfaces.base import to_uint8
 class HardSample:
     """One buffer entry: a decoded image, the texts of the sample it came from, and its hardness `H`.
 
-    `image` is a uint8 tensor `(3, H, W)`; `row` holds the source row's text fields (question, answer, ...).
+    `image` is a uint8 tensor `(3, H, W)`; `row` holds the source row's text fields (question, answer, ...); `step`
+    is the optimizer step it was mined at.
     """
 
     image: torch.Tensor
@@ -22,6 +23,7 @@ class HardSample:
     hardness: float
     consistency: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
 
 
 class HardSampleBuffer:
@@ -64,8 +66,10 @@ class HardSampleBuffer:
         hardness: float,
         consistency: float | None = None,
         extra: dict[str, Any] | None = None,
+        step: int = 0,
     ) -> bool:
-        """Adds one candidate (with optional display `extra`, e.g. its source image); returns whether it was kept."""
+        """Adds one candidate mined at optimizer step `step` (with optional display `extra`, e.g. its source image);
+        returns whether it was kept."""
         hardness = float(hardness)
         if hardness != hardness:  # NaN never enters
             return False
@@ -77,6 +81,7 @@ class HardSampleBuffer:
             hardness,
             None if consistency is None else float(consistency),
             dict(extra or {}),
+            int(step),
         )
         position = next((i for i, e in enumerate(self.entries) if e.hardness < hardness), len(self.entries))
         self.entries.insert(position, entry)
@@ -101,6 +106,30 @@ class HardSampleBuffer:
                 del self.entries[i]
         return drawn
 
+    def rescore(self, entries: list[HardSample], hardness: list[float]) -> None:
+        """Gives drawn `entries` their hardness under the current model and re-ranks the buffer.
+
+        Entries no longer held (popped or displaced since they were drawn) are ignored, and so is a NaN score.
+        Without this, entries keep the hardness they had when mined: as the model learns them, new candidates stop
+        displacing them and the buffer freezes.
+        """
+        held = {id(e) for e in self.entries}
+        changed = False
+        for entry, value in zip(entries, hardness):
+            value = float(value)
+            if id(entry) in held and value == value:
+                entry.hardness = value
+                changed = True
+        if changed:
+            self.entries.sort(key=lambda e: e.hardness, reverse=True)  # stable: ties keep their order
+
+    def evict_older_than(self, step: int) -> int:
+        """Removes the entries mined before optimizer step `step`; returns how many left."""
+        kept = [e for e in self.entries if e.step >= step]
+        removed = len(self.entries) - len(kept)
+        self.entries = kept
+        return removed
+
     @property
     def mean_hardness(self) -> float:
         return sum(e.hardness for e in self.entries) / len(self.entries) if self.entries else 0.0
@@ -117,6 +146,7 @@ class HardSampleBuffer:
             "hardness": [e.hardness for e in self.entries],
             "consistency": [e.consistency for e in self.entries],
             "extra": [e.extra for e in self.entries],
+            "steps": [e.step for e in self.entries],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -125,9 +155,10 @@ class HardSampleBuffer:
         self.pop = state["pop"]
         self.generator.set_state(state["generator"])
         extras = state.get("extra") or [{} for _ in state["images"]]
+        steps = state.get("steps") or [0 for _ in state["images"]]
         self.entries = [
-            HardSample(image, dict(row), float(h), c, dict(extra))
-            for image, row, h, c, extra in zip(
-                state["images"], state["rows"], state["hardness"], state["consistency"], extras
+            HardSample(image, dict(row), float(h), c, dict(extra), int(step))
+            for image, row, h, c, extra, step in zip(
+                state["images"], state["rows"], state["hardness"], state["consistency"], extras, steps
             )
         ]

@@ -52,3 +52,51 @@ class CLIPConsistencyScorer:
         image = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
         text = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
         return (image * text).sum(-1).cpu()
+
+
+def load_consistency_scorer(args, scorer=None):
+    """The trainer's consistency scorer: `scorer` when given, else a [`CLIPConsistencyScorer`] loaded from
+    `args.consistency_model` (none when that is `None` or mining is off).
+
+    Called before the model is prepared, so that a scorer that cannot be loaded stops the run before any work.
+
+    Raises:
+        OSError: naming the model that could not be loaded and what to pass instead.
+    """
+    if scorer is not None or args.consistency_model is None or args.mining_interval == 0:
+        return scorer
+    try:
+        return CLIPConsistencyScorer(args.consistency_model, device=args.device)
+    except OSError as error:
+        raise OSError(
+            f"The consistency model {args.consistency_model!r} (`consistency_model`, used to score mined candidates) "
+            f"could not be loaded: {error}. Without a connection to the Hub, pass a local folder holding a CLIP model "
+            "and its processor (`consistency_model=/path/to/clip`), pass your own `consistency_scorer`, or turn the "
+            "filter off with `consistency_model=None`."
+        ) from error
+
+
+def suggest_consistency_threshold(
+    scorer, dataset, prompt_column: str = "caption", quantile: float = 0.1, n: int = 256
+):
+    """A `consistency_threshold` calibrated for `scorer` on real data: the `quantile` of its scores on up to `n` real
+    (image, prompt) pairs of `dataset`. A mined candidate then passes the filter when it looks at least as on-topic
+    as the weakest tenth (by default) of the real pairs.
+
+    Args:
+        scorer (`Callable`): `(images, texts) -> scores`, e.g. a [`CLIPConsistencyScorer`].
+        dataset (`datasets.Dataset`): rows with `image` and `prompt_column` (the question is used when it is missing).
+        prompt_column (`str`, *optional*, defaults to `"caption"`): the generation prompt's column.
+        quantile (`float`, *optional*, defaults to `0.1`): which quantile of the real pairs' scores to return.
+        n (`int`, *optional*, defaults to `256`): rows scored, spread over the dataset.
+    """
+    from .data import as_text
+
+    column = prompt_column if prompt_column in dataset.column_names else "question"
+    step = max(len(dataset) // n, 1)
+    rows = dataset.select(range(0, len(dataset), step)[:n])
+    scores = []
+    for start in range(0, len(rows), 32):
+        chunk = rows.select(range(start, min(start + 32, len(rows))))
+        scores.append(torch.as_tensor(scorer(chunk["image"], [as_text(t, column) for t in chunk[column]])).float())
+    return float(torch.quantile(torch.cat(scores), quantile))

@@ -30,6 +30,47 @@ def check_columns(dataset, required: list[str], name: str = "train_dataset", hin
         pass
 
 
+# Rows checked at start-up by `check_rows`, spread over the dataset.
+ROWS_CHECKED = 64
+
+
+def as_text(value, column: str = "text"):
+    """A text field as a string: numbers become their text (`3` -> `"3"`), a list its first entry (VQA captions often
+    come as lists). `None` raises a `ValueError` naming the column."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"The `{column}` value is an empty list: give it at least one entry.")
+        value = value[0]
+    if value is None:
+        raise ValueError(f"The `{column}` value is None: every row needs one (filter such rows out before training).")
+    if not isinstance(value, (str, int, float)):
+        raise ValueError(f"The `{column}` value {value!r} is a {type(value).__name__}, not text.")
+    return value if isinstance(value, str) else str(value)
+
+
+def check_rows(dataset, name: str = "train_dataset", columns=("image", "question", "answer")) -> None:
+    """Reads up to `ROWS_CHECKED` rows spread over `dataset` and raises a `ValueError` naming the column and the row
+    index of the first missing image or text, before any training starts."""
+    if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "select"):
+        return
+    n = len(dataset)
+    if n <= ROWS_CHECKED:
+        indices = list(range(n))
+    else:
+        indices = sorted({round(i * (n - 1) / (ROWS_CHECKED - 1)) for i in range(ROWS_CHECKED)})
+    present = [c for c in columns if c in dataset.column_names]
+    for index, row in zip(indices, dataset.select(indices).select_columns(present)):
+        for column in present:
+            try:
+                if column == "image":
+                    if row[column] is None:
+                        raise ValueError("The `image` value is None: every row needs an image.")
+                else:
+                    as_text(row[column], column)
+            except ValueError as error:
+                raise ValueError(f"`{name}` row {index}: {error}") from None
+
+
 class UniGameDataCollator:
     r"""
     Collates rows with an image, a question and an answer into understanding inputs, and keeps each row's texts
@@ -47,17 +88,21 @@ class UniGameDataCollator:
         self.prompt_column = prompt_column
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        texts = []
+        for position, r in enumerate(rows):
+            try:
+                if r.get("image") is None:
+                    raise ValueError("The `image` value is None: every row needs an image.")
+                question, answer = as_text(r["question"], "question"), as_text(r["answer"], "answer")
+                prompt = r.get(self.prompt_column)
+                prompt = as_text(prompt, self.prompt_column) if prompt not in (None, "", []) else question
+            except ValueError as error:
+                raise ValueError(f"Row {position} of the batch (question {r.get('question')!r}): {error}") from None
+            texts.append({"question": question, "answer": answer, "prompt": prompt})
         batch = self.interface.build_understanding_inputs(
-            [r["image"] for r in rows], [r["question"] for r in rows], [r["answer"] for r in rows]
+            [r["image"] for r in rows], [t["question"] for t in texts], [t["answer"] for t in texts]
         )
-        batch[ROWS_KEY] = [
-            {
-                "question": r["question"],
-                "answer": r["answer"],
-                "prompt": r.get(self.prompt_column) or r["question"],
-            }
-            for r in rows
-        ]
+        batch[ROWS_KEY] = texts
         return batch
 
 
@@ -155,7 +200,7 @@ def to_vqa_format(
 
     def to_row(row):
         answer = row[answer_source]
-        answer = _majority(answer) if isinstance(answer, list) else str(answer)
+        answer = _majority(answer) if isinstance(answer, list) else answer
         return {"question": row[question_column], "answer": answer}
 
     mapped = dataset.map(to_row, remove_columns=[c for c in columns if c not in keep and c != image_column])

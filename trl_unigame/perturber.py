@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -18,10 +19,13 @@ from .interfaces import get_interface
 
 
 PERTURBER_SITES = ("understanding", "generation")
+BUDGETS = ("absolute", "relative")
+# Tokens per call on which the realized perturbation is measured (a cheap sample, not the whole batch).
+MEASURED_TOKENS = 256
 PAPER_URL = "https://arxiv.org/abs/2511.19413"
 CITATION = """@article{su2025unigame,
   title   = {UniGame: Turning a Unified Multimodal Model Into Its Own Adversary},
-  author  = {Su and Lu and Chen and Li and Wang},
+  author  = {Su, Zhaolong and Lu, Wang and Chen, Hao and Li, Sharon and Wang, Jindong},
   journal = {arXiv preprint arXiv:2511.19413},
   year    = {2025},
 }"""
@@ -48,6 +52,15 @@ class PerturberConfig:
         sites (`list[str]`, *optional*, defaults to `["understanding", "generation"]`):
             Where the perturbation acts: on the visual tokens of the understanding path, on the embeddings of the
             sampled image tokens fed back during generation, or both.
+        budget (`str`, *optional*, defaults to `"absolute"`):
+            `"absolute"`: each token's perturbation has L2 norm `eps` (the paper). `"relative"`: norm `eps * ||z||`,
+            a fraction of the token's own norm, so the same budget means the same thing for large and small tokens and
+            survives the model's precision (bf16 keeps about 3 significant digits: fractions well above 0.004 survive).
+        site_budgets (`dict`, *optional*):
+            Per-site overrides, e.g. `{"generation": {"budget": "absolute", "eps_max": 0.02, "eps_min": 0.0}}`. A site
+            not named uses `budget`, `eps_min`, `eps_max`. Every site shares the learnable fraction `sigmoid(rho)` of
+            its own range `[eps_min, eps_max]`. The sites of a unified model can differ by an order of magnitude in
+            token norm (for example, Janus's aligner output versus its generation aligner output).
         base_model_name_or_path (`str`, *optional*):
             The model this perturber was trained on, recorded in the model card.
     """
@@ -59,6 +72,8 @@ class PerturberConfig:
     eps_min: float = 0.0
     eps_init: float = 0.01
     sites: list[str] = field(default_factory=lambda: list(PERTURBER_SITES))
+    budget: str = "absolute"
+    site_budgets: dict | None = None
     base_model_name_or_path: str | None = None
 
     def __post_init__(self):
@@ -81,6 +96,31 @@ class PerturberConfig:
         unknown = [s for s in self.sites if s not in PERTURBER_SITES]
         if unknown or not self.sites:
             raise ValueError(f"`sites` must be a non-empty subset of {list(PERTURBER_SITES)}, got {self.sites}.")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"`budget` must be one of {list(BUDGETS)}, got {self.budget!r}.")
+        self.site_budgets = {k: dict(v) for k, v in (self.site_budgets or {}).items()} or None
+        for site, override in (self.site_budgets or {}).items():
+            if site not in PERTURBER_SITES:
+                raise ValueError(f"`site_budgets` names an unknown site {site!r}; sites: {list(PERTURBER_SITES)}.")
+            unknown = set(override) - {"budget", "eps_min", "eps_max"}
+            if unknown:
+                raise ValueError(
+                    f"`site_budgets[{site!r}]` has unknown keys {sorted(unknown)}: use budget, eps_min, eps_max."
+                )
+            budget, low, high = self.site_budget(site)
+            if budget not in BUDGETS:
+                raise ValueError(f"`site_budgets[{site!r}]['budget']` must be one of {list(BUDGETS)}, got {budget!r}.")
+            if not 0 <= low < high:
+                raise ValueError(f"`site_budgets[{site!r}]` needs 0 <= eps_min < eps_max, got {low} and {high}.")
+
+    def site_budget(self, site: str) -> tuple[str, float, float]:
+        """`(budget, eps_min, eps_max)` of a site, with the per-site overrides applied."""
+        override = (self.site_budgets or {}).get(site, {})
+        return (
+            override.get("budget", self.budget),
+            float(override.get("eps_min", self.eps_min)),
+            float(override.get("eps_max", self.eps_max)),
+        )
 
 
 class Perturber(
@@ -97,8 +137,10 @@ class Perturber(
     the visual tokens at the shared interface.
 
     `delta = eps * normalize(MLP(z))` for every visual token `z`, with
-    `eps = eps_min + (eps_max - eps_min) * sigmoid(rho)`. The perturbation is computed and added in float32, then cast
-    back to the model's dtype, so its tiny norm is not rounded away in bf16/fp16 arithmetic.
+    `eps = eps_min + (eps_max - eps_min) * sigmoid(rho)` (`budget="relative"`: `delta = eps * ||z|| * normalize(MLP(z))`;
+    each site may have its own budget, see [`PerturberConfig`]). The perturbation is computed and added in float32,
+    then cast back to the model's dtype. The cast can still round a small perturbation of a large token away: with
+    `measuring()`, the perturber records at each site what actually reached the model (`last_measurements`).
 
     The perturber is not a submodule of the model: [`~Perturber.attach`] registers forward hooks on the interface's
     sites, so it lives beside a PEFT LoRA adapter on the same model and saves to its own folder.
@@ -139,21 +181,31 @@ class Perturber(
         self.enabled = True
         self.record_deltas = False
         self.last_deltas: list[torch.Tensor] = []
+        self.measure = False
+        self.last_measurements: dict[str, dict[str, float]] = {}
 
     # --------------------------------------------------------------------------------------------------- math
+    def site_eps_tensor(self, site: str = "understanding") -> torch.Tensor:
+        """The budget `eps` of a site as a tensor with its graph (an L2 norm, or a fraction of the token's norm)."""
+        _, low, high = self.config.site_budget(site)
+        eps = low + (high - low) * torch.sigmoid(self.rho)
+        # float32 rounding can step just outside the bounds when sigmoid saturates
+        return eps.clamp(low, high)
+
     @property
     def eps_tensor(self) -> torch.Tensor:
-        eps = self.config.eps_min + (self.config.eps_max - self.config.eps_min) * torch.sigmoid(self.rho)
-        # float32 rounding can step just outside the bounds when sigmoid saturates
-        return eps.clamp(self.config.eps_min, self.config.eps_max)
+        """The understanding site's budget `eps` as a tensor (see `site_eps_tensor`)."""
+        return self.site_eps_tensor("understanding")
 
     @property
     def eps(self) -> float:
-        """The current per-token norm of the perturbation."""
-        return min(max(float(self.eps_tensor.detach()), self.config.eps_min), self.config.eps_max)
+        """The understanding site's current budget: a per-token norm, or a fraction of the token's norm."""
+        _, low, high = self.config.site_budget("understanding")
+        return min(max(float(self.eps_tensor.detach()), low), high)
 
-    def delta(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The perturbation (float32) for `tokens` of shape `(..., hidden_size)`; each token's L2 norm equals `eps`."""
+    def delta(self, tokens: torch.Tensor, site: str = "understanding") -> torch.Tensor:
+        """The perturbation (float32) for `tokens` of shape `(..., hidden_size)` at `site`: each token's L2 norm equals
+        the site's `eps` (absolute budget) or `eps * ||token||` (relative budget)."""
         if tokens.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"The perturber has hidden_size {self.config.hidden_size} but the visual tokens have width "
@@ -161,14 +213,46 @@ class Perturber(
             )
         weight = self.mlp[0].weight
         direction = self.mlp(tokens.to(device=weight.device, dtype=weight.dtype))
-        return self.eps_tensor * F.normalize(direction.float(), dim=-1, eps=1e-12)
+        scale = self.site_eps_tensor(site)
+        if self.config.site_budget(site)[0] == "relative":
+            scale = scale * tokens.detach().float().norm(dim=-1, keepdim=True).to(weight.device)
+        return scale * F.normalize(direction.float(), dim=-1, eps=1e-12)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, site: str = "understanding") -> torch.Tensor:
         """Returns `tokens + delta(tokens)`, added in float32 and cast back to the dtype of `tokens`."""
-        delta = self.delta(tokens)
+        delta = self.delta(tokens, site)
         if self.record_deltas:
             self.last_deltas.append(delta)
-        return (tokens.float() + delta.to(tokens.device)).to(tokens.dtype)
+        perturbed = (tokens.float() + delta.to(tokens.device)).to(tokens.dtype)
+        if self.measure:
+            self._measure(site, tokens, delta, perturbed)
+        return perturbed
+
+    @torch.no_grad()
+    def _measure(self, site: str, tokens: torch.Tensor, delta: torch.Tensor, perturbed: torch.Tensor) -> None:
+        """What reached the model after the cast, on a sample of tokens: norm of the realized perturbation, its cosine
+        to the intended one, and the tokens' norm."""
+        flat = lambda t: t.detach().reshape(-1, t.shape[-1])[:MEASURED_TOKENS].float()  # noqa: E731
+        z, intended, reached = flat(tokens), flat(delta).to(tokens.device), flat(perturbed)
+        realized = reached - z
+        cosine = F.cosine_similarity(realized, intended, dim=-1, eps=1e-30)
+        self.last_measurements[site] = {
+            "realized_delta_norm": float(realized.norm(dim=-1).mean()),
+            "intended_delta_norm": float(intended.norm(dim=-1).mean()),
+            "realized_delta_cosine": float(cosine.mean()),
+            "token_norm": float(z.norm(dim=-1).median()),
+        }
+
+    @contextlib.contextmanager
+    def measuring(self):
+        """Context manager that records, at each site the perturbation acts on inside it, what reached the model after
+        the cast to its dtype (`last_measurements[site]`: `realized_delta_norm`, `intended_delta_norm`,
+        `realized_delta_cosine`, `token_norm`), on up to `MEASURED_TOKENS` tokens per call."""
+        self.last_measurements, self.measure = {}, True
+        try:
+            yield self.last_measurements
+        finally:
+            self.measure = False
 
     def num_parameters(self, only_trainable: bool = False) -> int:
         """Number of parameters of the perturber."""
@@ -206,7 +290,7 @@ class Perturber(
         self.detach()
         sites = {"understanding": interface.understanding_site, "generation": interface.generation_site}
         for name in self.config.sites:
-            self._handles.append(sites[name].register_forward_hook(self._hook))
+            self._handles.append(sites[name].register_forward_hook(functools.partial(self._hook, site=name)))
         return self
 
     def detach(self) -> "Perturber":
@@ -220,10 +304,10 @@ class Perturber(
     def is_attached(self) -> bool:
         return bool(self._handles)
 
-    def _hook(self, module, args, output):
+    def _hook(self, module, args, output, site: str = "understanding"):
         if not self.enabled:
             return output
-        return self(output)
+        return self(output, site)
 
     @contextlib.contextmanager
     def active(self, enabled: bool = True):
@@ -247,6 +331,14 @@ class Perturber(
             yield self.last_deltas
         finally:
             self.record_deltas = False
+
+    def _budget_text(self) -> str:
+        parts = []
+        for site in self.config.sites:
+            budget, _, high = self.config.site_budget(site)
+            what = f"L2 norm at most {high}" if budget == "absolute" else f"L2 norm at most {high} x the token's norm"
+            parts.append(f"{site} site: per-token {what}")
+        return "; ".join(parts)
 
     # ------------------------------------------------------------------------------------------ save and load
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -315,9 +407,9 @@ class Perturber(
 # UniGame perturber
 
 A perturber trained with [UniGame]({PAPER_URL}) self-adversarial post-training
-{f"on `{self.config.base_model_name_or_path}`" if self.config.base_model_name_or_path else ""}. It adds a
-perturbation of per-token L2 norm at most {self.config.eps_max} to the model's visual tokens at the shared
-visual-token interface (sites: {", ".join(self.config.sites)}); {self.num_parameters():,} parameters.
+{f"on `{self.config.base_model_name_or_path}`" if self.config.base_model_name_or_path else ""}. It perturbs the
+model's visual tokens at the shared visual-token interface ({self._budget_text()}); {self.num_parameters():,}
+parameters.
 
 ## Usage
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from .data import RowKeepingCollator, check_columns, first_turn, message_text
+from .consistency import load_consistency_scorer
+from .data import RowKeepingCollator, as_text, check_columns, first_turn, message_text
 from .interfaces import get_interface
 from .unigame_config import UniGameArguments
 from .unigame_trainer import UniGameMixin
@@ -39,6 +40,12 @@ class UniGameDPOConfig(DPOConfig, UniGameArguments):
         self._validate_unigame()
 
 
+def _prompt(row, column: str, question: str) -> str:
+    """The row's generation prompt: its `column` (e.g. a caption, or the first of a list of captions), else the question."""
+    value = row.get(column)
+    return as_text(value, column) if value not in (None, "", []) else question
+
+
 class _StackedGame(UniGameMixin):
     """Set-up shared by the TRL hosts: LoRA targets restricted to the LLM, column checks, the row-keeping collator."""
 
@@ -52,6 +59,8 @@ class _StackedGame(UniGameMixin):
 
             model = AutoModelForImageTextToText.from_pretrained(model)
         interface = get_interface(model, kwargs.get("processing_class"))
+        if args is not None:
+            consistency_scorer = load_consistency_scorer(args, consistency_scorer)
         if peft_config is not None and getattr(peft_config, "target_modules", None) is None:
             peft_config.target_modules = interface.lora_target_modules
         check_columns(
@@ -92,7 +101,7 @@ class UniGameSFTTrainer(_StackedGame, SFTTrainer):
         return {
             "question": question,
             "answer": first_turn(row["messages"], "assistant"),
-            "prompt": row.get(self.args.prompt_column) or question,
+            "prompt": _prompt(row, self.args.prompt_column, question),
             "messages": row["messages"],
         }
 
@@ -122,7 +131,7 @@ class UniGameDPOTrainer(_StackedGame, DPOTrainer):
         return {
             "question": question,
             "answer": message_text(row["chosen"]),
-            "prompt": row.get(self.args.prompt_column) or question,
+            "prompt": _prompt(row, self.args.prompt_column, question),
             "pair": {k: row[k] for k in ("prompt", "chosen", "rejected")},
         }
 

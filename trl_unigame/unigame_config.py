@@ -27,7 +27,8 @@ class UniGameArguments:
         perturber_weight_decay (`float`, *optional*, defaults to `0.0`):
             AdamW weight decay of the perturber.
         adversarial_weight (`float`, *optional*, defaults to `120.0`):
-            `lambda`: weight of the understanding loss that the perturber ascends (authors' code: 120).
+            `lambda`: weight of the understanding loss that the perturber ascends (authors' code: 120). `0` skips the
+            perturber's pass.
         delta_reg_weight (`float`, *optional*, defaults to `0.0`):
             Weight of the mean `||delta||^2` penalty in the perturber's loss.
         tv_reg_weight (`float`, *optional*, defaults to `0.0`):
@@ -44,6 +45,15 @@ class UniGameArguments:
             Number of linear layers of the perturber's MLP.
         perturber_sites (`list[str]`, *optional*, defaults to `["understanding", "generation"]`):
             Where the perturbation acts.
+        perturber_budget (`str`, *optional*, defaults to `"absolute"`):
+            `"absolute"`: `perturber_eps_max`/`perturber_eps_init` are per-token L2 norms (the paper). `"relative"`:
+            they are fractions of each token's own norm, a budget that means the same at every token scale and that
+            a bf16 model does not round away.
+        perturber_generation_budget (`str`, *optional*):
+            The generation site's budget mode; `None` uses `perturber_budget`.
+        perturber_generation_eps_max (`float`, *optional*):
+            The generation site's largest budget; `None` uses `perturber_eps_max`. The two sites can differ by an
+            order of magnitude in token norm, so one absolute budget rarely suits both.
 
     > Parameters that control mining of decoded hard samples
 
@@ -78,9 +88,14 @@ class UniGameArguments:
     Args:
         buffer_weight (`float`, *optional*, defaults to `0.5`):
             `beta`: weight of the loss on buffer samples (paper 0.5).
+        perturbed_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of U's loss on the clean batch with the perturber's current perturbation active at the
+            understanding site: training on embedding-space adversarial samples. Not part of the paper's method
+            (its ablation row "adversarial embedding only" is `perturbed_weight > 0` with `mining_interval=0`); `0`
+            runs no such pass.
         understanding_update (`str`, *optional*, defaults to `"mixed"`):
-            `"mixed"`: one step on `CE(clean) + beta * CE(buffer)` (paper); `"separate"`: an extra optimizer step on
-            `beta * CE(buffer)` before the clean step (authors' code, with beta 1.0).
+            `"mixed"`: one step on `CE(clean) + beta * CE(buffer)` (paper); `"separate"`: after the clean step, a second
+            optimizer step on `beta * CE(buffer)` (authors' code and order, with beta 1.0).
         buffer_capacity (`int`, *optional*, defaults to `50`):
             Hard samples kept (paper 50; authors' code 4096).
         buffer_batch_size (`int`, *optional*, defaults to `8`):
@@ -89,6 +104,9 @@ class UniGameArguments:
             Temperature `T` of the rank softmax used to sample the buffer.
         buffer_pop (`bool`, *optional*, defaults to `False`):
             Remove sampled entries from the buffer (authors' code: `True`).
+        buffer_max_age (`int`, *optional*):
+            Entries mined more than this many optimizer steps ago leave the buffer (checked after each mining round);
+            `None` keeps them until displaced by harder ones or popped. Not in the paper.
 
     > Parameters that control generative evaluation
 
@@ -121,6 +139,15 @@ class UniGameArguments:
         default_factory=lambda: ["understanding", "generation"],
         metadata={"help": "Where the perturbation acts: understanding, generation or both."},
     )
+    perturber_budget: str = field(
+        default="absolute", metadata={"help": "absolute: eps is a per-token L2 norm; relative: a fraction of it."}
+    )
+    perturber_generation_budget: str | None = field(
+        default=None, metadata={"help": "The generation site's budget mode (None: perturber_budget)."}
+    )
+    perturber_generation_eps_max: float | None = field(
+        default=None, metadata={"help": "The generation site's largest budget (None: perturber_eps_max)."}
+    )
     mining_interval: int = field(default=1, metadata={"help": "m: mine every m optimizer steps; 0 disables mining."})
     num_candidates: int = field(default=3, metadata={"help": "K: candidate images generated per sample."})
     candidates_kept_per_sample: int = field(default=1, metadata={"help": "k: most candidates kept per sample."})
@@ -140,6 +167,10 @@ class UniGameArguments:
         default="caption", metadata={"help": "Column used as generation prompt when present, else the question."}
     )
     buffer_weight: float = field(default=0.5, metadata={"help": "beta: weight of the buffer loss."})
+    perturbed_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the loss on the batch with the perturbation active (embedding-space samples)."},
+    )
     understanding_update: str = field(
         default="mixed", metadata={"help": "mixed: one step on clean + beta * buffer; separate: two steps."}
     )
@@ -147,6 +178,9 @@ class UniGameArguments:
     buffer_batch_size: int = field(default=8, metadata={"help": "Hard samples drawn per micro-batch."})
     buffer_temperature: float = field(default=2.0, metadata={"help": "T: temperature of the rank softmax."})
     buffer_pop: bool = field(default=False, metadata={"help": "Remove sampled entries from the buffer."})
+    buffer_max_age: int | None = field(
+        default=None, metadata={"help": "Entries mined more than this many optimizer steps ago leave the buffer."}
+    )
     predict_with_generate: bool = field(
         default=False,
         metadata={"help": "On evaluate(), also report the VQA accuracy of generated answers (perturber off)."},
@@ -164,7 +198,14 @@ class UniGameArguments:
         check("perturber_learning_rate", self.perturber_learning_rate > 0, "> 0")
         check("perturber_weight_decay", self.perturber_weight_decay >= 0, ">= 0")
         check("adversarial_weight", self.adversarial_weight >= 0, ">= 0")
-        for name in ("delta_reg_weight", "tv_reg_weight", "eps_reg_weight", "consistency_weight", "buffer_weight"):
+        for name in (
+            "delta_reg_weight",
+            "tv_reg_weight",
+            "eps_reg_weight",
+            "consistency_weight",
+            "buffer_weight",
+            "perturbed_weight",
+        ):
             check(name, getattr(self, name) >= 0, ">= 0")
         check("perturber_eps_max", self.perturber_eps_max > 0, "> 0")
         check("perturber_eps_init", 0 < self.perturber_eps_init < self.perturber_eps_max, "in (0, perturber_eps_max)")
@@ -174,6 +215,17 @@ class UniGameArguments:
             "perturber_sites",
             bool(self.perturber_sites) and set(self.perturber_sites) <= {"understanding", "generation"},
             "a non-empty subset of ['understanding', 'generation']",
+        )
+        check("perturber_budget", self.perturber_budget in ("absolute", "relative"), "'absolute' or 'relative'")
+        check(
+            "perturber_generation_budget",
+            self.perturber_generation_budget in (None, "absolute", "relative"),
+            "None, 'absolute' or 'relative'",
+        )
+        check(
+            "perturber_generation_eps_max",
+            self.perturber_generation_eps_max is None or self.perturber_generation_eps_max > 0,
+            "None or > 0",
         )
         check("mining_interval", self.mining_interval >= 0, ">= 0 (0 disables mining)")
         check("num_candidates", self.num_candidates >= 1, ">= 1")
@@ -195,6 +247,7 @@ class UniGameArguments:
         check("buffer_capacity", self.buffer_capacity >= 1, ">= 1")
         check("buffer_batch_size", self.buffer_batch_size >= 1, ">= 1")
         check("buffer_temperature", self.buffer_temperature > 0, "> 0")
+        check("buffer_max_age", self.buffer_max_age is None or self.buffer_max_age >= 0, "None or >= 0")
         if isinstance(self.consistency_model, str) and self.consistency_model.lower() in ("", "none"):
             self.consistency_model = None
 

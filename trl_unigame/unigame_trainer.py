@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .buffer import HardSampleBuffer
-from .consistency import CLIPConsistencyScorer
-from .data import ROWS_KEY, UniGameDataCollator, check_columns
+from .consistency import load_consistency_scorer
+from .data import ROWS_KEY, UniGameDataCollator, check_columns, check_rows
 from .interfaces import get_interface, to_pil_images, unwrap_model
 from .interfaces.base import to_uint8
 from .perturber import Perturber
@@ -25,6 +28,31 @@ from .unigame_config import UniGameArguments, UniGameConfig
 PERTURBER_DIR = "perturber"
 PERTURBER_OPTIMIZER_NAME = "perturber_optimizer.pt"
 BUFFER_NAME = "unigame_buffer_rank{rank}.pt"
+# Consecutive mining rounds that keep nothing before the trainer warns that the game has become plain fine-tuning.
+EMPTY_MINING_ROUNDS_WARNING = 5
+# Below this cosine between the perturbation that reached the model and the intended one, the trainer warns.
+REALIZED_COSINE_WARNING = 0.9
+
+
+@dataclass
+class _BufferBatch:
+    """A batch drawn from the buffer: its host inputs, the entries they came from and the weight of their loss (0 for
+    a stand-in that only keeps this process's forwards in step with the others)."""
+
+    inputs: dict[str, Any]
+    entries: list = field(default_factory=list)
+    weight: float = 0.0
+
+
+class _SeparateBufferStep(TrainerCallback):
+    """`understanding_update="separate"`: the buffer's optimizer step runs right after the clean one, as in the
+    authors' code, once per optimizer step (outside the accumulation window, so every process takes it together)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._separate_buffer_step()
 
 
 def _thumbnail(image: torch.Tensor, size: int = 96) -> torch.Tensor:
@@ -60,6 +88,8 @@ class UniGameMixin:
                 eps_max=args.perturber_eps_max,
                 eps_init=args.perturber_eps_init,
                 sites=args.perturber_sites,
+                budget=args.perturber_budget,
+                site_budgets=generation_budget(args),
             )
         # float32 regardless of the model dtype: its output is a norm-0.02 direction that bf16 would round away.
         self.perturber = perturber.to(device=self.args.device, dtype=torch.float32).attach(base)
@@ -75,24 +105,22 @@ class UniGameMixin:
             pop=args.buffer_pop,
             seed=args.seed + self.args.process_index,
         )
-        if consistency_scorer is None and args.consistency_model is not None and args.mining_interval > 0:
-            consistency_scorer = CLIPConsistencyScorer(args.consistency_model, device=self.args.device)
-        self.consistency_scorer = consistency_scorer
+        self.consistency_scorer = load_consistency_scorer(args, consistency_scorer)
         self._game_metrics: dict[str, list[float]] = defaultdict(list)
-        self._buffer_inputs = None
+        self._buffer_batch: _BufferBatch | None = None
+        self._stand_in_inputs = None
+        self._perturber_window_finite = True
+        self._empty_mining_rounds = 0
+        self._warned_empty_mining = False
+        self._warned_precision: set[str] = set()
         self.current_gradient_accumulation_steps = getattr(self, "current_gradient_accumulation_steps", 1)
-        self._window_position = 0  # micro-batch index inside the current accumulation window
         from .callbacks import HardSamplePicturesCallback
 
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, HardSamplePicturesCallback):
                 callback.trainer = self  # it draws from the buffer and asks the model for predictions
-        if args.understanding_update == "separate" and args.gradient_accumulation_steps > 1 and args.world_size > 1:
-            raise ValueError(
-                "`understanding_update='separate'` steps the optimizer inside the accumulation window, which "
-                "distributed training cannot synchronise: use `understanding_update='mixed'` or "
-                "`gradient_accumulation_steps=1`."
-            )
+        if args.understanding_update == "separate":
+            self.add_callback(_SeparateBufferStep(self))
 
     def _describe_row(self, row: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -111,22 +139,21 @@ class UniGameMixin:
             )
         model.train()
         inputs = self._prepare_inputs(inputs)
-        self._perturber_step(model, inputs)
+        if self.args.adversarial_weight:
+            self._perturber_step(model, inputs)
         if rows is not None and self.args.mining_interval and self.state.global_step % self.args.mining_interval == 0:
             self._mine(model, rows, inputs)
-        separate = self.args.understanding_update == "separate"
-        # "separate" steps the optimizer on the buffer once per window, before any clean gradient has accumulated.
-        if not separate or self._window_position == 0:
-            self._buffer_inputs = self._sample_buffer()
-        with self.perturber.disabled():
-            if separate and self._buffer_inputs is not None:
-                self._separate_buffer_step(model)
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        self._buffer_inputs = None
-        self._window_position += 1
+        if self.args.understanding_update == "mixed":
+            self._buffer_batch = self._draw_buffer_batch(stand_in=inputs)
+        else:
+            self._stand_in_inputs = inputs  # for the buffer step after the optimizer step, see `_SeparateBufferStep`
+        try:
+            with self.perturber.disabled():
+                loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._buffer_batch = None
         if self.accelerator.sync_gradients:
             self._drop_non_finite_update(model)
-            self._window_position = 0
         return loss
 
     def _perturber_step(self, model: nn.Module, inputs: dict[str, Any]) -> None:
@@ -134,8 +161,15 @@ class UniGameMixin:
         args = self.args
         params = [p for p in self.perturber.parameters()]
         unwrapped = self.accelerator.unwrap_model(model)  # no DDP hooks: the model's weights get no gradient here
-        with self.perturber.active(), self.perturber.recording() as deltas, self.compute_loss_context_manager():
+        with (
+            self.perturber.active(),
+            self.perturber.recording() as deltas,
+            self.perturber.measuring() as measured,
+            self.compute_loss_context_manager(),
+            self._host_metrics_paused(),
+        ):
             adversarial_loss = self._host_loss(unwrapped, inputs)
+        self._log_realized_perturbation(measured)
         objective = -args.adversarial_weight * adversarial_loss
         eps = self.perturber.eps_tensor
         if deltas:
@@ -165,19 +199,25 @@ class UniGameMixin:
                     p.grad = g if p.grad is None else p.grad + g
             self._game_metrics["unigame/adversarial_loss"].append(float(adversarial_loss.detach()))
         else:
+            self._perturber_window_finite = False
             self._skip("perturber", "the perturber's loss is not finite")
         if self.accelerator.sync_gradients:
             self._perturber_optimizer_step()
 
     def _perturber_optimizer_step(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.perturber.parameters()]
+        """Steps the perturber once per accumulation window, or leaves it and its optimizer exactly as they are when
+        any micro-batch of the window, on any process, had a non-finite loss or gradient."""
+        params = list(self.perturber.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        # The window's finiteness travels with the gradients, so every process takes the same decision.
+        finite = torch.tensor([float(self._perturber_window_finite)], device=grads[0].device, dtype=grads[0].dtype)
+        flat = torch.cat([g.flatten() for g in grads] + [finite])
         if self.accelerator.num_processes > 1:
-            flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-            grads = list(torch.split(flat, [g.numel() for g in grads]))
-            grads = [g.view_as(p) for g, p in zip(grads, self.perturber.parameters())]
-        if all(torch.isfinite(g).all() for g in grads):
-            for p, g in zip(self.perturber.parameters(), grads):
-                p.grad = g
+            flat = self.accelerator.reduce(flat, reduction="sum") / self.accelerator.num_processes
+        self._perturber_window_finite = True
+        if bool(flat[-1] == 1) and bool(torch.isfinite(flat).all()):
+            for p, g in zip(params, torch.split(flat[:-1], [g.numel() for g in grads])):
+                p.grad = g.view_as(p)
             self.perturber_optimizer.step()
         self.perturber_optimizer.zero_grad(set_to_none=True)
         self._game_metrics["unigame/eps"].append(self.perturber.eps)
@@ -194,7 +234,7 @@ class UniGameMixin:
             generator = torch.Generator(device=interface.device)
             generator.manual_seed(args.seed + 1_000_003 * self.state.global_step + 7919 * args.process_index)
             prompts = [r["prompt"] for r in rows]
-            with self.perturber.active():
+            with self.perturber.active(), self.perturber.measuring() as measured:
                 pixels = interface.generate_images(
                     prompts,
                     num_images=args.num_candidates,
@@ -202,6 +242,7 @@ class UniGameMixin:
                     temperature=args.generation_temperature,
                     generator=generator,
                 )
+            self._log_realized_perturbation(measured)
             source = torch.arange(len(rows)).repeat_interleave(args.num_candidates)
             consistency = None
             if self.consistency_scorer is not None:
@@ -227,76 +268,194 @@ class UniGameMixin:
             sources = self.interface.source_images(inputs) if inputs is not None else None
             if sources is not None and len(sources) != len(rows):
                 sources = None  # not one image per row: nothing to show beside the candidates
+            step = self.state.global_step
+            entered = 0
             for i in keep.tolist():
-                self.buffer.push(
+                entered += self.buffer.push(
                     pixels[i],
                     rows[source[i]],
                     float(h[i]),
                     None if consistency is None else float(consistency[i]),
                     extra=None if sources is None else {"source": _thumbnail(sources[source[i]])},
+                    step=step,
                 )
+            if args.buffer_max_age is not None:
+                self.buffer.evict_older_than(step - args.buffer_max_age)
         finally:
             unwrapped.train(was_training)
         self._game_metrics["unigame/mined"].append(float(len(source)))
         self._game_metrics["unigame/kept_fraction"].append(len(keep) / max(len(source), 1))
+        self._game_metrics["unigame/buffer_entered"].append(float(entered))
+        if len(self.buffer):
+            ages = [self.state.global_step - e.step for e in self.buffer.entries]
+            self._game_metrics["unigame/buffer_mean_age"].append(sum(ages) / len(ages))
         self._game_metrics["unigame/candidate_loss"].append(float(ce.mean()))
         if consistency is not None:
             self._game_metrics["unigame/consistency"].append(float(consistency.mean()))
+        self._note_empty_mining(kept=len(keep), consistency=consistency)
 
-    def _sample_buffer(self) -> dict[str, Any] | None:
-        if self.args.buffer_weight == 0 or len(self.buffer) == 0:
+    def _log_realized_perturbation(self, measured: dict[str, dict[str, float]]) -> None:
+        """Logs what reached the model at each site after the cast to its dtype, and warns once when rounding has
+        turned the perturbation into something else (cosine to the intended one below `REALIZED_COSINE_WARNING`)."""
+        for site, values in measured.items():
+            prefix = "unigame/" if site == "understanding" else f"unigame/{site}_"
+            for key in ("realized_delta_norm", "realized_delta_cosine", "token_norm"):
+                self._game_metrics[prefix + key].append(values[key])
+            if values["realized_delta_cosine"] < REALIZED_COSINE_WARNING and site not in self._warned_precision:
+                self._warned_precision.add(site)
+                warnings.warn(
+                    f"UniGame: at the {site} site only part of the perturbation reaches the model: after the cast to "
+                    f"{self.interface.dtype} its norm is {values['realized_delta_norm']:.3g} (intended "
+                    f"{values['intended_delta_norm']:.3g}) and its cosine to the intended direction "
+                    f"{values['realized_delta_cosine']:.2f}, on tokens of median norm {values['token_norm']:.3g}. The "
+                    "rest is rounding noise, and the perturber's gradient points where the forward pass never went. "
+                    "Use a budget relative to the token norm (`perturber_budget='relative'`, e.g. "
+                    "`perturber_eps_max=0.05`), or a larger absolute budget."
+                )
+
+    def _note_empty_mining(self, kept: int, consistency: torch.Tensor | None) -> None:
+        """Counts consecutive mining rounds that kept nothing, and warns once when the game has quietly become SFT."""
+        self._empty_mining_rounds = 0 if kept else self._empty_mining_rounds + 1
+        self._game_metrics["unigame/empty_mining_rounds"].append(float(self._empty_mining_rounds))
+        if self._empty_mining_rounds < EMPTY_MINING_ROUNDS_WARNING or self._warned_empty_mining:
+            return
+        self._warned_empty_mining = True
+        args = self.args
+        seen = "" if consistency is None else f" (consistency of the last round: mean {float(consistency.mean()):.3f})"
+        warnings.warn(
+            f"UniGame step {self.state.global_step}: the last {self._empty_mining_rounds} mining rounds kept no "
+            f"candidate{seen}, so the buffer gets nothing new and training is plain fine-tuning. With "
+            f"`selection='{args.selection}'`, a candidate needs consistency >= `consistency_threshold` "
+            f"({args.consistency_threshold}) and hardness >= the `hardness_quantile` ({args.hardness_quantile}) "
+            "quantile. Set `consistency_threshold` for the consistency scorer in use (see docs/train_janus.md), "
+            "lower `hardness_quantile`, use `selection='reference'`, or pass a task-specific `consistency_scorer`."
+        )
+
+    def _draw_buffer_batch(self, stand_in: dict[str, Any] | None) -> _BufferBatch | None:
+        """The buffer batch of this step, or `None` when no process has one.
+
+        Processes must run the same forwards (DDP synchronises buffers in each, TRL hosts gather metrics), so
+        when any process has hard samples, a process whose buffer is empty runs the buffer pass on `stand_in`
+        (its clean batch) with weight 0.
+        """
+        if self.args.buffer_weight == 0:
             return None
         entries = self.buffer.sample(self.args.buffer_batch_size)
+        if not self._on_any_process(bool(entries)):
+            return None
+        if not entries:
+            return _BufferBatch(inputs=stand_in, entries=[], weight=0.0)
         host_rows = [self._hard_sample_row(e.row, to_pil_images(e.image.unsqueeze(0))[0]) for e in entries]
         batch = self.data_collator(host_rows)
         batch.pop(ROWS_KEY, None)
-        return self._prepare_inputs(batch)
+        return _BufferBatch(inputs=self._prepare_inputs(batch), entries=entries, weight=self.args.buffer_weight)
 
-    def _separate_buffer_step(self, model: nn.Module) -> None:
-        """The authors' variant: an optimizer step on the buffer loss alone, before the clean micro-batches."""
-        buffer_inputs, self._buffer_inputs = self._buffer_inputs, None  # the clean loss must not add it again
-        with self.compute_loss_context_manager():
-            loss = self.args.buffer_weight * self._host_loss(model, buffer_inputs)
-        if not torch.isfinite(loss):
-            self._skip("understanding", "the buffer loss is not finite")
+    def _on_any_process(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        votes = torch.tensor([float(flag)], device=self.args.device)
+        return bool(self.accelerator.reduce(votes, reduction="sum").item() > 0)
+
+    def _buffer_loss(self, model: nn.Module, batch: _BufferBatch) -> torch.Tensor:
+        """Host loss on a buffer batch; each drawn entry's hardness is refreshed from its own loss, at no extra cost."""
+        with self._host_metrics_paused():
+            loss, per_sample = self._host_loss_per_sample(model, batch.inputs)
+        if batch.entries:
+            self._game_metrics["unigame/buffer_loss"].append(float(loss.detach()))
+            if per_sample is not None and len(per_sample) == len(batch.entries):
+                args = self.args
+                consistency = [e.consistency for e in batch.entries]
+                s = None if any(c is None for c in consistency) else torch.tensor(consistency)
+                h = hardness_score(
+                    per_sample.detach().float().cpu(), s, args.consistency_weight, args.consistency_threshold
+                )
+                self.buffer.rescore(batch.entries, h.tolist())
+        return loss
+
+    def _separate_buffer_step(self) -> None:
+        """The authors' variant: after the optimizer step on the clean batch, one more step on a buffer batch alone."""
+        model = self.model_wrapped
+        batch = self._draw_buffer_batch(stand_in=self._stand_in_inputs)
+        self._stand_in_inputs = None
+        if batch is None:
             return
-        self._game_metrics["unigame/buffer_loss"].append(float(loss.detach()) / max(self.args.buffer_weight, 1e-12))
+        model.zero_grad()  # the clean step has used its gradients
+        with self.perturber.disabled(), self.compute_loss_context_manager():
+            loss = batch.weight * self._buffer_loss(model, batch)
+        # Backward even when the loss is not finite: it is a collective under DDP; the update is dropped after it.
         self.accelerator.backward(loss)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
         self._drop_non_finite_update(model)
-        # Accelerate's optimizer skips steps inside an accumulation window; this one is meant to happen there.
-        gradient_state = self.accelerator.gradient_state
-        syncing = gradient_state.sync_gradients
-        gradient_state._set_sync_gradients(True)
-        try:
-            self.optimizer.step()
-        finally:
-            gradient_state._set_sync_gradients(syncing)
+        self.optimizer.step()
         model.zero_grad()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Host loss on the clean batch, plus `buffer_weight` times the host loss on the buffer batch (mixed update)."""
+        """Host loss on the clean batch, plus `buffer_weight` times the host loss on the buffer batch (mixed update).
+
+        With `return_outputs=True`, the host's own outputs of the clean pass come back beside the loss."""
         inputs.pop(ROWS_KEY, None)
-        clean = self._host_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        result = self._host_loss(model, inputs, num_items_in_batch=num_items_in_batch, return_outputs=return_outputs)
+        clean, outputs = result if return_outputs else (result, None)
         loss = clean
         if model.training:
             self._game_metrics["unigame/clean_loss"].append(float(clean.detach()))
-            if self._buffer_inputs is not None:
-                buffer_loss = self._host_loss(model, self._buffer_inputs)
-                self._game_metrics["unigame/buffer_loss"].append(float(buffer_loss.detach()))
-                weight = self.args.buffer_weight
+            if self._buffer_batch is not None:
+                buffer_loss = self._buffer_loss(model, self._buffer_batch)
+                weight = self._buffer_batch.weight
                 if num_items_in_batch is not None and getattr(self, "model_accepts_loss_kwargs", False):
                     # The host already normalised the clean loss over the whole accumulation window, so the
                     # Trainer will not divide by the window; the buffer's batch mean must be divided here.
                     weight = weight / self.current_gradient_accumulation_steps
-                loss = clean + weight * buffer_loss
+                loss = loss + weight * buffer_loss
+                if self._buffer_batch.entries:
+                    share = float(weight * buffer_loss.detach()) / max(float(loss.detach()), 1e-12)
+                    self._game_metrics["unigame/buffer_loss_share"].append(share)
+            if self.args.perturbed_weight:
+                loss = loss + self.args.perturbed_weight * self._perturbed_loss(model, inputs, num_items_in_batch)
             self._game_metrics["unigame/buffer_size"].append(float(len(self.buffer)))
-        return (loss, {"loss": loss}) if return_outputs else loss
+        return (loss, outputs) if return_outputs else loss
 
-    def _host_loss(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """The host trainer's loss (a scalar)."""
-        return super().compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+    def _perturbed_loss(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """U's loss on the batch with the perturber's current perturbation active: the embedding-space adversarial
+        samples. The perturbation is a fixed input here: U's gradient does not reach the perturber."""
+        frozen = [p for p in self.perturber.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with self.perturber.active(), self._host_metrics_paused():
+                loss = self._host_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        self._game_metrics["unigame/perturbed_loss"].append(float(loss.detach()))
+        return loss
+
+    def _host_loss(self, model, inputs, num_items_in_batch=None, return_outputs=False):
+        """The host trainer's loss (a scalar), with the host's outputs when `return_outputs`."""
+        return super().compute_loss(
+            model, dict(inputs), return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+
+    def _host_loss_per_sample(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The host loss and, where the host can tell, each sample's own loss (`None` otherwise)."""
+        return self._host_loss(model, inputs), None
+
+    @contextmanager
+    def _host_metrics_paused(self):
+        """The host's own metrics (TRL's token accuracy, token count, rewards) describe the clean pass only: what the
+        perturbed and buffer passes add to them is dropped. Their collectives still run, on every process alike."""
+        metrics = getattr(self, "_metrics", None)
+        saved = copy.deepcopy(metrics) if metrics is not None else None
+        tokens = getattr(self, "_total_train_tokens", None)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                metrics.clear()
+                metrics.update(saved)
+            if tokens is not None:
+                self._total_train_tokens = tokens
 
     # ------------------------------------------------------------------------------------------- faults
     def _skip(self, player: str, why: str) -> None:
@@ -360,18 +519,17 @@ class UniGameMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         self.perturber.save_pretrained(os.path.join(output_dir, PERTURBER_DIR))
 
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        run_dir = self._get_output_dir(trial=trial)
-        output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # Runs inside `_save_checkpoint` before `trainer_state.json` is written: a checkpoint that has its trainer
+        # state has the game's state too, whenever the process is killed.
+        super()._save_optimizer_and_scheduler(output_dir)
         os.makedirs(output_dir, exist_ok=True)
         if self.args.should_save:
-            torch.save(self.perturber_optimizer.state_dict(), os.path.join(output_dir, PERTURBER_OPTIMIZER_NAME))
-        torch.save(
+            _atomic_save(self.perturber_optimizer.state_dict(), os.path.join(output_dir, PERTURBER_OPTIMIZER_NAME))
+        _atomic_save(
             self.buffer.state_dict(), os.path.join(output_dir, BUFFER_NAME.format(rank=self.args.process_index))
         )
+        self.accelerator.wait_for_everyone()  # every process's buffer is on disk before rank 0 writes the state
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -385,15 +543,25 @@ class UniGameMixin:
                 f"{checkpoint} has no {PERTURBER_DIR}/model.safetensors: it was not written by a UniGame trainer, "
                 "so the perturber cannot be resumed. Start a new run or pick a UniGame checkpoint."
             )
-        self.perturber.load_state_dict(load_file(weights))  # copied onto the perturber's device in place
         optimizer_file = os.path.join(checkpoint, PERTURBER_OPTIMIZER_NAME)
-        if os.path.isfile(optimizer_file):
-            self.perturber_optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu"))
         buffer_file = os.path.join(checkpoint, BUFFER_NAME.format(rank=self.args.process_index))
-        if os.path.isfile(buffer_file):
-            self.buffer.load_state_dict(torch.load(buffer_file, weights_only=False))
-        else:
-            warnings.warn(f"{buffer_file} not found: the hard-sample buffer of this process starts empty.")
+        missing = [os.path.basename(f) for f in (optimizer_file, buffer_file) if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(
+                f"{checkpoint} lacks the game's state ({', '.join(missing)}), so resuming from it would not continue "
+                "the same run: the checkpoint was cut short while being written, or was written by a different number "
+                "of processes. Resume from an earlier checkpoint, with as many processes as wrote it."
+            )
+        self.perturber.load_state_dict(load_file(weights))  # copied onto the perturber's device in place
+        self.perturber_optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu"))
+        self.buffer.load_state_dict(torch.load(buffer_file, weights_only=False))
+
+
+def _atomic_save(obj, path: str) -> None:
+    """`torch.save` to a temporary file renamed into place: a killed process never leaves a truncated file."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 class UniGameTrainer(UniGameMixin, Trainer):
@@ -470,6 +638,9 @@ class UniGameTrainer(UniGameMixin, Trainer):
         )
         check_columns(train_dataset, ["image", "question", "answer"], "train_dataset", hint)
         check_columns(eval_dataset, ["image", "question", "answer"], "eval_dataset", hint)
+        check_rows(train_dataset, "train_dataset")
+        check_rows(eval_dataset, "eval_dataset")
+        consistency_scorer = load_consistency_scorer(args, consistency_scorer)
         model = prepare_understanding_player(model, self.interface, peft_config)
         self.interface = get_interface(model, processing_class)
         if data_collator is None:
@@ -495,8 +666,13 @@ class UniGameTrainer(UniGameMixin, Trainer):
     def _hard_sample_row(self, row, image):
         return {"image": image, "question": row["question"], "answer": row["answer"], "prompt": row["prompt"]}
 
-    def _host_loss(self, model, inputs, num_items_in_batch=None):
-        return self.interface.understanding_loss(model, inputs).mean()
+    def _host_loss(self, model, inputs, num_items_in_batch=None, return_outputs=False):
+        loss = self.interface.understanding_loss(model, inputs).mean()
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _host_loss_per_sample(self, model, inputs):
+        per_sample = self.interface.understanding_loss(model, inputs)
+        return per_sample.mean(), per_sample
 
     def create_model_card(
         self,
@@ -535,6 +711,16 @@ class UniGameTrainer(UniGameMixin, Trainer):
         with torch.no_grad(), self.perturber.disabled():
             loss = self._host_loss(model, inputs).detach()
         return loss, None, None
+
+
+def generation_budget(args: UniGameArguments) -> dict | None:
+    """The perturber's `site_budgets` for the config's generation-site fields (`None` when they add nothing)."""
+    override = {}
+    if args.perturber_generation_budget is not None:
+        override["budget"] = args.perturber_generation_budget
+    if args.perturber_generation_eps_max is not None:
+        override["eps_max"] = args.perturber_generation_eps_max
+    return {"generation": override} if override else None
 
 
 def prepare_understanding_player(model, interface, peft_config=None):
