@@ -462,6 +462,13 @@ def test_trainer_generative_evaluation_reports_and_logs_accuracy(tmp_path, vqa):
     assert direct.evaluate(vqa.select(range(6)))["clean/vqa_accuracy"] == metrics["eval_clean/vqa_accuracy"]
 
 
+def test_trainer_attack_budget_reads_like_the_perturbers(tmp_path, vqa):
+    trainer = make_trainer(
+        tmp_path, vqa, predict_with_generate=True, eval_attack_eps=0.05, perturber_budget="relative"
+    )
+    assert "eval_attack_rel0.05/vqa_accuracy" in trainer.evaluate()
+
+
 def test_trainer_evaluation_is_unchanged_without_the_option_and_splits_a_dict(tmp_path, vqa):
     trainer = make_trainer(tmp_path, vqa)
     assert not any("vqa_accuracy" in k for k in trainer.evaluate())

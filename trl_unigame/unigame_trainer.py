@@ -501,8 +501,7 @@ class UniGameMixin:
             interface=self.interface,
             batch_size=self.args.per_device_eval_batch_size,
             attack_eps=[eps] if eps else None,
-            # the attack's budget reads like the perturber's (a config with `perturber_budget` may make it relative)
-            attack_budget=getattr(self.args, "perturber_budget", "absolute"),
+            attack_budget=self.args.perturber_budget,  # eval_attack_eps reads like perturber_eps_max
             seed=self.args.seed,
             show_progress=not self.args.disable_tqdm,
         )
