@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .buffer import HardSample, HardSampleBuffer
 from .consistency import CLIPConsistencyScorer
 from .data import UniGameDataCollator
+from .evaluation import UniGameEvaluator
 from .interfaces import (
     JanusInterface,
     UnsupportedModelError,
@@ -33,6 +34,7 @@ __all__ = [
     "UniGameSFTConfig",
     "UniGameSFTTrainer",
     "UniGameDataCollator",
+    "UniGameEvaluator",
     "UniGameMixin",
     "UniGameTrainer",
     "UnsupportedModelError",

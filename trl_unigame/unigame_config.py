@@ -117,6 +117,18 @@ class UniGameArguments:
         buffer_max_age (`int`, *optional*):
             Entries mined more than this many optimizer steps ago leave the buffer (checked after each mining round);
             `None` keeps them until displaced by harder ones or popped. Not in the paper.
+
+    > Parameters that control generative evaluation
+
+    Args:
+        predict_with_generate (`bool`, *optional*, defaults to `False`):
+            On `evaluate()`, also generate greedy answers to the evaluation set (perturber off) and report their VQA
+            accuracy as `eval_clean/vqa_accuracy` (see [`~evaluation.UniGameEvaluator`]).
+        eval_attack_eps (`float`, *optional*):
+            With `predict_with_generate`, also report the accuracy under a PGD attack of this per-token L2 budget at
+            the understanding site, as `eval_attack_eps{eps}/vqa_accuracy` (read like the perturber's budget: a
+            fraction of each token's norm, `eval_attack_rel{eps}/...`, when that budget is relative). `None` runs no
+            attack.
     """
 
     perturber_learning_rate: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the perturber."})
@@ -188,6 +200,14 @@ class UniGameArguments:
     buffer_pop: bool = field(default=False, metadata={"help": "Remove sampled entries from the buffer."})
     buffer_max_age: int | None = field(
         default=None, metadata={"help": "Entries mined more than this many optimizer steps ago leave the buffer."}
+    )
+    predict_with_generate: bool = field(
+        default=False,
+        metadata={"help": "On evaluate(), also report the VQA accuracy of generated answers (perturber off)."},
+    )
+    eval_attack_eps: float | None = field(
+        default=None,
+        metadata={"help": "With predict_with_generate, also report accuracy under a PGD attack of this budget."},
     )
 
     def _validate_unigame(self) -> None:

@@ -562,6 +562,37 @@ class UniGameMixin:
             self._game_metrics.clear()
         super().log(logs, start_time)
 
+    # ------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The host's evaluation (the clean loss); with `args.predict_with_generate`, also the VQA accuracy of greedy
+        answers, and under a PGD attack of budget `args.eval_attack_eps`, from [`UniGameEvaluator`] with the
+        perturber off, merged as `{metric_key_prefix}_clean/vqa_accuracy`, ... and logged."""
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):  # one split of a dict of evaluation sets, named by the host's loop
+            dataset = self.eval_dataset[dataset]
+        if not getattr(self.args, "predict_with_generate", False) or dataset is None or isinstance(dataset, dict):
+            return metrics  # a dict was evaluated split by split through this method already
+        from .evaluation import UniGameEvaluator
+
+        eps = self.args.eval_attack_eps
+        evaluator = UniGameEvaluator(
+            self.accelerator.unwrap_model(self.model),
+            self.processing_class,
+            interface=self.interface,
+            batch_size=self.args.per_device_eval_batch_size,
+            attack_eps=[eps] if eps else None,
+            attack_budget=self.args.perturber_budget,  # eval_attack_eps reads like perturber_eps_max
+            seed=self.args.seed,
+            show_progress=not self.args.disable_tqdm,
+        )
+        with self.perturber.disabled():
+            generated = evaluator.evaluate(dataset)
+        generated = {f"{metric_key_prefix}_{name}": value for name, value in generated.items()}
+        self.log(generated)
+        metrics.update(generated)
+        return metrics
+
     # ----------------------------------------------------------------------------------- checkpoints
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)

@@ -137,7 +137,8 @@ class VisualTokenInterface(ABC):
         return None
 
     def answer(self, model: nn.Module, images, questions: list[str], max_new_tokens: int = 16) -> list[str]:
-        """Greedy answers of `model` to `questions` about `images` (for display)."""
+        """Greedy answers of `model` to `questions` about `images`, batched (for display and evaluation). Forward hooks
+        on `understanding_site` (a perturber, an attack) act on the answers."""
         raise NotImplementedError
 
 

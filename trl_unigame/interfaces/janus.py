@@ -149,9 +149,13 @@ class JanusInterface(VisualTokenInterface):
 
     @torch.no_grad()
     def answer(self, model, images, questions, max_new_tokens=16):
+        """Greedy answers, batched; a forward hook on `understanding_site` (a perturber, an attack) acts on them."""
         processor = self._require_processor()
         prompts = [self._chat_prompt(q, with_image=True) for q in questions]
-        inputs = processor(text=prompts, images=to_pil_images(images), return_tensors="pt", padding=True)
+        # Left padding whatever the tokenizer's default: the answers are read after the last prompt position.
+        inputs = processor(
+            text=prompts, images=to_pil_images(images), return_tensors="pt", padding=True, padding_side="left"
+        )
         device = self.device
         inputs = {k: v.to(device, self.dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
         tokenizer = processor.tokenizer
