@@ -265,17 +265,6 @@ def test_attack_lowers_the_accuracy_of_a_model_that_answers_right(answering_janu
     assert relative["attack_rel0.5/vqa_accuracy"] < relative["clean/vqa_accuracy"]
 
 
-def test_thousand_rows_clean_and_attacked_in_under_a_minute():
-    import time
-
-    model, processor = tiny_janus(seed=0)
-    rows = tiny_vqa_dataset(1000, seed=2)
-    start = time.perf_counter()
-    metrics = UniGameEvaluator(model, processor, batch_size=64, show_progress=False).evaluate(rows)
-    assert time.perf_counter() - start < 60  # ~4 s on 2 cores; the tiny random model always answers 10 tokens
-    assert set(metrics) == {"clean/vqa_accuracy", "attack_eps0.02/vqa_accuracy"}
-
-
 def test_default_budget_is_the_perturbers_eps_max(answering_janus):
     model, processor, rows = answering_janus
     ev = UniGameEvaluator(model, processor, show_progress=False)
