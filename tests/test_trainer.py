@@ -740,3 +740,42 @@ def test_first_order_update_trains_the_perturber_without_an_extra_pass(tmp_path,
     assert all(log["unigame/adversarial_gain_estimate"] > 0 for log in logs[1:])  # the ascent found a direction
     assert not any("unigame/adversarial_loss" in log for log in logs)
     assert all(p.grad is None for p in trainer.perturber.parameters())
+
+
+def test_generation_loss_term_trains_the_generator_through_lora(tmp_path, vqa):
+    from trl_unigame import get_interface
+
+    trainer = make_trainer(
+        tmp_path,
+        vqa,
+        lora_dropout=0.0,
+        max_steps=8,
+        mining_interval=0,
+        adversarial_weight=0.0,
+        buffer_weight=0.0,
+        generation_loss_weight=1.0,
+        learning_rate=2e-2,
+    )
+    head_module = trainer.model.get_base_model().model.generation_head
+    with torch.no_grad():  # a random head near zero answers uniformly whatever the LLM says: give it a voice
+        for p in head_module.parameters():
+            p.mul_(100.0)
+    rows = vqa.select(range(4))
+    interface = get_interface(trainer.model, trainer.processing_class)
+    images = interface.source_images(
+        interface.build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
+    )
+
+    def generation_loss():
+        with torch.no_grad():
+            return interface.generation_loss(trainer.model, rows["caption"], images)
+
+    before = generation_loss()
+    head = snapshot(trainer.model.get_base_model().model.generation_head)
+    trainer.train()
+    assert before.shape == (4,) and generation_loss().mean() < before.mean()
+    assert all(
+        torch.equal(head[n], p) for n, p in snapshot(trainer.model.get_base_model().model.generation_head).items()
+    )
+    for log in (log for log in trainer.state.log_history if "loss" in log):
+        assert log["loss"] == pytest.approx(log["unigame/clean_loss"] + log["unigame/generation_loss"], rel=1e-4)

@@ -98,6 +98,10 @@ class UniGameArguments:
     Args:
         buffer_weight (`float`, *optional*, defaults to `0.5`):
             `beta`: weight of the loss on buffer samples (paper 0.5).
+        generation_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the model's image-generation loss (next image token) on the clean batch's (prompt, image)
+            pairs, added to U's loss: fine-tuning the shared LLM for understanding can degrade the generator that
+            mining relies on, and this term keeps it. Not in the paper; `0` computes nothing.
         perturbed_weight (`float`, *optional*, defaults to `0.0`):
             Weight of U's loss on the clean batch with the perturber's current perturbation active at the
             understanding site: training on embedding-space adversarial samples. Not part of the paper's method
@@ -187,6 +191,10 @@ class UniGameArguments:
         default="caption", metadata={"help": "Column used as generation prompt when present, else the question."}
     )
     buffer_weight: float = field(default=0.5, metadata={"help": "beta: weight of the buffer loss."})
+    generation_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the image-generation loss on the clean batch's (prompt, image) pairs."},
+    )
     perturbed_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the loss on the batch with the perturbation active (embedding-space samples)."},

@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 from .buffer import HardSampleBuffer
 from .consistency import load_consistency_scorer
 from .data import ROWS_KEY, UniGameDataCollator, check_columns, check_rows
-from .interfaces import get_interface, to_pil_images, unwrap_model
+from .interfaces import VisualTokenInterface, get_interface, to_pil_images, unwrap_model
 from .interfaces.base import to_uint8
 from .perturber import Perturber
 from .selection import hardness as hardness_score
@@ -109,6 +109,7 @@ class UniGameMixin:
         self._game_metrics: dict[str, list[float]] = defaultdict(list)
         self._buffer_batch: _BufferBatch | None = None
         self._stand_in_inputs = None
+        self._clean_rows = None
         self._perturber_window_finite = True
         self._empty_mining_rounds = 0
         self._warned_empty_mining = False
@@ -121,6 +122,14 @@ class UniGameMixin:
                 callback.trainer = self  # it draws from the buffer and asks the model for predictions
         if args.understanding_update == "separate":
             self.add_callback(_SeparateBufferStep(self))
+        if (
+            args.generation_loss_weight
+            and type(self.interface).generation_loss is VisualTokenInterface.generation_loss
+        ):
+            raise ValueError(
+                f"`generation_loss_weight` needs the model's image-generation loss, which {type(self.interface).__name__}"
+                " does not provide: set `generation_loss_weight=0`."
+            )
 
     def _describe_row(self, row: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -139,6 +148,7 @@ class UniGameMixin:
             )
         model.train()
         inputs = self._prepare_inputs(inputs)
+        self._clean_rows = rows
         first_order = bool(self.args.adversarial_weight) and self.args.perturber_update == "first_order"
         if self.args.adversarial_weight and not first_order:
             self._perturber_step(model, inputs)
@@ -159,7 +169,7 @@ class UniGameMixin:
             ):
                 loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
-            self._buffer_batch = None
+            self._buffer_batch = self._clean_rows = None
         if first_order:
             self._first_order_perturber_step(tokens)
         if self.accelerator.sync_gradients:
@@ -494,8 +504,24 @@ class UniGameMixin:
                     self._game_metrics["unigame/buffer_loss_share"].append(share)
             if self.args.perturbed_weight:
                 loss = loss + self.args.perturbed_weight * self._perturbed_loss(model, inputs, num_items_in_batch)
+            if self.args.generation_loss_weight and self._clean_rows is not None:
+                loss = loss + self.args.generation_loss_weight * self._generation_loss(inputs)
             self._game_metrics["unigame/buffer_size"].append(float(len(self.buffer)))
         return (loss, outputs) if return_outputs else loss
+
+    def _generation_loss(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The model's image-generation loss on the clean batch's (prompt, image) pairs (`generation_loss_weight`)."""
+        images = self.interface.source_images(inputs)
+        prompts = [r["prompt"] for r in self._clean_rows]
+        if images is None or len(images) != len(prompts):
+            raise ValueError(
+                "`generation_loss_weight` needs one image per row that the interface can recover from the batch "
+                f"({type(self.interface).__name__}.source_images); set `generation_loss_weight=0` for this data."
+            )
+        with self.perturber.disabled():
+            loss = self.interface.generation_loss(self.model, prompts, images).mean()
+        self._game_metrics["unigame/generation_loss"].append(float(loss.detach()))
+        return loss
 
     def _perturbed_loss(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """U's loss on the batch with the perturber's current perturbation active: the embedding-space adversarial

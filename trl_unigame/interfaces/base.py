@@ -132,6 +132,11 @@ class VisualTokenInterface(ABC):
         """Generates `num_images` images per prompt; returns pixels in `[0, 1]`, `(len(prompts) * num_images, 3, H, W)`,
         at the size the understanding side expects, grouped by prompt."""
 
+    def generation_loss(self, model: nn.Module, prompts: list[str], images: torch.Tensor) -> torch.Tensor:
+        """One cross-entropy per sample of generating `images` (`[0, 1]`, `(B, 3, H, W)`) from `prompts`: the model's
+        own image-generation loss, used to keep the shared generator good while the understanding player trains."""
+        raise NotImplementedError(f"{type(self).__name__} has no image-generation loss.")
+
     def source_images(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The batch's input images as pixels in `[0, 1]` (for display), or `None` when they cannot be recovered."""
         return None

@@ -138,6 +138,42 @@ class JanusInterface(VisualTokenInterface):
         counts = (targets != -100).sum(-1).clamp(min=1)
         return token_loss.sum(-1) / counts
 
+    def _generation_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded token ids (ending with the begin-of-image token) and attention mask of generation prompts."""
+        processor = self._require_processor()
+        texts = [self._chat_prompt(p, with_image=False) for p in prompts]
+        enc = processor(text=texts, generation_mode="image", return_tensors="pt", padding=True, padding_side="left")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def generation_loss(self, model, prompts, images):
+        """Per-sample next-image-token cross-entropy of generating `images` (`[0, 1]`, `(B, 3, H, W)`) from `prompts`:
+        the images' VQ codes are the targets, fed back through the generation embeddings as in generation."""
+        base = self.base_model
+        vq = base.model.vqmodel
+        grid = int(round(self.num_image_tokens**0.5))
+        size = grid * 2 ** (len(vq.config.channel_multiplier) - 1)
+        pixels = images.to(device=self.device, dtype=self.dtype)
+        if pixels.shape[-1] != size:
+            pixels = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", antialias=True).to(self.dtype)
+        with torch.no_grad():
+            targets = vq.encode(pixels * 2 - 1).image_tokens.view(len(pixels), -1)
+        prompt_ids, prompt_mask = self._generation_prompt(prompts)
+        embeds = torch.cat(
+            [
+                base.get_input_embeddings()(prompt_ids),
+                base.prepare_embeddings_for_image_generation(targets[:, :-1]),
+            ],
+            dim=1,
+        )
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(targets[:, :-1].shape)], dim=1)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = base.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        logits = base.model.generation_head(hidden[:, prompt_ids.shape[1] - 1 :]).float()
+        ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return ce.mean(-1)
+
     def source_images(self, inputs):
         pixels = inputs.get("pixel_values")
         if pixels is None or self.processor is None:
@@ -179,10 +215,8 @@ class JanusInterface(VisualTokenInterface):
         boi_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
         device = self.device
 
-        texts = [self._chat_prompt(p, with_image=False) for p in prompts]
-        enc = processor(text=texts, generation_mode="image", return_tensors="pt", padding=True, padding_side="left")
-        cond_ids = enc["input_ids"].repeat_interleave(num_images, dim=0).to(device)
-        mask = enc["attention_mask"].repeat_interleave(num_images, dim=0).to(device)
+        cond_ids, mask = self._generation_prompt(prompts)
+        cond_ids, mask = cond_ids.repeat_interleave(num_images, dim=0), mask.repeat_interleave(num_images, dim=0)
         # Classifier-free guidance: the unconditional half keeps only BOS and BOI.
         uncond_ids = cond_ids.masked_fill((cond_ids != bos_id) & (cond_ids != boi_id), pad_id)
         input_ids = torch.cat([cond_ids, uncond_ids])
