@@ -3,12 +3,15 @@
 Step-time and peak-memory overhead of UniGame against a plain `transformers.Trainer` step on the same model and batch.
 
 ```bash
-python benchmarks/step_overhead.py                      # tiny random Janus on CPU
+python benchmarks/step_overhead.py                      # tiny random Janus on CPU (Python overhead dominates)
+python benchmarks/step_overhead.py --preset compute     # a 25M-parameter Janus whose step is compute-bound on CPU
 python benchmarks/step_overhead.py --model_name_or_path deepseek-community/Janus-Pro-1B --batch_size 4 --dtype bfloat16
 ```
 
 Each variant runs in its own process (so peak memory is its own) for `--steps` optimizer steps; the median step
-time after `--warmup` steps is compared. Prints one line per variant and the ratios to the plain step.
+time after `--warmup` steps is compared. Prints one line per variant and the ratios to the plain step, and the
+mining throughput (image tokens per second) of `generate_images` against transformers'
+`generate(generation_mode="image")` on the same model, batch, guidance and token count. `--output_json` keeps it all.
 """
 
 import argparse
@@ -24,9 +27,88 @@ import time
 VARIANTS = {
     "plain": "plain Trainer step (clean loss only)",
     "game_no_mining": "UniGame step without mining (perturber step + clean + buffer)",
+    "game_no_mining_first_order": "UniGame step without mining, first-order perturber step",
     "game_m1": "UniGame step, mining every step (m = 1, the default)",
     "game_m4": "UniGame step, mining every 4 steps (m = 4)",
+    "game_m4_first_order": "UniGame step, mining every 4 steps, first-order perturber step",
+    "authors": "the authors' structure: separate buffer step, mining every step",
 }
+
+
+def build_model(args):
+    """The benchmark's model: a checkpoint, the tiny random Janus, or the compute-bound preset (LLM hidden 512,
+    6 layers, 64 image tokens, random weights)."""
+    import torch
+
+    from trl_unigame.testing import tiny_janus
+
+    if args.model_name_or_path:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=getattr(torch, args.dtype))
+        return model, AutoProcessor.from_pretrained(args.model_name_or_path)
+    if args.preset == "tiny":
+        return tiny_janus(seed=0)
+    from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor
+
+    from trl_unigame.testing import tiny_janus_config
+
+    _, processor = tiny_janus(seed=0)
+    config = tiny_janus_config(vocab_size=len(processor.tokenizer), hidden_size=512).to_dict()
+    config["text_config"].update(
+        num_hidden_layers=6, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=8
+    )
+    config["vision_config"].update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, image_size=32)
+    config["vision_config"]["num_image_tokens"] = 64
+    config["vq_config"].update(num_patches=8)
+    for key in ("model_type", "transformers_version", "architectures"):
+        config.pop(key, None)
+    torch.manual_seed(0)
+    model = JanusForConditionalGeneration(JanusConfig(**config))
+    model.generation_config = tiny_janus(seed=0)[0].generation_config
+    processor = JanusProcessor(
+        image_processor=JanusImageProcessorPil(size={"height": 32, "width": 32}, min_size=4),
+        tokenizer=processor.tokenizer,
+        chat_template=processor.chat_template,
+        num_image_tokens=64,
+    )
+    return model, processor
+
+
+def mining_throughput(args) -> dict:
+    """Image tokens per second of `generate_images` and of transformers' `generate(generation_mode="image")`, greedy,
+    same prompts, batch, guidance and token count."""
+    import torch
+
+    from trl_unigame import get_interface
+
+    model, processor = build_model(args)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    model.eval()
+    interface = get_interface(model, processor)
+    prompts = [f"A red square number {i}." for i in range(args.batch_size * args.num_candidates)]
+    texts = [interface._chat_prompt(p, with_image=False) for p in prompts]
+    enc = processor(text=texts, generation_mode="image", return_tensors="pt", padding=True).to(interface.device)
+    runs = {
+        "generate_images": lambda: interface.generate_images(prompts, guidance_scale=3.0, temperature=0.0),
+        "transformers_generate": lambda: model.generate(
+            **enc, generation_mode="image", do_sample=False, guidance_scale=3.0
+        ),
+    }
+    result = {}
+    with torch.no_grad():
+        for name, run in runs.items():
+            run()  # warm-up
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                run()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            result[name] = len(prompts) * interface.num_image_tokens / statistics.median(times)
+    return result
 
 
 def run_variant(variant, args):
@@ -35,15 +117,9 @@ def run_variant(variant, args):
     from transformers import Trainer, TrainerCallback
 
     from trl_unigame import UniGameConfig, UniGameTrainer, get_interface
-    from trl_unigame.testing import tiny_janus, tiny_vqa_dataset
+    from trl_unigame.testing import tiny_vqa_dataset
 
-    if args.model_name_or_path:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=getattr(torch, args.dtype))
-        processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-    else:
-        model, processor = tiny_janus(seed=0)
+    model, processor = build_model(args)
     data = tiny_vqa_dataset(args.batch_size * (args.steps + 1), seed=0, image_size=64)
     on_gpu = torch.cuda.is_available()
     if on_gpu:
@@ -59,7 +135,9 @@ def run_variant(variant, args):
         use_cpu=not on_gpu,
         bf16=args.dtype == "bfloat16" and on_gpu,
         consistency_model=None,
-        mining_interval={"game_no_mining": 0, "game_m1": 1, "game_m4": 4}.get(variant, 1),
+        mining_interval=0 if "no_mining" in variant else 4 if "m4" in variant else 1,
+        perturber_update="first_order" if variant.endswith("first_order") else "exact",
+        understanding_update="separate" if variant == "authors" else "mixed",
         num_candidates=args.num_candidates,
         buffer_batch_size=args.batch_size,
         hardness_quantile=0.0,
@@ -108,30 +186,36 @@ def run_variant(variant, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default=None)
+    parser.add_argument("--preset", choices=["tiny", "compute"], default="tiny", help="Model built in code.")
+    parser.add_argument("--output_json", default=None)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--num_candidates", type=int, default=3)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--output_dir", default="/tmp/unigame-benchmark")
-    parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=list(VARIANTS) + ["mining"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.variant == "mining":
+        return print(json.dumps(mining_throughput(args)))
     if args.variant:
         return run_variant(args.variant, args)
 
     results = {}
-    for variant in VARIANTS:
+    for variant in list(VARIANTS) + ["mining"]:
         command = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
         out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if out.returncode:
             sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    mining = results.pop("mining")
     base = results["plain"]
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    model_name = args.model_name_or_path or {"tiny": "tiny random Janus", "compute": "compute preset"}[args.preset]
     print(
-        f"device: {device}; model: {args.model_name_or_path or 'tiny random Janus'}; batch {args.batch_size}; "
+        f"device: {device}; model: {model_name}; batch {args.batch_size}; "
         f"K = {args.num_candidates}; median of steps {args.warmup + 1}..{args.steps}"
     )
     print(f"{'variant':<16} {'step (ms)':>10} {'time ratio':>11} {'peak memory ratio':>18}  description")
@@ -140,6 +224,19 @@ def main():
             f"{variant:<16} {1e3 * r['step_s']:>10.1f} {r['step_s'] / base['step_s']:>11.2f} "
             f"{r['peak_bytes'] / base['peak_bytes']:>18.2f}  {VARIANTS[variant]}"
         )
+    ratio = mining["generate_images"] / mining["transformers_generate"]
+    print(
+        f"mining throughput (greedy, guidance 3, batch {args.batch_size * args.num_candidates}): generate_images "
+        f"{mining['generate_images']:.0f} image tokens/s, transformers' generate {mining['transformers_generate']:.0f} "
+        f"({ratio:.2f}x)"
+    )
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(
+                {"device": device, "model": model_name, "args": vars(args), "variants": results, "mining": mining},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":
