@@ -7,11 +7,23 @@ from .base import (
     to_pil_images,
     unwrap_model,
 )
+from .emu3 import Emu3Interface
+from .idefics3 import Idefics3Interface
 from .janus import JanusInterface
+from .llava import LlavaInterface
+from .paligemma import PaliGemmaInterface
+from .qwen2_vl import Qwen2VLInterface
+from .vlm import UnderstandingOnlyInterface
 
 
 __all__ = [
+    "Emu3Interface",
+    "Idefics3Interface",
     "JanusInterface",
+    "LlavaInterface",
+    "PaliGemmaInterface",
+    "Qwen2VLInterface",
+    "UnderstandingOnlyInterface",
     "UnsupportedModelError",
     "VisualTokenInterface",
     "get_interface",
