@@ -11,7 +11,9 @@ import torch
 from peft import LoraConfig
 
 from trl_unigame import Perturber, PerturberConfig, UniGameConfig, UniGameTrainer, UnsupportedModelError, get_interface
+from trl_unigame.interfaces import quantization_skip_modules_for
 from trl_unigame.testing import tiny_emu3, tiny_janus, tiny_llava, tiny_qwen2_vl
+from trl_unigame.unigame_trainer import prepare_understanding_player
 
 
 BUILDERS = {"janus": tiny_janus, "emu3": tiny_emu3, "llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}
@@ -241,3 +243,24 @@ def test_unsupported_model_error_lists_the_families(non_unified_model):
     for family in ("janus", "emu3", "llava", "qwen2_vl", "idefics3", "paligemma", "understanding only"):
         assert family in message
     assert "docs/models.md" in message
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_fine_tuning_trains_the_llm_only(family, vqa_inputs):
+    model, processor, interface = build(family)
+    model = prepare_understanding_player(model, interface, peft_config=None)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    frozen_site = {id(p) for p in interface.understanding_site.parameters()}
+    assert trainable and all(interface.is_understanding_parameter(n) for n in trainable)
+    assert not any(id(p) in frozen_site and p.requires_grad for p in model.parameters()), "the site stays frozen"
+    interface.understanding_loss(model, vqa_inputs(interface, 2)).mean().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantization_skip_modules_known_before_loading(family, tmp_path):
+    model, processor = BUILDERS[family](seed=0, save_dir=str(tmp_path))
+    expected = get_interface(model, processor).quantization_skip_modules
+    assert quantization_skip_modules_for(str(tmp_path)) == expected
+    names = {n for n, _ in model.named_modules()}
+    assert expected and all(name in names for name in expected)

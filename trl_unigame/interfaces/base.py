@@ -202,6 +202,25 @@ def get_interface(model: nn.Module, processor=None) -> VisualTokenInterface:
     )
 
 
+def quantization_skip_modules_for(pretrained_model_name_or_path: str, **config_kwargs) -> list[str]:
+    """The modules to keep out of 4-bit quantization for a checkpoint, known before its weights are loaded (a
+    `BitsAndBytesConfig` needs them up front): the family is read from an empty model built on the meta device.
+
+    Args:
+        pretrained_model_name_or_path (`str`): Hub id or folder of an image-text-to-text checkpoint.
+        **config_kwargs: Passed to `AutoConfig.from_pretrained` (e.g. `revision`).
+
+    Raises:
+        UnsupportedModelError: when no registered interface knows the model.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    return get_interface(skeleton).quantization_skip_modules
+
+
 # ----------------------------------------------------------------------------------------------- shared helpers
 def append_answers(
     encoded: dict[str, Any],
