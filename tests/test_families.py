@@ -1,6 +1,6 @@
 """One matrix of game-level behaviours over every model family that has a tiny offline fixture.
 
-Unified families (Janus, Emu3) generate, so mining applies; understanding-only VLMs (LLaVA, Qwen2-VL) play the
+Unified families (Janus, Emu3) generate, so mining applies; understanding-only VLMs (LLaVA, Qwen2-VL, Idefics3, PaliGemma) play the
 embedding-space game. A new family adds its fixture to `BUILDERS` (and to `GENERATIVE` when it generates images).
 """
 
@@ -12,11 +12,18 @@ from peft import LoraConfig
 
 from trl_unigame import Perturber, PerturberConfig, UniGameConfig, UniGameTrainer, UnsupportedModelError, get_interface
 from trl_unigame.interfaces import quantization_skip_modules_for
-from trl_unigame.testing import tiny_emu3, tiny_janus, tiny_llava, tiny_qwen2_vl
+from trl_unigame.testing import tiny_emu3, tiny_idefics3, tiny_janus, tiny_llava, tiny_paligemma, tiny_qwen2_vl
 from trl_unigame.unigame_trainer import prepare_understanding_player
 
 
-BUILDERS = {"janus": tiny_janus, "emu3": tiny_emu3, "llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}
+BUILDERS = {
+    "janus": tiny_janus,
+    "emu3": tiny_emu3,
+    "llava": tiny_llava,
+    "qwen2_vl": tiny_qwen2_vl,
+    "idefics3": tiny_idefics3,
+    "paligemma": tiny_paligemma,
+}
 FAMILIES = list(BUILDERS)
 GENERATIVE = ["janus", "emu3"]
 UNDERSTANDING_ONLY = [f for f in FAMILIES if f not in GENERATIVE]

@@ -519,3 +519,94 @@ def tiny_qwen2_vl(seed: int = 0, save_dir: str | None = None, **from_pretrained_
         return _save_and_reload(
             model, processor, path, Qwen2VLForConditionalGeneration, processor_cls, **from_pretrained_kwargs
         )
+
+
+def tiny_idefics3(seed: int = 0, save_dir: str | None = None, **from_pretrained_kwargs):
+    """Returns `(model, processor)`: a tiny random `Idefics3ForConditionalGeneration` (16 visual tokens per 32x32
+    image, no image splitting) and a real `Idefics3Processor`, written to a directory and loaded back.
+
+    Args:
+        seed (`int`, *optional*, defaults to `0`): Seed of the random weights.
+        save_dir (`str`, *optional*): Where to write the checkpoint; a temporary directory when not given.
+        **from_pretrained_kwargs: Passed to `Idefics3ForConditionalGeneration.from_pretrained`.
+    """
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    size = TINY_FAMILY_IMAGE_SIZE
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_dir or tmp
+        os.makedirs(path, exist_ok=True)
+        added = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+        tokenizer = _family_tokenizer(path, added, {"image_token": "<image>"})
+        image_processor = Idefics3ImageProcessorPil(
+            size={"longest_edge": size}, max_image_size={"longest_edge": size}, do_image_splitting=False
+        )
+        processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16)
+        config = Idefics3Config(
+            vision_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": size,
+                "patch_size": 4,
+            },
+            text_config=_tiny_text_config(tokenizer),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            scale_factor=2,  # 8x8 patches, pixel-shuffled to 4x4 = 16 visual tokens
+        )
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(config)
+        return _save_and_reload(
+            model, processor, path, Idefics3ForConditionalGeneration, Idefics3Processor, **from_pretrained_kwargs
+        )
+
+
+def tiny_paligemma(seed: int = 0, save_dir: str | None = None, **from_pretrained_kwargs):
+    """Returns `(model, processor)`: a tiny random `PaliGemmaForConditionalGeneration` (SigLIP tower, Gemma LLM, 16
+    visual tokens per 16x16 image) and a real `PaliGemmaProcessor`, written to a directory and loaded back.
+
+    Args:
+        seed (`int`, *optional*, defaults to `0`): Seed of the random weights.
+        save_dir (`str`, *optional*): Where to write the checkpoint; a temporary directory when not given.
+        **from_pretrained_kwargs: Passed to `PaliGemmaForConditionalGeneration.from_pretrained`.
+    """
+    from transformers import (
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessorPil,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_dir or tmp
+        os.makedirs(path, exist_ok=True)
+        tokenizer = _family_tokenizer(path, ["<image>"], {"image_token": "<image>"})
+        image_processor = SiglipImageProcessorPil(size={"height": 16, "width": 16})
+        image_processor.image_seq_length = 16  # PaliGemmaProcessor reads it from the image processor
+        processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        config = PaliGemmaConfig(
+            vision_config={
+                "model_type": "siglip_vision_model",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 16,
+                "patch_size": 4,
+                "projection_dim": 32,
+            },
+            text_config=_tiny_text_config(tokenizer, model_type="gemma", head_dim=8, num_image_tokens=16),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            projection_dim=32,
+        )
+        torch.manual_seed(seed)
+        model = PaliGemmaForConditionalGeneration(config)
+        return _save_and_reload(
+            model, processor, path, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, **from_pretrained_kwargs
+        )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import register_interface
-from .vlm import UnderstandingOnlyInterface
+from .vlm import LLM_PROJECTIONS, UnderstandingOnlyInterface
 
 
 @register_interface
@@ -15,3 +15,8 @@ class Idefics3Interface(UnderstandingOnlyInterface):
     MODEL_CLASSES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     UNDERSTANDING_SITE = "model.connector"
     QUANTIZATION_SKIP_MODULES = ("model.connector", "lm_head")
+    understanding_parameter_prefixes = ("model.text_model.", "lm_head.")
+
+    @property
+    def lora_target_modules(self) -> str:
+        return rf".*text_model\..*\.({LLM_PROJECTIONS})"  # the LLM is `model.text_model` here

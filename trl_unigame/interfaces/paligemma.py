@@ -19,4 +19,4 @@ class PaliGemmaInterface(UnderstandingOnlyInterface):
     QUANTIZATION_SKIP_MODULES = ("model.multi_modal_projector", "lm_head")
 
     def _chat_prompt(self, text: str) -> str:
-        return text  # the processor adds the image tokens, BOS and the closing newline
+        return f"{self._require_processor().image_token}{text}"  # the processor adds BOS and the closing newline
