@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig
 
 from trl_unigame import Perturber, PerturberConfig, UniGameConfig, UniGameTrainer, UnsupportedModelError, get_interface
-from trl_unigame.interfaces import quantization_skip_modules_for
+from trl_unigame.interfaces import Emu3Interface, LlavaInterface, quantization_skip_modules_for
 from trl_unigame.testing import tiny_emu3, tiny_idefics3, tiny_janus, tiny_llava, tiny_paligemma, tiny_qwen2_vl
 from trl_unigame.unigame_trainer import prepare_understanding_player
 
@@ -271,3 +271,32 @@ def test_quantization_skip_modules_known_before_loading(family, tmp_path):
     assert quantization_skip_modules_for(str(tmp_path)) == expected
     names = {n for n, _ in model.named_modules()}
     assert expected and all(name in names for name in expected)
+
+
+@pytest.mark.parametrize("family", ["emu3", "llava"])
+def test_example_real_path_picks_the_family(family, tmp_path, vqa):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    from train_janus import main, make_parser
+
+    BUILDERS[family](seed=0, save_dir=str(tmp_path / "model"))
+    vqa.select(range(4)).to_parquet(str(tmp_path / "train.parquet"))
+    argv = [
+        "--model_name_or_path", str(tmp_path / "model"), "--dtype", "float32",
+        "--dataset_name", "parquet", "--dataset_data_files", str(tmp_path / "train.parquet"),
+        "--consistency_model", "none", "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
+        "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--per_device_train_batch_size", "2",
+        "--num_candidates", "1", "--report_to", "none", "--use_cpu", "true", "--bf16", "false",
+        "--disable_tqdm", "true", "--save_steps", "100",
+    ]  # fmt: skip
+    if family not in GENERATIVE:
+        argv += ["--perturbed_weight", "0.5"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = main(*make_parser().parse_args_and_config(args=argv))
+    assert type(trainer.interface) is type(get_interface(trainer.model))
+    assert type(trainer.interface) is {"emu3": Emu3Interface, "llava": LlavaInterface}[family]
+    assert (len(trainer.buffer) > 0) == (family in GENERATIVE)
+    assert (tmp_path / "run" / "perturber" / "model.safetensors").is_file()
