@@ -1,6 +1,7 @@
 # Copyright 2026 The trl-unigame authors. Licensed under the Apache License, Version 2.0.
 """
-UniGame self-adversarial post-training of Janus / Janus-Pro.
+UniGame self-adversarial post-training of Janus / Janus-Pro, or of any model family in docs/models.md (Emu3; LLaVA,
+Qwen2-VL, ... in the embedding-only game): `--model_name_or_path` picks the family by itself.
 
 With no arguments, trains a tiny random Janus on a synthetic VQA dataset, offline on a CPU, in about a minute:
 
@@ -123,10 +124,12 @@ def load_model_and_data(script_args, training_args, model_args):
         dtype=dtype,
     )
     if quantization_config is not None:
-        from trl_unigame.interfaces import JanusInterface
+        from trl_unigame.interfaces import quantization_skip_modules_for
 
-        # Keep the small generation projections and the VQ model out of 4-bit.
-        quantization_config.llm_int8_skip_modules = list(JanusInterface.QUANTIZATION_SKIP_MODULES)
+        # Keep the model family's small projections and VQ model out of 4-bit (see docs/models.md).
+        quantization_config.llm_int8_skip_modules = quantization_skip_modules_for(
+            model_args.model_name_or_path, revision=model_args.model_revision
+        )
         model_kwargs["quantization_config"] = quantization_config
         from accelerate import PartialState
 

@@ -269,6 +269,10 @@ class Perturber(
         """
         interface = get_interface(model)
         overrides.setdefault("base_model_name_or_path", getattr(interface.base_model, "name_or_path", None) or None)
+        if not interface.can_generate:
+            # An understanding-only model has no generation site: the perturber acts where the model has one.
+            sites = [s for s in overrides.get("sites", PERTURBER_SITES) if s != "generation"]
+            overrides["sites"] = sites or ["understanding"]
         perturber = cls(PerturberConfig(hidden_size=interface.hidden_size, **overrides))
         param = next(interface.base_model.parameters())
         return perturber.to(param.device)
@@ -276,9 +280,12 @@ class Perturber(
     def attach(self, model: nn.Module) -> "Perturber":
         """Registers the perturbation on the model's interface sites (see `config.sites`). Returns `self`.
 
+        A site the model lacks (the generation site of an understanding-only VLM) is skipped. Where the interface
+        gives a [`~VisualTokenInterface.site_mask`], only the masked positions of the site's output are perturbed.
+
         Raises:
             UnsupportedModelError: when the model has no known visual interface.
-            ValueError: when the model's hidden size differs from the perturber's.
+            ValueError: when the model's hidden size differs from the perturber's, or it has none of its sites.
         """
         interface = get_interface(model)
         if interface.hidden_size != self.config.hidden_size:
@@ -287,10 +294,17 @@ class Perturber(
                 f"have hidden size {interface.hidden_size}. Load a perturber trained for this model or build one with "
                 "`Perturber.for_model(model)`."
             )
-        self.detach()
         sites = {"understanding": interface.understanding_site, "generation": interface.generation_site}
-        for name in self.config.sites:
-            self._handles.append(sites[name].register_forward_hook(functools.partial(self._hook, site=name)))
+        present = [name for name in self.config.sites if sites[name] is not None]
+        if not present:
+            raise ValueError(
+                f"This perturber acts at {self.config.sites}, but {type(interface.base_model).__name__} has no such "
+                "site (it cannot generate images): build one with `sites=['understanding']`."
+            )
+        self.detach()
+        for name in present:
+            hook = functools.partial(self._hook, site=name, mask_fn=interface.site_mask(name))
+            self._handles.append(sites[name].register_forward_hook(hook))
         return self
 
     def detach(self) -> "Perturber":
@@ -304,10 +318,18 @@ class Perturber(
     def is_attached(self) -> bool:
         return bool(self._handles)
 
-    def _hook(self, module, args, output, site: str = "understanding"):
+    def _hook(self, module, args, output, site: str = "understanding", mask_fn=None):
         if not self.enabled:
             return output
-        return self(output, site)
+        mask = mask_fn(module, args, output) if mask_fn is not None else None
+        if mask is None:
+            return self(output, site)
+        if not mask.any():
+            return output
+        # Only the visual-token positions are perturbed (and recorded); the others pass through unchanged.
+        perturbed = output.clone()
+        perturbed[mask] = self(output[mask], site)
+        return perturbed
 
     @contextlib.contextmanager
     def active(self, enabled: bool = True):

@@ -60,7 +60,7 @@ class _StackedGame(UniGameMixin):
             model = AutoModelForImageTextToText.from_pretrained(model)
         interface = get_interface(model, kwargs.get("processing_class"))
         if args is not None:
-            consistency_scorer = load_consistency_scorer(args, consistency_scorer)
+            consistency_scorer = load_consistency_scorer(args, consistency_scorer, can_mine=interface.can_generate)
         if peft_config is not None and getattr(peft_config, "target_modules", None) is None:
             peft_config.target_modules = interface.lora_target_modules
         check_columns(

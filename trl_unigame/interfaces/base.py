@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -66,6 +66,8 @@ class VisualTokenInterface(ABC):
 
     #: Name of the model family, shown in error messages.
     family: str = ""
+    #: Parameter-name prefixes of the LLM (and its head) that train when no LoRA is used.
+    understanding_parameter_prefixes: tuple[str, ...] = ("model.language_model.", "lm_head.")
 
     def __init__(self, model: nn.Module, processor=None):
         self.model = model
@@ -99,8 +101,31 @@ class VisualTokenInterface(ABC):
 
     @property
     @abstractmethod
-    def generation_site(self) -> nn.Module:
-        """Module whose output is the embedding of each sampled image token fed back during generation."""
+    def generation_site(self) -> nn.Module | None:
+        """Module whose output is the embedding of each sampled image token fed back during generation, or `None` for
+        a model that cannot generate images (an understanding-only VLM)."""
+
+    @property
+    def can_generate(self) -> bool:
+        """Whether the model generates images (and so whether decoded hard samples can be mined)."""
+        return self.generation_site is not None
+
+    def site_mask(self, site: str) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None] | None:
+        """Which positions of a site's output are visual tokens, when not all of them are.
+
+        Returns `None` (the default) when every position of the site's output is a visual token. Otherwise returns a
+        callable `(module, args, output) -> mask` that the perturber's forward hook calls: `mask` is a boolean tensor
+        of shape `output.shape[:-1]` (only its `True` positions are perturbed), or `None` to perturb every position.
+        Emu3 uses it: its site is the LLM's `embed_tokens`, which embeds text and visual tokens alike.
+
+        Args:
+            site (`str`): `"understanding"` or `"generation"`.
+        """
+        return None
+
+    def is_understanding_parameter(self, name: str) -> bool:
+        """Whether the parameter `name` belongs to the understanding player when the whole LLM trains (no LoRA)."""
+        return name.startswith(self.understanding_parameter_prefixes)
 
     @property
     @abstractmethod
@@ -120,7 +145,6 @@ class VisualTokenInterface(ABC):
     def understanding_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Returns one cross-entropy per sample (mean over that sample's answer tokens), shape `(batch,)`."""
 
-    @abstractmethod
     def generate_images(
         self,
         prompts: list[str],
@@ -130,7 +154,12 @@ class VisualTokenInterface(ABC):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Generates `num_images` images per prompt; returns pixels in `[0, 1]`, `(len(prompts) * num_images, 3, H, W)`,
-        at the size the understanding side expects, grouped by prompt."""
+        at the size the understanding side expects, grouped by prompt.
+
+        Raises:
+            NotImplementedError: for a model that cannot generate images (`can_generate` is `False`).
+        """
+        raise NotImplementedError(f"{type(self.base_model).__name__} cannot generate images.")
 
     def generation_loss(self, model: nn.Module, prompts: list[str], images: torch.Tensor) -> torch.Tensor:
         """One cross-entropy per sample of generating `images` (`[0, 1]`, `(B, 3, H, W)`) from `prompts`: the model's
@@ -158,6 +187,7 @@ def register_interface(interface_cls: type[VisualTokenInterface]) -> type[Visual
 
 
 def supported_families() -> list[str]:
+    """Names of the registered model families, most recently registered first."""
     return [cls.family for cls in _REGISTRY]
 
 
@@ -173,6 +203,93 @@ def get_interface(model: nn.Module, processor=None) -> VisualTokenInterface:
             return cls(model, processor)
     raise UnsupportedModelError(
         f"{type(base).__name__} has no known shared visual-token interface. Supported model families: "
-        f"{', '.join(supported_families())}. To add one, subclass `trl_unigame.VisualTokenInterface` (see "
-        "`trl_unigame/interfaces/janus.py`) and register it with `trl_unigame.register_interface`."
+        f"{'; '.join(supported_families())}. To add one, subclass `trl_unigame.VisualTokenInterface` (see "
+        "`trl_unigame/interfaces/janus.py` and docs/models.md) and register it with `trl_unigame.register_interface`."
     )
+
+
+def quantization_skip_modules_for(pretrained_model_name_or_path: str, **config_kwargs) -> list[str]:
+    """The modules to keep out of 4-bit quantization for a checkpoint, known before its weights are loaded (a
+    `BitsAndBytesConfig` needs them up front): the family is read from an empty model built on the meta device.
+
+    Args:
+        pretrained_model_name_or_path (`str`): Hub id or folder of an image-text-to-text checkpoint.
+        **config_kwargs: Passed to `AutoConfig.from_pretrained` (e.g. `revision`).
+
+    Raises:
+        UnsupportedModelError: when no registered interface knows the model.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    return get_interface(skeleton).quantization_skip_modules
+
+
+# ----------------------------------------------------------------------------------------------- shared helpers
+def append_answers(
+    encoded: dict[str, Any],
+    answers: list[str],
+    tokenizer,
+    per_token_keys: tuple[str, ...] = (),
+    answer_token_type: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Appends each answer (and EOS) to processor-encoded prompts and left-pads the result again, so that every
+    answer ends the sequence; `labels` are -100 except on the answer and EOS.
+
+    Args:
+        encoded (`dict`):
+            Processor output with `return_tensors="pt"`, padded on either side, with `input_ids` and `attention_mask`.
+            Keys that are not per-token (pixel values, grid sizes) are passed through unchanged.
+        answers (`list[str]`): One answer per row.
+        tokenizer: The processor's tokenizer.
+        per_token_keys (`tuple[str]`):
+            Other per-token tensors of `encoded` (e.g. `token_type_ids`) to extend with `answer_token_type` over the
+            answer and pad with 0.
+        answer_token_type (`int`): Value of the `per_token_keys` tensors on the answer.
+    """
+    keys = [k for k in per_token_keys if k in encoded]
+    eos = tokenizer.eos_token_id
+    rows = []
+    for i, answer in enumerate(answers):
+        keep = encoded["attention_mask"][i].bool()
+        prompt = encoded["input_ids"][i][keep]
+        answer_ids = torch.tensor(tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [eos])
+        row = {
+            "input_ids": torch.cat([prompt, answer_ids]),
+            "labels": torch.cat([torch.full_like(prompt, -100), answer_ids]),
+        }
+        for k in keys:
+            row[k] = torch.cat([encoded[k][i][keep], torch.full_like(answer_ids, answer_token_type)])
+        rows.append(row)
+    length = max(len(r["input_ids"]) for r in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    fills = {"input_ids": pad_id, "labels": -100, "attention_mask": 0, **dict.fromkeys(keys, 0)}
+    out = {k: torch.full((len(rows), length), fill, dtype=torch.long) for k, fill in fills.items()}
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        for k in ("input_ids", "labels", *keys):
+            out[k][i, length - n :] = row[k]
+        out["attention_mask"][i, length - n :] = 1
+    for k, v in encoded.items():
+        if k not in out:
+            out[k] = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+    return out
+
+
+def per_sample_answer_loss(model: nn.Module, inputs: dict[str, torch.Tensor], **model_inputs) -> torch.Tensor:
+    """One cross-entropy per sample, the mean over its labelled (answer) tokens, shape `(batch,)`.
+
+    Inputs are left-padded (see [`append_answers`]), so every answer sits at the end and only the last positions need
+    logits. `model_inputs` are the model's inputs (everything but the labels).
+    """
+    labels = inputs["labels"]
+    answer_span = int((labels != -100).int().argmax(-1).min().item()) if labels.numel() else 0
+    keep = labels.shape[1] - answer_span + 1
+    outputs = model(**model_inputs, logits_to_keep=keep, use_cache=False)
+    logits = outputs.logits[:, -keep:-1].float()
+    targets = labels[:, -(keep - 1) :]
+    token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    counts = (targets != -100).sum(-1).clamp(min=1)
+    return token_loss.sum(-1) / counts

@@ -1,0 +1,257 @@
+"""Shared visual-token interface of Emu3 (`transformers.Emu3ForConditionalGeneration`)."""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+from torch import nn
+
+from .base import VisualTokenInterface, append_answers, per_sample_answer_loss, register_interface, to_pil_images
+
+
+_LLM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+# Models inside `Emu3Interface.generate_images`: while a model is in it, its `embed_tokens` is the generation site.
+_GENERATING: weakref.WeakSet = weakref.WeakSet()
+
+
+@register_interface
+class Emu3Interface(VisualTokenInterface):
+    """Emu3 (`Emu3ForConditionalGeneration`, e.g. `BAAI/Emu3-Chat-hf`, `BAAI/Emu3-Gen-hf`).
+
+    Both paths carry images as discrete VQ codes written as `<|visual token%06d|>` ids of the LLM's vocabulary, which
+    the LLM's own `embed_tokens` embeds. So the shared interface is the embeddings at visual-token ids, and both sites
+    are `embed_tokens` with a [`~VisualTokenInterface.site_mask`]:
+
+    - Understanding site: `embed_tokens`, at visual-token ids, outside image generation (the VQ encoder's codes of the
+      input image, embedded by `get_image_features`). Text tokens, the end-of-line token and the image placeholders
+      are never perturbed.
+    - Generation site: `embed_tokens`, at visual-token ids, inside [`~Emu3Interface.generate_images`]: the embedding
+      of each sampled visual token before it is fed back.
+
+    An image of `h x w` codes takes `h * (w + 1)` tokens (an end-of-line token ends each row): about 8,190 for the
+    default 720 px generation size, against 576 for Janus-Pro, so mining is far more expensive.
+    """
+
+    family = "emu3 (Emu3ForConditionalGeneration: Emu3-Chat-hf, Emu3-Gen-hf)"
+    understanding_parameter_prefixes = ("model.text_model.", "lm_head.")
+    #: Kept out of 4-bit quantization: the VQ model and the LM head.
+    QUANTIZATION_SKIP_MODULES = ("model.vqmodel", "lm_head")
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        from transformers import Emu3ForConditionalGeneration
+
+        return isinstance(model, Emu3ForConditionalGeneration)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.text_config.hidden_size
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.base_model.get_input_embeddings()
+
+    @property
+    def understanding_site(self) -> nn.Module:
+        return self.embed_tokens
+
+    @property
+    def generation_site(self) -> nn.Module:
+        return self.embed_tokens
+
+    @property
+    def lora_target_modules(self) -> str:
+        return rf".*text_model\..*\.({_LLM_PROJECTIONS})"
+
+    @property
+    def quantization_skip_modules(self) -> list[str]:
+        return list(self.QUANTIZATION_SKIP_MODULES)
+
+    def is_understanding_parameter(self, name: str) -> bool:
+        # `embed_tokens` holds the shared visual-token interface itself: it stays frozen like Janus's aligners.
+        return super().is_understanding_parameter(name) and "embed_tokens" not in name
+
+    @property
+    def mapping(self):
+        return self.base_model.vocabulary_mapping
+
+    def visual_token_ids(self, device=None) -> torch.Tensor:
+        """The vocabulary ids of the visual tokens, sorted by codebook index."""
+        return torch.tensor(self.mapping.image_tokens, dtype=torch.long, device=device)
+
+    def site_mask(self, site):
+        model = self.base_model
+        generating = site == "generation"
+        visual = self.visual_token_ids()
+
+        def mask(module, args, output):
+            ids = args[0] if args else None
+            if not isinstance(ids, torch.Tensor) or (model in _GENERATING) != generating:
+                return torch.zeros(output.shape[:-1], dtype=torch.bool, device=output.device)
+            return torch.isin(ids, visual.to(ids.device))
+
+        return mask
+
+    def _require_processor(self):
+        if self.processor is None:
+            raise ValueError("This operation needs the model's processor: pass `processor=` to `get_interface`.")
+        return self.processor
+
+    def _chat_prompt(self, text: str) -> str:
+        processor = self._require_processor()
+        if getattr(processor, "chat_template", None):
+            content = [{"type": "image"}, {"type": "text", "text": text}]
+            return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return f"USER: {processor.image_token}{text} ASSISTANT:"
+
+    # ----------------------------------------------------------------------------------------------- understanding
+    def _encode(self, images, questions):
+        processor = self._require_processor()
+        prompts = [self._chat_prompt(q) for q in questions]
+        return processor(
+            text=prompts, images=to_pil_images(images), return_tensors="pt", padding=True, padding_side="left"
+        )
+
+    def build_understanding_inputs(self, images, questions, answers):
+        """Left-padded `input_ids`, `attention_mask`, `pixel_values`, `image_sizes` and `labels` (-100 except answer
+        and EOS).
+
+        Args:
+            images: PIL images, or a float tensor `(B, 3, H, W)` in `[0, 1]`, or uint8 tensors.
+            questions (`list[str]`): One question per image.
+            answers (`list[str]`): One answer per image.
+        """
+        if not (len(images) == len(questions) == len(answers)):
+            raise ValueError(
+                f"Got {len(images)} images, {len(questions)} questions and {len(answers)} answers; they must match."
+            )
+        encoded = self._encode(images, questions)
+        return append_answers(dict(encoded), answers, self._require_processor().tokenizer)
+
+    def understanding_loss(self, model, inputs):
+        return per_sample_answer_loss(
+            model,
+            inputs,
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"].to(self.dtype),
+            image_sizes=inputs["image_sizes"],
+        )
+
+    def _to_unit_range(self, pixels: torch.Tensor) -> torch.Tensor:
+        image_processor = self._require_processor().image_processor
+        mean = torch.tensor(image_processor.image_mean, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(image_processor.image_std, device=pixels.device).view(1, -1, 1, 1)
+        return (pixels.float() * std + mean).clamp(0, 1)
+
+    def source_images(self, inputs):
+        pixels = inputs.get("pixel_values")
+        if pixels is None or self.processor is None:
+            return None
+        return self._to_unit_range(pixels)
+
+    @torch.no_grad()
+    def answer(self, model, images, questions, max_new_tokens=16):
+        tokenizer = self._require_processor().tokenizer
+        inputs = self._encode(images, questions)
+        device = self.device
+        inputs = {k: v.to(device, self.dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    # ----------------------------------------------------------------------------------------------- generation
+    @property
+    def generation_area(self) -> int:
+        """Pixel area of generated images: the processor's `image_area` within the image processor's pixel range."""
+        processor = self._require_processor()
+        image_processor = processor.image_processor
+        return min(max(processor.image_area, image_processor.min_pixels), image_processor.max_pixels)
+
+    @torch.no_grad()
+    def generate_images(self, prompts, num_images=1, guidance_scale=5.0, temperature=1.0, generator=None):
+        """Samples `num_images` images per prompt with classifier-free guidance (the unconditional branch sees an
+        empty prompt) and a forced grammar: `w` visual tokens then an end-of-line token, for each of `h` rows. The
+        codes are decoded by the VQ decoder; pixels come back in `[0, 1]` at the generation size (`generation_area`,
+        which the understanding path accepts as it is)."""
+        processor = self._require_processor()
+        tokenizer = processor.tokenizer
+        model = self.base_model
+        lm = model.model.text_model
+        device = self.device
+
+        texts = list(prompts) + [""]  # the last row is the unconditional prompt
+        enc = processor(
+            text=texts,
+            return_for_image_generation=True,
+            ratio="1:1",
+            image_area=self.generation_area,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+        )
+        height, width = (int(v) for v in enc["image_sizes"][0])
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        cond_ids = ids[:-1].repeat_interleave(num_images, dim=0)
+        cond_mask = mask[:-1].repeat_interleave(num_images, dim=0)
+        batch = cond_ids.shape[0]
+        input_ids = torch.cat([cond_ids, ids[-1:].expand(batch, -1)])
+        attention_mask = torch.cat([cond_mask, mask[-1:].expand(batch, -1)])
+
+        visual = self.visual_token_ids(device)
+        eol = torch.full((batch,), self.mapping.eol_token_id, dtype=torch.long, device=device)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=lm.config)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        steps = height * (width + 1)
+        tokens = torch.empty((batch, steps), dtype=torch.long, device=device)
+        _GENERATING.add(model)
+        try:
+            embeds = self.embed_tokens(input_ids)
+            for i in range(steps):
+                out = lm(
+                    inputs_embeds=embeds,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=True,
+                )
+                cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+                if i % (width + 1) == width:
+                    next_token = eol
+                else:
+                    scores = model.lm_head(out.last_hidden_state[:, -1])[:, visual].float()
+                    cond, uncond = scores[:batch], scores[batch:]
+                    logits = uncond + guidance_scale * (cond - uncond)
+                    if temperature > 0:
+                        probs = torch.softmax(logits / temperature, dim=-1)
+                        choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                    else:
+                        choice = logits.argmax(-1)
+                    next_token = visual[choice]
+                tokens[:, i] = next_token
+                # Through `embed_tokens`, so that the generation site's hook sees each sampled token.
+                embeds = self.embed_tokens(torch.cat([next_token, next_token]).unsqueeze(-1))
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((2 * batch, 1))], dim=1)
+                position_ids = position_ids[:, -1:] + 1
+        finally:
+            _GENERATING.discard(model)
+        # `decode_image_tokens` drops the three closing tokens (end of frame, end of image, EOS) that `generate` emits.
+        closing = [processor.eof_token, processor.image_end_token, tokenizer.eos_token]
+        tail = torch.tensor(tokenizer.convert_tokens_to_ids(closing), device=device).expand(batch, -1)
+        pixels = model.decode_image_tokens(image_tokens=torch.cat([tokens, tail], dim=1), height=height, width=width)
+        return self._to_unit_range(pixels)
+
+    def tokens_per_image(self) -> int:
+        """Tokens generated per image at the generation size (`h * (w + 1)` plus three closing tokens)."""
+        side = round(math.sqrt(self.generation_area) / self.base_model.model.vqmodel.vision_spatial_factor)
+        return side * (side + 1) + 3
