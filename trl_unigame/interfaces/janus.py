@@ -223,9 +223,9 @@ class JanusInterface(VisualTokenInterface):
         attention_mask = torch.cat([mask, mask])
         batch = cond_ids.shape[0]
 
-        from transformers import DynamicCache
+        from transformers import StaticCache
 
-        cache = DynamicCache(config=lm.config)
+        cache = StaticCache(config=lm.config, max_cache_len=input_ids.shape[1] + self.num_image_tokens)
         embeds = model.get_input_embeddings()(input_ids)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         tokens = torch.empty((batch, self.num_image_tokens), dtype=torch.long, device=device)
