@@ -183,7 +183,9 @@ def digits_vqa_dataset(
     rng = np.random.default_rng(seed)
     color_ids = rng.integers(len(palette), size=len(indices))
     directions = rng.integers(len(_SHIFT_DIRECTIONS), size=len(indices))
-    rows = {k: [] for k in ("image", "question", "answer", "caption", "digit", "color", "scan_index", "skill", "shift")}
+    rows = {
+        k: [] for k in ("image", "question", "answer", "caption", "digit", "color", "scan_index", "skill", "shift")
+    }
     for index, color_id, direction in zip(indices, color_ids, directions):
         digit, color = int(digits[index]), palette[color_id]
         dy, dx = _SHIFT_DIRECTIONS[direction]
