@@ -53,7 +53,7 @@ class PretrainArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the weights, the batches and the augmentation."})
     vq_steps: int = field(default=800, metadata={"help": "Optimizer steps of the VQ phase."})
     joint_steps: int = field(
-        default=1600, metadata={"help": "Optimizer steps of the understanding + generation phase."}
+        default=2400, metadata={"help": "Optimizer steps of the understanding + generation phase."}
     )
     max_steps: int | None = field(default=None, metadata={"help": "Caps the steps of each phase (for smoke runs)."})
     batch_size: int = field(default=64, metadata={"help": "Images per step (each phase; per loss in the joint one)."})
