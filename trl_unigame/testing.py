@@ -8,10 +8,35 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from .digit_judge import DigitJudge
+from .digits import DIGITS_IMAGE_SIZE, digits_corpus, digits_vqa_dataset
+
+
+__all__ = [
+    "DigitJudge",
+    "digits_janus_config",
+    "digits_janus_processor",
+    "digits_vqa_dataset",
+    "pretrained_tiny_janus",
+    "pretrained_tiny_janus_path",
+    "save_tiny_janus",
+    "tiny_clip",
+    "tiny_emu3",
+    "tiny_idefics3",
+    "tiny_janus",
+    "tiny_janus_config",
+    "tiny_janus_processor",
+    "tiny_llava",
+    "tiny_paligemma",
+    "tiny_qwen2_vl",
+    "tiny_vqa_dataset",
+]
 
 
 IMAGE_TOKEN = "<image_placeholder>"
@@ -100,7 +125,7 @@ def tiny_janus_config(vocab_size: int = 128, hidden_size: int = 32):
     )
 
 
-def _build_tokenizer(save_dir: str, vocab_size: int = 128):
+def _build_tokenizer(save_dir: str, vocab_size: int = 128, corpus: list[str] | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -112,7 +137,7 @@ def _build_tokenizer(save_dir: str, vocab_size: int = 128):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(image_specials), special_tokens=specials, show_progress=False
     )
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(corpus if corpus is not None else _corpus(), trainer=trainer)
     # The image tokens take the last three ids, so that `image_token_id` = vocab_size - 3 as in the config.
     tokenizer.add_special_tokens(image_specials)
     fast = PreTrainedTokenizerFast(
@@ -124,7 +149,8 @@ def _build_tokenizer(save_dir: str, vocab_size: int = 128):
         extra_special_tokens={"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN},
         padding_side="left",
     )
-    assert fast.convert_tokens_to_ids(IMAGE_TOKEN) == vocab_size - 3, "tiny tokenizer has an unexpected layout"
+    # The BPE trainer stops early on a small corpus: the image tokens are the last three ids of what it made.
+    assert fast.convert_tokens_to_ids(IMAGE_TOKEN) == len(fast) - 3, "tiny tokenizer has an unexpected layout"
     fast.save_pretrained(save_dir)
     return fast
 
@@ -610,3 +636,114 @@ def tiny_paligemma(seed: int = 0, save_dir: str | None = None, **from_pretrained
         return _save_and_reload(
             model, processor, path, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, **from_pretrained_kwargs
         )
+
+
+# ---------------------------------------------------------------------------------------------------- pretrained digits
+PRETRAINED_TINY_JANUS_DIR = Path(__file__).parent / "assets" / "tiny_janus_digits"
+
+
+def digits_janus_processor(save_dir: str | None = None):
+    """Builds the `JanusProcessor` of the digits model offline (a BPE tokenizer trained on [`digits_corpus`]) and loads it
+    back with `from_pretrained`. Pixels are normalised to `[-1, 1]`, the range of the VQ decoder.
+
+    Args:
+        save_dir (`str`, *optional*):
+            Where to write it; a temporary directory when not given.
+    """
+    from transformers import JanusImageProcessorPil, JanusProcessor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_dir = save_dir or tmp
+        # The chat template's own characters (": ", new lines) must be in the alphabet too, or they become <unk>.
+        corpus = digits_corpus() + ["<|User|>: \n\n<|Assistant|>:", ". , : ; ! ? ' - ( )"]
+        tokenizer = _build_tokenizer(save_dir, vocab_size=512, corpus=corpus)
+        image_processor = JanusImageProcessorPil(
+            size={"height": DIGITS_IMAGE_SIZE, "width": DIGITS_IMAGE_SIZE},
+            min_size=4,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        processor = JanusProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=CHAT_TEMPLATE,
+            num_image_tokens=TINY_NUM_IMAGE_TOKENS,
+        )
+        processor.save_pretrained(save_dir)
+        return JanusProcessor.from_pretrained(save_dir)
+
+
+def digits_janus_config(vocab_size: int, image_token_id: int):
+    """Returns the `JanusConfig` of the tiny digits Janus (about 1.6M parameters).
+
+    LLM: hidden 128, 3 layers. Vision encoder: hidden 64, 2 layers, 16x16 images in 4x4 patches (16 tokens). VQ: 256
+    codes of dimension 8 on a 4x4 latent grid (channels 32, multiplier `[1, 1, 2]`).
+
+    Args:
+        vocab_size (`int`):
+            Size of the tokenizer (`len(tokenizer)`).
+        image_token_id (`int`):
+            Id of the image placeholder token.
+    """
+    from transformers import JanusConfig
+
+    hidden = 128
+    text_config = {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    vision_config = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": DIGITS_IMAGE_SIZE,
+        "patch_size": 4,
+        "projection_dim": hidden,
+        "mlp_ratio": 2.0,
+        "num_image_tokens": TINY_NUM_IMAGE_TOKENS,
+    }
+    vq_config = {
+        "embed_dim": 8,
+        "num_embeddings": 256,
+        "latent_channels": 32,
+        "base_channels": 32,
+        "channel_multiplier": [1, 1, 2],
+        "num_res_blocks": 1,
+        "projection_dim": hidden,
+        "image_token_embed_dim": hidden,
+        "num_patches": 4,
+    }
+    return JanusConfig(
+        text_config=text_config, vision_config=vision_config, vq_config=vq_config, image_token_id=image_token_id
+    )
+
+
+def pretrained_tiny_janus_path() -> str:
+    """Path of the pretrained tiny digits Janus shipped in the package (config, weights and processor)."""
+    return str(PRETRAINED_TINY_JANUS_DIR)
+
+
+def pretrained_tiny_janus(**from_pretrained_kwargs):
+    """Returns `(model, processor)`: the tiny Janus pretrained on the digits (`scripts/pretrain_tiny_janus.py`).
+
+    It answers "What digit is this?" and "What color is the digit?" about 16x16 renders of the digit scans and
+    generates them from captions such as "a red seven" (see `docs/tiny_model.md` for its measured quality).
+
+    Args:
+        **from_pretrained_kwargs:
+            Passed to `JanusForConditionalGeneration.from_pretrained` (e.g. `dtype`, `quantization_config`).
+    """
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    path = pretrained_tiny_janus_path()
+    model = JanusForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
+    return model, JanusProcessor.from_pretrained(path)

@@ -1,0 +1,171 @@
+"""The digits data, its judge and the pretrained tiny Janus shipped in the package."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from trl_unigame.digits import (
+    DIGIT_WORDS,
+    FINE_TUNING_SKILLS,
+    INK_COLORS,
+    PRETRAINING_SKILLS,
+    SKILL_QUESTIONS,
+    caption,
+    digits_corpus,
+    load_digit_scans,
+    render_scan,
+    split_scan_indices,
+)
+from trl_unigame.interfaces import get_interface
+from trl_unigame.testing import DigitJudge, digits_vqa_dataset, pretrained_tiny_janus, pretrained_tiny_janus_path
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pixels(images) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return DigitJudge()
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    model, processor = pretrained_tiny_janus()
+    return model, get_interface(model, processor)
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def test_splits_are_fixed_disjoint_and_cover_every_scan():
+    splits = {name: split_scan_indices(name) for name in ("train", "validation", "test")}
+    assert [len(splits[n]) for n in ("train", "validation", "test")] == [1257, 180, 360]
+    union = np.concatenate(list(splits.values()))
+    assert len(np.unique(union)) == len(union) == len(load_digit_scans()[1])
+    assert np.array_equal(split_scan_indices("test"), splits["test"])
+
+
+def test_dataset_columns_determinism_and_answers():
+    dataset = digits_vqa_dataset("validation", skills=("digit", "color", "after", "even"), seed=3, max_scans=10)
+    assert {"image", "question", "answer", "caption", "digit", "color", "scan_index", "skill"} <= set(
+        dataset.column_names
+    )
+    assert len(dataset) == 40
+    assert set(dataset["scan_index"]) <= set(split_scan_indices("validation").tolist())
+    again = digits_vqa_dataset("validation", skills=("digit", "color", "after", "even"), seed=3, max_scans=10)
+    assert dataset["color"] == again["color"]
+    assert torch.equal(_pixels(dataset["image"]), _pixels(again["image"]))
+    for row in dataset:
+        d, word = row["digit"], DIGIT_WORDS[row["digit"]]
+        expected = {"digit": word, "color": row["color"], "after": DIGIT_WORDS[(d + 1) % 10]}
+        expected["even"] = "yes" if d % 2 == 0 else "no"
+        assert row["answer"] == expected[row["skill"]]
+        assert row["question"] == SKILL_QUESTIONS[row["skill"]]
+        assert row["caption"] == caption(d, row["color"])
+    assert set(PRETRAINING_SKILLS).isdisjoint(FINE_TUNING_SKILLS)
+
+
+def test_render_downsamples_to_the_scan_and_shift_moves_pixels():
+    scans, _ = load_digit_scans()
+    scan = scans[split_scan_indices("test")[0]]
+    image = render_scan(scan, "blue").astype(np.float32)
+    ink = (255 - image[..., 0]) / (255 - INK_COLORS["blue"][0])  # red channel: white -> blue ink
+    down = ink.reshape(8, 2, 8, 2).mean(axis=(1, 3)) * 16
+    assert np.abs(down - scan).max() < 0.1
+    plain = _pixels(digits_vqa_dataset("test", skills=("digit",), max_scans=20)["image"])
+    shifted = digits_vqa_dataset("test", skills=("digit",), shift=2, max_scans=20)
+    assert shifted["answer"] == digits_vqa_dataset("test", skills=("digit",), max_scans=20)["answer"]
+    changed = (_pixels(shifted["image"]) - plain).abs().flatten(1).amax(1) > 0.1
+    assert changed.all()
+    gray = _pixels(digits_vqa_dataset("test", skills=("digit",), background="gray", max_scans=2)["image"])
+    assert (gray[:, :, 0, 0] - 160 / 255).abs().max() < 1e-6  # a corner is background
+
+
+def test_processor_knows_every_word_of_every_skill(pretrained):
+    tokenizer = pretrained[1].processor.tokenizer
+    for line in digits_corpus():
+        assert tokenizer.unk_token_id not in tokenizer(line, add_special_tokens=False)["input_ids"], line
+
+
+# ---------------------------------------------------------------------------------------------------------- judge
+def test_judge_scores_a_real_render_by_its_caption(judge):
+    rows = digits_vqa_dataset("test", skills=("digit",), max_scans=30)
+    pixels = _pixels(rows["image"])
+    right = judge(pixels, rows["caption"])
+    wrong_digit = judge(pixels, [caption((d + 3) % 10, c) for d, c in zip(rows["digit"], rows["color"])])
+    other = {c: next(o for o in INK_COLORS if o != c) for c in INK_COLORS}
+    wrong_color = judge(pixels, [caption(d, other[c]) for d, c in zip(rows["digit"], rows["color"])])
+    assert right.shape == (30,) and right.median() > 0.8
+    assert wrong_digit.median() < 0.1 and (right > wrong_digit).float().mean() >= 0.9
+    assert (wrong_color == 0).all()
+    digits, colors = judge.predict(rows["image"])  # PIL images are accepted too
+    assert np.mean(np.array(digits) == np.array(rows["digit"])) >= 0.9 and colors == rows["color"]
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+def test_pretrained_model_loads_and_answers_test_rows(pretrained):
+    model, interface = pretrained
+    assert os.path.isfile(os.path.join(pretrained_tiny_janus_path(), "model.safetensors"))
+    assert not model.training
+    rows = digits_vqa_dataset("test", skills=("digit",), max_scans=50)
+    answers = interface.answer(model, rows["image"], rows["question"], max_new_tokens=3)
+    assert np.mean([a == t for a, t in zip(answers, rows["answer"])]) >= 0.8
+    colors = digits_vqa_dataset("test", skills=("color",), max_scans=20)
+    answers = interface.answer(model, colors["image"], colors["question"], max_new_tokens=3)
+    assert np.mean([a == t for a, t in zip(answers, colors["answer"])]) >= 0.9
+
+
+def test_pretrained_model_generates_what_the_caption_says(pretrained, judge):
+    model, interface = pretrained
+    named = [(d, list(INK_COLORS)[(d + k) % 4]) for k in range(2) for d in range(10)]
+    captions = [caption(d, c) for d, c in named]
+    pixels = interface.generate_images(
+        captions, guidance_scale=3.0, temperature=0.7, generator=torch.Generator().manual_seed(0)
+    )
+    assert pixels.shape == (20, 3, 16, 16)
+    digits, colors = judge.predict(pixels)
+    assert sum(d == t for d, (t, _) in zip(digits, named)) >= 14
+    assert sum(c == t for c, (_, t) in zip(colors, named)) >= 16
+    assert (judge(pixels, captions) > 0.5).float().mean() >= 0.6
+
+
+def test_gallery_helpers_draw_with_pil():
+    from trl_unigame.buffer import HardSample
+    from trl_unigame.gallery import hard_sample_gallery, image_grid
+
+    images = torch.rand(12, 3, 16, 16)
+    grid = image_grid(list(images), num_columns=5, scale=2, labels=[str(i) for i in range(12)])
+    assert grid.width > 5 * 32 and grid.height > 3 * 32
+    uint8 = (images[:2] * 255).to(torch.uint8)
+    samples = [
+        HardSample(uint8[i], {"question": "What digit is this?", "answer": "one"}, 1.5, extra={"source": uint8[1 - i]})
+        for i in range(2)
+    ]
+    gallery = hard_sample_gallery(samples, predictions=["two", "one"], scale=4)
+    assert gallery.height >= 2 * 64 and gallery.mode == "RGB"
+
+
+# ---------------------------------------------------------------------------------------------------------- script
+@pytest.mark.slow
+def test_pretraining_script_runs_and_its_losses_fall(tmp_path):
+    log = tmp_path / "log.jsonl"
+    env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
+    command = [sys.executable, os.path.join(REPO, "scripts", "pretrain_tiny_janus.py"), "--output_dir", str(tmp_path)]
+    command += ["--max_steps", "30", "--batch_size", "32", "--skip_eval", "--num_threads", "1", "--log_file", str(log)]
+    subprocess.run(command, check=True, env=env, capture_output=True, timeout=600)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for phase in ("vq", "joint"):
+        losses = [r["loss"] for r in records if r["phase"] == phase]
+        assert losses[-1] < 0.8 * losses[0], (phase, losses)
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    model = JanusForConditionalGeneration.from_pretrained(str(tmp_path))
+    processor = JanusProcessor.from_pretrained(str(tmp_path))
+    assert model.config.vq_config.num_embeddings == 256 and processor.tokenizer.unk_token_id is not None
