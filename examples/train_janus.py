@@ -3,10 +3,13 @@
 UniGame self-adversarial post-training of Janus / Janus-Pro, or of any model family in docs/models.md (Emu3; LLaVA,
 Qwen2-VL, ... in the embedding-only game): `--model_name_or_path` picks the family by itself.
 
-With no arguments, trains a tiny random Janus on a synthetic VQA dataset, offline on a CPU, in about a minute:
+With no arguments, fine-tunes the tiny Janus pretrained on real digit scans (shipped in the package) with UniGame on
+a skill it never learned ("What digit is after this?"), offline on a CPU in a few minutes, and prints its accuracy
+on held-out scans before and after (clean, under attack, round trip); any option replaces just that setting:
 
 ```bash
 accelerate launch examples/train_janus.py
+accelerate launch examples/train_janus.py --max_steps 50 --output_dir quick-run
 ```
 
 On a real model and dataset (one GPU; add an accelerate config from examples/accelerate_configs for several):
@@ -31,7 +34,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
-from trl_unigame import CLIPConsistencyScorer, UniGameConfig, UniGameTrainer
+from trl_unigame import UniGameConfig, UniGameTrainer
 from trl_unigame.data import to_vqa_format
 
 
@@ -50,6 +53,8 @@ class UniGameScriptArguments(ScriptArguments):
         max_train_samples (`int`, *optional*): Keep only this many training rows.
         picture_steps (`int`, *optional*, defaults to `0`): Every this many steps, write a grid of hard samples and a
             plot of eps and the losses to the output directory (needs matplotlib); `0` turns it off.
+        compare_scans (`int`, *optional*, defaults to `120`): Offline default only: held-out test scans on which the
+            model is evaluated before and after training (clean, under attack, round trip); `0` skips it.
     """
 
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id, or a builder with data files."})
@@ -59,60 +64,110 @@ class UniGameScriptArguments(ScriptArguments):
     dataset_data_files: str | None = field(default=None, metadata={"help": "Local data files to load."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
     picture_steps: int = field(default=0, metadata={"help": "Write hard-sample pictures every N steps; 0 = off."})
+    compare_scans: int = field(
+        default=120, metadata={"help": "Offline default: test scans evaluated before and after training; 0 = skip."}
+    )
 
 
 def offline_default_arguments(output_dir: str = "unigame-janus-tiny") -> list[str]:
-    """The embedded default run: tiny Janus, synthetic data, CPU-sized settings (pictures when matplotlib is there)."""
+    """The embedded default run: the pretrained tiny digits Janus, its digits data, CPU-sized settings (the effect
+    benchmark's UniGame settings, see docs/benchmarks.md); curves and grids when matplotlib is there."""
     try:
         import matplotlib  # noqa: F401
 
-        pictures = "20"
-    except ImportError:  # optional: the run works without pictures
+        pictures = "100"
+    except ImportError:  # optional: the run works without them (the PIL gallery is always written)
         pictures = "0"
-    return [
-        "--output_dir",
-        output_dir,
-        "--max_steps",
-        "40",
-        "--per_device_train_batch_size",
-        "4",
-        "--learning_rate",
-        "2e-3",
-        "--perturber_learning_rate",
-        "3e-2",
-        "--logging_steps",
-        "5",
-        "--save_steps",
-        "20",
-        "--num_candidates",
-        "2",
-        "--buffer_batch_size",
-        "2",
-        "--consistency_threshold",
-        "0.0",
-        "--use_peft",
-        "--lora_r",
-        "8",
-        "--lora_alpha",
-        "16",
-        "--report_to",
-        "none",
-        "--picture_steps",
-        pictures,
-        "--bf16",
-        "false",
-    ]
+    settings = {
+        "output_dir": output_dir,
+        "max_steps": "200",
+        "per_device_train_batch_size": "8",
+        "learning_rate": "1e-3",
+        "lr_scheduler_type": "constant",
+        "logging_steps": "25",
+        "save_steps": "100",
+        "report_to": "none",
+        "bf16": "false",
+        "lora_r": "16",
+        "lora_alpha": "32",
+        "picture_steps": pictures,
+        **OFFLINE_GAME,
+    }
+    return [part for key, value in settings.items() for part in (f"--{key}", value)] + ["--use_peft"]
+
+
+# The game on the tiny digits model (budgets relative to the token norm; the digit judge filters candidates).
+OFFLINE_GAME = {
+    "adversarial_weight": "1.0",
+    "perturber_learning_rate": "5e-3",
+    "perturber_budget": "relative",
+    "perturber_eps_max": "0.1",
+    "perturber_eps_init": "0.05",
+    "perturber_generation_budget": "relative",
+    "perturber_generation_eps_max": "0.05",
+    "num_candidates": "3",
+    "generation_guidance_scale": "3.0",
+    "generation_temperature": "0.7",
+    "consistency_threshold": "0.9",
+    "buffer_weight": "0.25",
+    "buffer_capacity": "50",
+    "buffer_max_age": "50",
+    "generation_loss_weight": "1.0",
+}
+
+
+def offline_comparison(model, processor, scans: int, judge) -> dict[str, float]:
+    """Accuracy of `model` on the first `scans` held-out test scans: the new skill clean and under a 2% attack, the
+    round trip (caption -> own image -> own answer) judged by the digit judge, and the pretrained digit skill."""
+    from trl_unigame.evaluation import UniGameEvaluator
+    from trl_unigame.testing import digits_vqa_dataset
+
+    common = dict(batch_size=64, show_progress=False, attack_budget="relative", attack_eps=[0.02])
+    after = UniGameEvaluator(
+        model,
+        processor,
+        consistency=True,
+        judge=judge,
+        generation_guidance_scale=3.0,
+        generation_temperature=0.7,
+        **common,
+    ).evaluate(digits_vqa_dataset("test", skills=("after",), seed=1, max_scans=scans))
+    digit = UniGameEvaluator(model, processor, **common).evaluate(
+        digits_vqa_dataset("test", skills=("digit",), seed=1, max_scans=scans)
+    )
+    return {
+        "'after' clean": after["clean/vqa_accuracy"],
+        "'after' under attack (2%)": after["attack_rel0.02/vqa_accuracy"],
+        "'after' round trip": after["consistency/vqa_accuracy"],
+        "generation judged right": after["consistency/judge_score"],
+        "'digit' clean": digit["clean/vqa_accuracy"],
+    }
+
+
+def write_hard_sample_gallery(trainer, path: str, count: int = 8) -> None:
+    """A PNG of the hardest buffer entries (source beside decoded candidate, question, answer, prediction, H), PIL
+    only."""
+    from trl_unigame.gallery import hard_sample_gallery
+    from trl_unigame.interfaces import to_pil_images
+
+    entries = trainer.buffer.entries[:count]
+    if not entries:
+        return
+    images = to_pil_images([e.image.float() / 255 for e in entries])
+    predictions = trainer.interface.answer(trainer.model, images, [e.row["question"] for e in entries])
+    hard_sample_gallery(entries, predictions).save(path)
 
 
 def load_model_and_data(script_args, training_args, model_args):
     if model_args.model_name_or_path is None:  # embedded offline default
-        from trl_unigame.testing import tiny_clip, tiny_janus, tiny_vqa_dataset
+        from trl_unigame.testing import DigitJudge, digits_vqa_dataset, pretrained_tiny_janus
 
-        model, processor = tiny_janus(seed=training_args.seed)
-        clip_model, clip_processor = tiny_clip(seed=training_args.seed)
-        scorer = CLIPConsistencyScorer(model=clip_model, processor=clip_processor)
-        train = tiny_vqa_dataset(256, seed=training_args.seed)
-        return model, processor, train, None, scorer
+        model, processor = pretrained_tiny_janus()
+        # The new skill mixed with a pretrained one, so fine-tuning keeps what the model knew.
+        train = digits_vqa_dataset("train", skills=("after", "digit"), seed=0).shuffle(seed=training_args.seed)
+        if script_args.max_train_samples:
+            train = train.select(range(min(script_args.max_train_samples, len(train))))
+        return model, processor, train, None, DigitJudge()
 
     from datasets import load_dataset
 
@@ -165,6 +220,9 @@ def load_model_and_data(script_args, training_args, model_args):
 
 def main(script_args, training_args, model_args):
     model, processor, train, evaluation, scorer = load_model_and_data(script_args, training_args, model_args)
+    offline = model_args.model_name_or_path is None
+    compare = offline and script_args.compare_scans > 0 and training_args.process_index == 0
+    before = offline_comparison(model, processor, script_args.compare_scans, scorer) if compare else None
     callbacks = []
     if script_args.picture_steps:
         from trl_unigame.callbacks import HardSamplePicturesCallback
@@ -188,6 +246,15 @@ def main(script_args, training_args, model_args):
         else:
             trainer.create_model_card(dataset_name=script_args.dataset_name)
         out = os.path.abspath(training_args.output_dir)
+        if offline:
+            write_hard_sample_gallery(trainer, os.path.join(out, "hard_samples.png"))
+        if before is not None:
+            after = offline_comparison(trainer.model, processor, script_args.compare_scans, scorer)
+            print(f"\nAccuracy on {script_args.compare_scans} held-out test scans, before and after training:\n")
+            print("| | before | after |\n|---|---|---|")
+            for key in before:
+                print(f"| {key} | {100 * before[key]:.1f}% | {100 * after[key]:.1f}% |")
+            print(f"\nHard samples the game found: {out}/hard_samples.png")
         from peft import PeftModel
 
         if isinstance(trainer.model, PeftModel):

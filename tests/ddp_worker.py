@@ -31,6 +31,8 @@ if __name__ == "__main__":
             "0.0",
             "--disable_tqdm",
             "true",
+            "--compare_scans",
+            "0",
         ]
         + extra
     )

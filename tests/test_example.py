@@ -18,7 +18,7 @@ from train_janus import main, make_parser, offline_default_arguments  # noqa: E4
 
 
 def run_example(output_dir, *extra):
-    argv = offline_default_arguments(str(output_dir)) + ["--disable_tqdm", "true", *extra]
+    argv = offline_default_arguments(str(output_dir)) + ["--disable_tqdm", "true", "--compare_scans", "0", *extra]
     return main(*make_parser().parse_args_and_config(args=argv))
 
 
@@ -26,7 +26,16 @@ def env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 
-def test_offline_default_saves_what_loads_back(tmp_path, vqa_inputs):
+def digits_inputs(interface, n=3):
+    from trl_unigame.testing import digits_vqa_dataset
+
+    rows = digits_vqa_dataset("test", skills=("after",), max_scans=n)
+    return interface.build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
+
+
+def test_offline_default_saves_what_loads_back(tmp_path):
+    from trl_unigame.testing import pretrained_tiny_janus
+
     trainer = run_example(tmp_path / "run", "--max_steps", "6", "--picture_steps", "3", "--save_steps", "3")
     out = tmp_path / "run"
     files = set(os.listdir(out))
@@ -40,12 +49,13 @@ def test_offline_default_saves_what_loads_back(tmp_path, vqa_inputs):
     assert {"curves.png", "hard_samples_step6.png"} <= set(os.listdir(out / "pictures"))
     card = (out / "README.md").read_text()
     assert "unigame" in card and "arXiv:2511.19413" in card and '"buffer_weight": 0.5' in card
+    assert (out / "hard_samples.png").is_file() == bool(trainer.buffer.entries)
 
-    base, processor = tiny_janus(seed=trainer.args.seed)
+    base, processor = pretrained_tiny_janus()
     model = PeftModel.from_pretrained(base, out)
     Perturber.from_pretrained(out, subfolder="perturber").attach(model)
     interface = get_interface(model, processor)
-    inputs = vqa_inputs(interface, 3)
+    inputs = digits_inputs(interface, 3)
     trainer.model.eval()
     model.eval()
     with torch.no_grad():
@@ -70,7 +80,18 @@ def test_accelerate_launch_with_no_arguments(tmp_path):
     assert "Saved the LoRA adapter" in result.stdout
     out = tmp_path / "unigame-janus-tiny"
     assert (out / "perturber" / "model.safetensors").is_file()
-    assert (out / "checkpoint-40" / "unigame_buffer_rank0.pt").is_file()
+    assert (out / "checkpoint-200" / "unigame_buffer_rank0.pt").is_file()
+    assert (out / "hard_samples.png").is_file()
+    # The model learned the new skill and kept the old one: before/after on held-out scans.
+    rows = {
+        line.split("|")[1].strip(): [float(cell.strip().rstrip("%")) for cell in line.split("|")[2:4]]
+        for line in result.stdout.splitlines()
+        if line.startswith("| '")
+    }
+    before, after = rows["'after' clean"]
+    assert before < 10 and after > 60
+    before, after = rows["'digit' clean"]
+    assert after > 80
 
 
 def test_options_without_a_model_adjust_the_offline_default(tmp_path):
@@ -78,15 +99,15 @@ def test_options_without_a_model_adjust_the_offline_default(tmp_path):
 
     default_script, default_training, default_model = parse_arguments([])
     one = parse_arguments(["--max_steps", "4"])
-    two = parse_arguments(["--max_steps", "4", "--learning_rate=1e-3"])
+    two = parse_arguments(["--max_steps", "4", "--learning_rate=2e-3"])
     for _, training_args, model_args in (one, two):
         assert training_args.max_steps == 4
-        assert model_args.use_peft and model_args.lora_r == default_model.lora_r == 8
-        assert training_args.num_candidates == default_training.num_candidates == 2
+        assert model_args.use_peft and model_args.lora_r == default_model.lora_r == 16
+        assert training_args.num_candidates == default_training.num_candidates == 3
         assert training_args.output_dir == default_training.output_dir == "unigame-janus-tiny"
-        assert training_args.perturber_learning_rate == default_training.perturber_learning_rate == 3e-2
-    assert one[1].learning_rate == default_training.learning_rate == 2e-3
-    assert two[1].learning_rate == 1e-3
+        assert training_args.perturber_budget == default_training.perturber_budget == "relative"
+    assert one[1].learning_rate == default_training.learning_rate == 1e-3
+    assert two[1].learning_rate == 2e-3
     config = tmp_path / "run.yaml"
     config.write_text("learning_rate: 0.0005\nnum_candidates: 3\n")
     _, from_yaml, yaml_model = parse_arguments(["--config", str(config), "--max_steps", "4"])
@@ -98,7 +119,7 @@ def test_closing_message_says_what_was_saved(tmp_path, capsys):
     from train_janus import parse_arguments
 
     common = ["--output_dir", str(tmp_path / "full"), "--max_steps", "1", "--picture_steps", "0"]
-    main(*parse_arguments(common + ["--use_peft", "false", "--disable_tqdm", "true"]))
+    main(*parse_arguments(common + ["--use_peft", "false", "--disable_tqdm", "true", "--compare_scans", "0"]))
     printed = capsys.readouterr().out
     assert "Saved the full model" in printed and "LoRA" not in printed
     assert (tmp_path / "full" / "model.safetensors").is_file()
@@ -112,7 +133,18 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_weights(tmp
     from safetensors.torch import load_file
 
     script = os.path.join(ROOT, "examples", "train_janus.py")
-    options = ["--max_steps", "16", "--save_steps", "4", "--picture_steps", "0", "--disable_tqdm", "true"]
+    options = [
+        "--max_steps",
+        "16",
+        "--save_steps",
+        "4",
+        "--picture_steps",
+        "0",
+        "--disable_tqdm",
+        "true",
+        "--compare_scans",
+        "0",
+    ]
 
     def launch(output_dir, *extra, **kwargs):
         command = ["accelerate", "launch", script, "--output_dir", str(output_dir), *options, *extra]
