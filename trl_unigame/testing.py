@@ -76,11 +76,19 @@ def _corpus() -> list[str]:
     return lines
 
 
-def tiny_janus_config(vocab_size: int = 128, hidden_size: int = 32):
-    """Returns the `JanusConfig` of a tiny random Janus (about 360k parameters) that runs on CPU in milliseconds.
-
-    `hidden_size` is the LLM's width (64 or more lets bitsandbytes quantize the LLM's layers on CPU).
-    """
+def _janus_config(
+    vocab_size: int,
+    image_token_id: int,
+    hidden_size: int,
+    num_layers: int,
+    vision_hidden_size: int,
+    vision_layers: int,
+    vision_heads: int,
+    codebook_size: int,
+    channel_multiplier: list[int],
+):
+    """A small `JanusConfig` with every sub-config set (the default one is inconsistent): 16x16 images in 16 patches,
+    8-dim VQ codes on a 4x4 grid."""
     from transformers import JanusConfig
 
     text_config = {
@@ -88,7 +96,7 @@ def tiny_janus_config(vocab_size: int = 128, hidden_size: int = 32):
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
         "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": num_layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 256,
@@ -97,9 +105,9 @@ def tiny_janus_config(vocab_size: int = 128, hidden_size: int = 32):
         "eos_token_id": 2,
     }
     vision_config = {
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
+        "hidden_size": vision_hidden_size,
+        "num_hidden_layers": vision_layers,
+        "num_attention_heads": vision_heads,
         "image_size": TINY_IMAGE_SIZE,
         "patch_size": 4,
         "projection_dim": hidden_size,
@@ -108,20 +116,35 @@ def tiny_janus_config(vocab_size: int = 128, hidden_size: int = 32):
     }
     vq_config = {
         "embed_dim": 8,
-        "num_embeddings": 64,
+        "num_embeddings": codebook_size,
         "latent_channels": 32,
         "base_channels": 32,
-        "channel_multiplier": [1, 1, 1],
+        "channel_multiplier": list(channel_multiplier),
         "num_res_blocks": 1,
         "projection_dim": hidden_size,
         "image_token_embed_dim": hidden_size,
         "num_patches": 4,
     }
     return JanusConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        vq_config=vq_config,
+        text_config=text_config, vision_config=vision_config, vq_config=vq_config, image_token_id=image_token_id
+    )
+
+
+def tiny_janus_config(vocab_size: int = 128, hidden_size: int = 32):
+    """Returns the `JanusConfig` of a tiny random Janus (about 360k parameters) that runs on CPU in milliseconds.
+
+    `hidden_size` is the LLM's width (64 or more lets bitsandbytes quantize the LLM's layers on CPU).
+    """
+    return _janus_config(
+        vocab_size,
         image_token_id=vocab_size - 3,
+        hidden_size=hidden_size,
+        num_layers=2,
+        vision_hidden_size=32,
+        vision_layers=1,
+        vision_heads=2,
+        codebook_size=64,
+        channel_multiplier=[1, 1, 1],
     )
 
 
@@ -685,45 +708,16 @@ def digits_janus_config(vocab_size: int, image_token_id: int):
         image_token_id (`int`):
             Id of the image placeholder token.
     """
-    from transformers import JanusConfig
-
-    hidden = 128
-    text_config = {
-        "model_type": "llama",
-        "vocab_size": vocab_size,
-        "hidden_size": hidden,
-        "intermediate_size": 2 * hidden,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    }
-    vision_config = {
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": DIGITS_IMAGE_SIZE,
-        "patch_size": 4,
-        "projection_dim": hidden,
-        "mlp_ratio": 2.0,
-        "num_image_tokens": TINY_NUM_IMAGE_TOKENS,
-    }
-    vq_config = {
-        "embed_dim": 8,
-        "num_embeddings": 256,
-        "latent_channels": 32,
-        "base_channels": 32,
-        "channel_multiplier": [1, 1, 2],
-        "num_res_blocks": 1,
-        "projection_dim": hidden,
-        "image_token_embed_dim": hidden,
-        "num_patches": 4,
-    }
-    return JanusConfig(
-        text_config=text_config, vision_config=vision_config, vq_config=vq_config, image_token_id=image_token_id
+    return _janus_config(
+        vocab_size,
+        image_token_id=image_token_id,
+        hidden_size=128,
+        num_layers=3,
+        vision_hidden_size=64,
+        vision_layers=2,
+        vision_heads=4,
+        codebook_size=256,
+        channel_multiplier=[1, 1, 2],
     )
 
 
