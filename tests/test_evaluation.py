@@ -488,10 +488,12 @@ def test_script_runs_offline_with_no_arguments(tmp_path):
     assert "| model | condition | vqa_accuracy |" in out and "| base | corrupt_noise_3 |" in out
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
-    assert results["config"]["consistency"] is True and results["num_rows"] == 64
-    assert {"clean/vqa_accuracy", "attack_eps0.02/vqa_accuracy", "consistency/vqa_accuracy"} <= set(
-        results["results"]["base"]
-    )
+    assert results["config"]["consistency"] is True and results["num_rows"] == 120
+    base = results["results"]["base"]
+    assert {"clean/vqa_accuracy", "attack_rel0.02/vqa_accuracy", "consistency/vqa_accuracy"} <= set(base)
+    # The pretrained digits model reads held-out scans and its own drawings; a stronger attack hurts more.
+    assert base["clean/vqa_accuracy"] > 0.9 and base["consistency/vqa_accuracy"] > 0.6
+    assert base["attack_rel0.05/vqa_accuracy"] < base["clean/vqa_accuracy"]
 
 
 @pytest.mark.slow
