@@ -300,3 +300,30 @@ def test_example_real_path_picks_the_family(family, tmp_path, vqa):
     assert type(trainer.interface) is {"emu3": Emu3Interface, "llava": LlavaInterface}[family]
     assert (len(trainer.buffer) > 0) == (family in GENERATIVE)
     assert (tmp_path / "run" / "perturber" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("budget", ["absolute", "relative"])
+def test_attack_stays_in_budget_raises_the_loss_and_answers_under_it(family, budget, vqa, vqa_inputs):
+    from trl_unigame.evaluation import UniGameEvaluator, perturbation_at, pgd_attack
+
+    model, processor, interface = build(family)
+    inputs = vqa_inputs(interface, 4)
+    eps = 0.5 if budget == "absolute" else 0.2
+    with torch.no_grad():
+        clean = interface.understanding_loss(model, inputs)
+    delta = pgd_attack(interface, model, inputs, eps=eps, steps=3, budget=budget)
+    mask_fn = interface.site_mask("understanding")
+    with torch.no_grad(), perturbation_at(interface.understanding_site, delta, mask_fn):
+        attacked = interface.understanding_loss(model, inputs)
+    assert attacked.sum() > clean.sum()
+    norms = delta.norm(dim=-1)
+    if budget == "absolute":
+        assert (norms <= eps * (1 + 1e-4)).all()
+    else:
+        assert norms.max() > 0
+    metrics = UniGameEvaluator(model, processor, attack_eps=[eps], attack_budget=budget, show_progress=False).evaluate(
+        vqa.select(range(4))
+    )
+    key = f"attack_{'eps' if budget == 'absolute' else 'rel'}{eps:g}/vqa_accuracy"
+    assert set(metrics) == {"clean/vqa_accuracy", key}

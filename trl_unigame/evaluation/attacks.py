@@ -31,8 +31,23 @@ def _check_tokens(module: nn.Module, output) -> None:
         )
 
 
+def _add(output: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`output + delta` in float32, cast back; with a `mask`, only at the masked positions (`delta` holds those)."""
+    if mask is None:
+        d = _shaped_like(delta, output)
+        return (output.float() + d.to(output.device, torch.float32)).to(output.dtype)
+    count = int(mask.sum())
+    if count == 0 or (count != len(delta) and output.dim() >= 2 and output.shape[-2] == 1):
+        return output  # a call with no visual token, or a decoding step that samples one: not the attacked image
+
+    perturbed = output.clone()
+    tokens = output[mask]
+    perturbed[mask] = (tokens.float() + _shaped_like(delta, tokens).to(output.device, torch.float32)).to(output.dtype)
+    return perturbed
+
+
 @contextlib.contextmanager
-def perturbation_at(site: nn.Module, delta: torch.Tensor):
+def perturbation_at(site: nn.Module, delta: torch.Tensor, mask_fn=None):
     r"""
     Context manager that adds `delta` to the output of `site` (a forward hook), in float32, cast back to the output's
     dtype, as the perturber does.
@@ -41,13 +56,16 @@ def perturbation_at(site: nn.Module, delta: torch.Tensor):
         site (`torch.nn.Module`):
             The module whose output is the visual tokens, e.g. `interface.understanding_site`.
         delta (`torch.Tensor`):
-            Same shape as the site's output (or as many elements).
+            Same shape as the site's output (or as many elements); with `mask_fn`, one row per visual token.
+        mask_fn (`Callable`, *optional*):
+            `interface.site_mask("understanding")`: for a site whose output mixes visual and text tokens (Emu3's
+            embeddings), which positions are visual; only those are perturbed.
     """
 
     def hook(module, args, output):
         _check_tokens(module, output)
-        d = _shaped_like(delta, output)
-        return (output.float() + d.to(output.device, torch.float32)).to(output.dtype)
+        mask = mask_fn(module, args, output) if mask_fn is not None else None
+        return _add(output, delta, mask)
 
     handle = site.register_forward_hook(hook)
     try:
@@ -108,15 +126,18 @@ def pgd_attack(
         raise ValueError(f"The attack needs at least one step, got steps={steps}.")
     step_fraction = 2.5 / steps if step_size is None else step_size
     state: dict[str, torch.Tensor] = {}
+    mask_fn = interface.site_mask("understanding")
 
     def hook(module, args, output):
         _check_tokens(module, output)
+        mask = mask_fn(module, args, output) if mask_fn is not None else None
+        if mask is not None and not mask.any():  # a call that embeds no visual token (e.g. Emu3's text prompt)
+            return output
         if "delta" not in state:  # first pass: the perturbation starts at zero, the radius from the clean tokens
-            tokens = output.detach().float()
+            tokens = (output if mask is None else output[mask]).detach().float()
             state["radius"] = eps * tokens.norm(dim=-1, keepdim=True) if budget == "relative" else torch.tensor(eps)
             state["delta"] = torch.zeros_like(tokens, requires_grad=True)
-        d = _shaped_like(state["delta"], output)
-        return (output.float() + d.to(output.device)).to(output.dtype)
+        return _add(output, state["delta"], mask)
 
     handle = interface.understanding_site.register_forward_hook(hook)
     try:

@@ -362,7 +362,9 @@ class UniGameEvaluator:
                         step_size=self.attack_step_size,
                         budget=self.attack_budget,
                     )
-                    with perturbation_at(self.interface.understanding_site, delta):
+                    with perturbation_at(
+                        self.interface.understanding_site, delta, self.interface.site_mask("understanding")
+                    ):
                         out[name] = self._answer(images, questions)
             for name, severity in self.corruptions:
                 corrupted = [
