@@ -779,3 +779,15 @@ def test_generation_loss_term_trains_the_generator_through_lora(tmp_path, vqa):
     )
     for log in (log for log in trainer.state.log_history if "loss" in log):
         assert log["loss"] == pytest.approx(log["unigame/clean_loss"] + log["unigame/generation_loss"], rel=1e-4)
+
+
+def test_inconsistent_evaluation_and_budget_settings_are_rejected(tmp_path):
+    for overrides, field in (
+        (dict(eval_attack_eps=0.0), "eval_attack_eps"),
+        (dict(perturber_budget="percent"), "perturber_budget"),
+        (dict(perturber_update="second_order"), "perturber_update"),
+        (dict(buffer_max_age=-1), "buffer_max_age"),
+        (dict(generation_check_interval=-2), "generation_check_interval"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            make_args(tmp_path, **overrides)

@@ -277,6 +277,7 @@ class UniGameArguments:
         check("buffer_capacity", self.buffer_capacity >= 1, ">= 1")
         check("buffer_batch_size", self.buffer_batch_size >= 1, ">= 1")
         check("buffer_temperature", self.buffer_temperature > 0, "> 0")
+        check("eval_attack_eps", self.eval_attack_eps is None or self.eval_attack_eps > 0, "None or > 0")
         check("buffer_max_age", self.buffer_max_age is None or self.buffer_max_age >= 0, "None or >= 0")
         if isinstance(self.consistency_model, str) and self.consistency_model.lower() in ("", "none"):
             self.consistency_model = None
