@@ -36,7 +36,9 @@ def digits_inputs(interface, n=3):
 def test_offline_default_saves_what_loads_back(tmp_path):
     from trl_unigame.testing import pretrained_tiny_janus
 
-    trainer = run_example(tmp_path / "run", "--max_steps", "6", "--picture_steps", "3", "--save_steps", "3")
+    trainer = run_example(
+        tmp_path / "run", "--max_steps", "6", "--picture_steps", "3", "--save_steps", "3", "--logging_steps", "1"
+    )
     out = tmp_path / "run"
     files = set(os.listdir(out))
     assert {
@@ -274,7 +276,7 @@ def test_push_to_hub_uploads_adapter_perturber_and_card(tmp_path, offline_hub):
     assert not any(f.startswith("checkpoint-") for f in files)
     card = ModelCard.load(uploaded / "README.md")
     assert {"trl", "unigame"} <= set(card.data.tags)
-    assert "@article" in card.text and '"num_candidates": 2' in card.text
+    assert "@article" in card.text and '"num_candidates": 3' in card.text
     assert Perturber.from_pretrained(uploaded / "perturber").config.hidden_size == 32
 
 

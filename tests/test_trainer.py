@@ -791,3 +791,23 @@ def test_inconsistent_evaluation_and_budget_settings_are_rejected(tmp_path):
     ):
         with pytest.raises(ValueError, match=field):
             make_args(tmp_path, **overrides)
+
+
+def test_the_same_seed_draws_the_same_lora_whatever_ran_before(tmp_path, vqa):
+    from trl_unigame.testing import save_tiny_janus
+
+    path = save_tiny_janus(str(tmp_path / "model"), seed=0)
+    adapters = []
+    for noise in (1, 2):
+        model, processor = tiny_janus(seed=0)
+        torch.manual_seed(noise)  # whatever the process did before building the trainer
+        model = type(model).from_pretrained(path)  # loading does not seed
+        trainer = UniGameTrainer(
+            model,
+            make_args(tmp_path / str(noise), seed=7),
+            train_dataset=vqa,
+            processing_class=processor,
+            peft_config=LoraConfig(r=4, lora_alpha=8),
+        )
+        adapters.append({n: p for n, p in snapshot(trainer.model).items() if "lora_A" in n})
+    assert adapters[0] and all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])

@@ -10,7 +10,7 @@ from .consistency import load_consistency_scorer
 from .data import RowKeepingCollator, as_text, check_columns, first_turn, message_text
 from .interfaces import get_interface
 from .unigame_config import UniGameArguments
-from .unigame_trainer import UniGameMixin
+from .unigame_trainer import UniGameMixin, _seed
 
 
 @dataclass
@@ -69,6 +69,8 @@ class _StackedGame(UniGameMixin):
             "train_dataset",
             "UniGame stacking needs the image column (`images` or `image`) to play the game on.",
         )
+        if args is not None:
+            _seed(args)  # the host draws the LoRA weights before `Trainer.__init__` seeds
         super().__init__(model, args=args, peft_config=peft_config, **kwargs)
         self.interface = get_interface(self.model, self.processing_class)
         self.data_collator = RowKeepingCollator(self.data_collator, self._describe_row)

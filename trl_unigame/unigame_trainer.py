@@ -769,6 +769,7 @@ class UniGameTrainer(UniGameMixin, Trainer):
         check_rows(train_dataset, "train_dataset")
         check_rows(eval_dataset, "eval_dataset")
         consistency_scorer = load_consistency_scorer(args, consistency_scorer, can_mine=self.interface.can_generate)
+        _seed(args)  # the LoRA weights are drawn here, before `Trainer.__init__` seeds: a run repeats exactly
         model = prepare_understanding_player(model, self.interface, peft_config)
         self.interface = get_interface(model, processing_class)
         if data_collator is None:
@@ -839,6 +840,13 @@ class UniGameTrainer(UniGameMixin, Trainer):
         with torch.no_grad(), self.perturber.disabled():
             loss = self._host_loss(model, inputs).detach()
         return loss, None, None
+
+
+def _seed(args) -> None:
+    """Seeds every RNG from `args.seed` (fully deterministic with `args.full_determinism`), as `Trainer` does."""
+    from transformers.trainer_utils import enable_full_determinism, set_seed
+
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
 
 
 def generation_budget(args: UniGameArguments) -> dict | None:
