@@ -50,7 +50,7 @@ def test_offline_default_saves_what_loads_back(tmp_path):
     } <= files
     assert {"curves.png", "hard_samples_step6.png"} <= set(os.listdir(out / "pictures"))
     card = (out / "README.md").read_text()
-    assert "unigame" in card and "arXiv:2511.19413" in card and '"buffer_weight": 0.5' in card
+    assert "unigame" in card and "arXiv:2511.19413" in card and '"buffer_weight": 0.25' in card
     assert (out / "hard_samples.png").is_file() == bool(trainer.buffer.entries)
 
     base, processor = pretrained_tiny_janus()
@@ -277,7 +277,7 @@ def test_push_to_hub_uploads_adapter_perturber_and_card(tmp_path, offline_hub):
     card = ModelCard.load(uploaded / "README.md")
     assert {"trl", "unigame"} <= set(card.data.tags)
     assert "@article" in card.text and '"num_candidates": 3' in card.text
-    assert Perturber.from_pretrained(uploaded / "perturber").config.hidden_size == 32
+    assert Perturber.from_pretrained(uploaded / "perturber").config.hidden_size == 128  # the digits model's LLM width
 
 
 # ------------------------------------------------------------------------------------------- datasets
