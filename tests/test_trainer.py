@@ -664,7 +664,8 @@ def test_realized_perturbation_is_logged_and_a_bf16_model_that_rounds_it_away_wa
         peft_config=LoraConfig(r=4, lora_alpha=8),
     )
     with pytest.warns(
-        UserWarning, match=r"(?s)understanding site only part of the perturbation.*perturber_budget='relative'"
+        UserWarning,
+        match=r"(?s)understanding site only part of the perturbation.*cast to bfloat16.*perturber_budget='relative'",
     ):
         trainer.train()
     log = next(log for log in trainer.state.log_history if "loss" in log)

@@ -241,13 +241,14 @@ class Perturber(
             "intended_delta_norm": float(intended.norm(dim=-1).mean()),
             "realized_delta_cosine": float(cosine.mean()),
             "token_norm": float(z.norm(dim=-1).median()),
+            "dtype": str(tokens.dtype).replace("torch.", ""),
         }
 
     @contextlib.contextmanager
     def measuring(self):
         """Context manager that records, at each site the perturbation acts on inside it, what reached the model after
         the cast to its dtype (`last_measurements[site]`: `realized_delta_norm`, `intended_delta_norm`,
-        `realized_delta_cosine`, `token_norm`), on up to `MEASURED_TOKENS` tokens per call."""
+        `realized_delta_cosine`, `token_norm`, and the tokens' `dtype`), on up to `MEASURED_TOKENS` tokens per call."""
         self.last_measurements, self.measure = {}, True
         try:
             yield self.last_measurements

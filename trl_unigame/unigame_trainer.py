@@ -402,7 +402,7 @@ class UniGameMixin:
                 self._warned_precision.add(site)
                 warnings.warn(
                     f"UniGame: at the {site} site only part of the perturbation reaches the model: after the cast to "
-                    f"{self.interface.dtype} its norm is {values['realized_delta_norm']:.3g} (intended "
+                    f"{values['dtype']} its norm is {values['realized_delta_norm']:.3g} (intended "
                     f"{values['intended_delta_norm']:.3g}) and its cosine to the intended direction "
                     f"{values['realized_delta_cosine']:.2f}, on tokens of median norm {values['token_norm']:.3g}. The "
                     "rest is rounding noise, and the perturber's gradient points where the forward pass never went. "
