@@ -74,6 +74,12 @@ class VisualTokenInterface(ABC):
         self.base_model = unwrap_model(model)
         self.processor = processor
 
+    def _require_processor(self):
+        """The processor, or a clear error for the operations that need it (building inputs, generating)."""
+        if self.processor is None:
+            raise ValueError("This operation needs the model's processor: pass `processor=` to `get_interface`.")
+        return self.processor
+
     @property
     def device(self) -> torch.device:
         """Device of the model's parameters."""

@@ -98,11 +98,6 @@ class Emu3Interface(VisualTokenInterface):
 
         return mask
 
-    def _require_processor(self):
-        if self.processor is None:
-            raise ValueError("This operation needs the model's processor: pass `processor=` to `get_interface`.")
-        return self.processor
-
     def _chat_prompt(self, text: str) -> str:
         processor = self._require_processor()
         if getattr(processor, "chat_template", None):

@@ -66,11 +66,6 @@ class JanusInterface(VisualTokenInterface):
     def image_size(self) -> int:
         return self.config.vision_config.image_size
 
-    def _require_processor(self):
-        if self.processor is None:
-            raise ValueError("This operation needs the model's processor: pass `processor=` to `get_interface`.")
-        return self.processor
-
     def _chat_prompt(self, text: str, with_image: bool) -> str:
         processor = self._require_processor()
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]

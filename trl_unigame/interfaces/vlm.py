@@ -56,11 +56,6 @@ class UnderstandingOnlyInterface(VisualTokenInterface):
     def quantization_skip_modules(self) -> list[str]:
         return list(self.QUANTIZATION_SKIP_MODULES)
 
-    def _require_processor(self):
-        if self.processor is None:
-            raise ValueError("This operation needs the model's processor: pass `processor=` to `get_interface`.")
-        return self.processor
-
     def _chat_prompt(self, text: str) -> str:
         processor = self._require_processor()
         if getattr(processor, "chat_template", None):
