@@ -155,3 +155,40 @@ def test_unsupported_model_gets_a_clear_error(non_unified_model):
         get_interface(non_unified_model)
     with pytest.raises(UnsupportedModelError):
         Perturber.for_model(non_unified_model)
+
+
+def test_concatenated_batches_keep_each_rows_loss(janus, vqa):
+    model, processor = janus
+    interface = get_interface(model, processor)
+    rows = vqa.select(range(5))
+    first = interface.build_understanding_inputs(rows["image"][:2], rows["question"][:2], rows["answer"][:2])
+    long_questions = [q + " Look closely at the picture and answer." for q in rows["question"][2:]]
+    second = interface.build_understanding_inputs(rows["image"][2:], long_questions, rows["answer"][2:])
+    assert first["input_ids"].shape[1] < second["input_ids"].shape[1]  # the first batch gets extra left padding
+    merged = interface.concatenate_inputs(first, second)
+    assert merged["input_ids"].shape == (5, second["input_ids"].shape[1])
+    with torch.no_grad():
+        separate = torch.cat([interface.understanding_loss(model, first), interface.understanding_loss(model, second)])
+        together = interface.understanding_loss(model, merged)
+    torch.testing.assert_close(together, separate, rtol=1e-5, atol=1e-5)
+    unlike = dict(second, extra=torch.zeros(3))
+    assert interface.concatenate_inputs(first, unlike) is None  # different keys: two passes
+
+
+def test_generation_on_a_smaller_grid_comes_back_at_the_understanding_size(janus):
+    model, processor = janus
+    interface = get_interface(model, processor)
+    steps = []
+    handle = model.model.generation_head.register_forward_hook(lambda *a: steps.append(1))
+    native = interface.generate_images(["a red square"], num_images=2, temperature=0.0)
+    native_steps, steps[:] = len(steps), []
+    small = interface.generate_images(["a red square"], num_images=2, temperature=0.0, image_size=8)
+    handle.remove()
+    assert native_steps == interface.num_image_tokens == 16
+    assert len(steps) == 4  # a 2 x 2 grid of tokens: 8 px at 4 px per token
+    assert small.shape == native.shape == (2, 3, interface.image_size, interface.image_size)
+    assert 0 <= small.min() and small.max() <= 1
+    assert interface.generation_grid() == 4 and interface.generation_grid(12) == 3
+    for bad in (6, 20, 0):
+        with pytest.raises(ValueError, match="multiple of 4 up to 16"):
+            interface.generation_grid(bad)

@@ -812,3 +812,34 @@ def test_the_same_seed_draws_the_same_lora_whatever_ran_before(tmp_path, vqa):
         )
         adapters.append({n: p for n, p in snapshot(trainer.model).items() if "lora_A" in n})
     assert adapters[0] and all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
+
+
+def test_one_pass_update_equals_the_two_pass_update(tmp_path, vqa):
+    results = {}
+    for one_pass in (True, False):
+        trainer = make_trainer(
+            tmp_path / str(one_pass), vqa, lora_dropout=0.0, one_pass_update=one_pass, max_steps=4, mining_interval=2
+        )
+        forwards = []
+        handle = trainer.interface.understanding_site.register_forward_hook(lambda *a: forwards.append(1))
+        trainer.train()
+        handle.remove()
+        buffer_steps = sum(1 for log in trainer.state.log_history if "unigame/buffer_loss" in log)
+        results[one_pass] = (snapshot(trainer.model), snapshot(trainer.perturber), len(forwards), buffer_steps)
+    (lora_1, pert_1, forwards_1, buffer_steps), (lora_2, pert_2, forwards_2, _) = results[True], results[False]
+    assert buffer_steps == 4  # mining precedes the update, so every step had a buffer batch: the paths differ
+    assert forwards_2 - forwards_1 == buffer_steps  # one understanding forward fewer per step with a buffer batch
+    for name in lora_1:
+        torch.testing.assert_close(lora_1[name], lora_2[name], rtol=1e-4, atol=1e-6)
+    for name in pert_1:
+        torch.testing.assert_close(pert_1[name], pert_2[name], rtol=1e-4, atol=1e-6)
+
+
+def test_mining_on_a_smaller_grid_fills_the_buffer_with_understanding_sized_images(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, mining_image_size=8, max_steps=1)
+    trainer.train()
+    assert len(trainer.buffer)
+    size = trainer.interface.image_size
+    assert all(tuple(e.image.shape) == (3, size, size) for e in trainer.buffer.entries)
+    with pytest.raises(ValueError, match="mining_image_size=10"):
+        make_trainer(tmp_path, vqa, mining_image_size=10)

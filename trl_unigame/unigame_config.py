@@ -85,6 +85,11 @@ class UniGameArguments:
             Classifier-free guidance scale when generating candidates.
         generation_temperature (`float`, *optional*, defaults to `1.0`):
             Sampling temperature of image tokens; `0` is greedy.
+        mining_image_size (`int`, *optional*):
+            Side in pixels of the generated candidates: smaller than the model's own generation size, the generator
+            samples a smaller token grid (Janus-Pro: `256` is 16 x 16 = 256 tokens instead of 24 x 24 = 576 at 384
+            px) and the images are resized for the understanding side. Mining's cost falls with the token count; the
+            candidates' quality falls too (see docs/benchmarks.md). `None` generates at the model's own size.
         generation_check_interval (`int`, *optional*, defaults to `0`):
             Every this many optimizer steps, generate one image per sample with the perturber off and log its mean
             consistency score (`unigame/clean_generation_consistency`): is fine-tuning the understanding player
@@ -110,6 +115,10 @@ class UniGameArguments:
         understanding_update (`str`, *optional*, defaults to `"mixed"`):
             `"mixed"`: one step on `CE(clean) + beta * CE(buffer)` (paper); `"separate"`: after the clean step, a second
             optimizer step on `beta * CE(buffer)` (authors' code and order, with beta 1.0).
+        one_pass_update (`bool`, *optional*, defaults to `True`):
+            With `understanding_update="mixed"`, run the clean and buffer rows as one batch (one forward and one
+            backward, each row weighted) instead of two passes; the update is the same up to rounding. Applies to
+            [`UniGameTrainer`]; the TRL hosts always run two passes.
         buffer_capacity (`int`, *optional*, defaults to `50`):
             Hard samples kept (paper 50; authors' code 4096).
         buffer_batch_size (`int`, *optional*, defaults to `8`):
@@ -183,6 +192,10 @@ class UniGameArguments:
     )
     generation_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})
     generation_temperature: float = field(default=1.0, metadata={"help": "Image-token sampling temperature."})
+    mining_image_size: int | None = field(
+        default=None,
+        metadata={"help": "Side (px) of generated candidates, on a smaller token grid; None: the model's own size."},
+    )
     generation_check_interval: int = field(
         default=0,
         metadata={"help": "Every N steps, score one clean (unperturbed) generation per sample; 0 = never."},
@@ -201,6 +214,9 @@ class UniGameArguments:
     )
     understanding_update: str = field(
         default="mixed", metadata={"help": "mixed: one step on clean + beta * buffer; separate: two steps."}
+    )
+    one_pass_update: bool = field(
+        default=True, metadata={"help": "mixed update: clean and buffer rows in one forward and backward."}
     )
     buffer_capacity: int = field(default=50, metadata={"help": "Hard samples kept in the buffer."})
     buffer_batch_size: int = field(default=8, metadata={"help": "Hard samples drawn per micro-batch."})
@@ -258,6 +274,7 @@ class UniGameArguments:
         )
         check("generation_check_interval", self.generation_check_interval >= 0, ">= 0 (0 turns the check off)")
         check("mining_interval", self.mining_interval >= 0, ">= 0 (0 disables mining)")
+        check("mining_image_size", self.mining_image_size is None or self.mining_image_size > 0, "None or > 0")
         check("num_candidates", self.num_candidates >= 1, ">= 1")
         check(
             "candidates_kept_per_sample",

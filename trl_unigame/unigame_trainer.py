@@ -109,6 +109,8 @@ class UniGameMixin:
         self.mining_interval = args.mining_interval if self.interface.can_generate else 0
         if not self.interface.can_generate:
             _warn_embedding_only_game(args, type(base).__name__)
+        if self.mining_interval and args.mining_image_size is not None:
+            self.interface.generation_grid(args.mining_image_size)  # a size the generator cannot make fails here
         self.consistency_scorer = load_consistency_scorer(
             args, consistency_scorer, can_mine=bool(self.mining_interval)
         )
@@ -315,6 +317,7 @@ class UniGameMixin:
                     guidance_scale=args.generation_guidance_scale,
                     temperature=args.generation_temperature,
                     generator=generator,
+                    image_size=args.mining_image_size,
                 )
             self._log_realized_perturbation(measured)
             source = torch.arange(len(rows)).repeat_interleave(args.num_candidates)
@@ -385,6 +388,7 @@ class UniGameMixin:
                     guidance_scale=self.args.generation_guidance_scale,
                     temperature=self.args.generation_temperature,
                     generator=generator,
+                    image_size=self.args.mining_image_size,
                 )
             scores = torch.as_tensor(self.consistency_scorer(pixels, prompts), dtype=torch.float32)
         finally:
@@ -457,17 +461,29 @@ class UniGameMixin:
         """Host loss on a buffer batch; each drawn entry's hardness is refreshed from its own loss, at no extra cost."""
         with self._host_metrics_paused():
             loss, per_sample = self._host_loss_per_sample(model, batch.inputs)
-        if batch.entries:
-            self._game_metrics["unigame/buffer_loss"].append(float(loss.detach()))
-            if per_sample is not None and len(per_sample) == len(batch.entries):
-                args = self.args
-                consistency = [e.consistency for e in batch.entries]
-                s = None if any(c is None for c in consistency) else torch.tensor(consistency)
-                h = hardness_score(
-                    per_sample.detach().float().cpu(), s, args.consistency_weight, args.consistency_threshold
-                )
-                self.buffer.rescore(batch.entries, h.tolist())
+        self._note_buffer_loss(batch, loss, per_sample)
         return loss
+
+    def _note_buffer_loss(self, batch: _BufferBatch, loss: torch.Tensor, per_sample: torch.Tensor | None) -> None:
+        """Logs the buffer loss and rescores the drawn entries from their own per-sample losses."""
+        if not batch.entries:
+            return
+        self._game_metrics["unigame/buffer_loss"].append(float(loss.detach()))
+        if per_sample is not None and len(per_sample) == len(batch.entries):
+            args = self.args
+            consistency = [e.consistency for e in batch.entries]
+            s = None if any(c is None for c in consistency) else torch.tensor(consistency)
+            h = hardness_score(per_sample.detach().float().cpu(), s, args.consistency_weight, args.consistency_threshold)
+            self.buffer.rescore(batch.entries, h.tolist())
+
+    def _one_pass_enabled(self) -> bool:
+        """Whether this host can run the clean and buffer rows in one forward (`one_pass_update`)."""
+        return False
+
+    def _one_pass_inputs(self, inputs: dict[str, Any], batch: _BufferBatch) -> dict[str, Any] | None:
+        """The clean and buffer rows as one batch for a single forward and backward, or `None` when they cannot share
+        one (then every process runs two passes)."""
+        return None
 
     def _separate_buffer_step(self) -> None:
         """The authors' variant: after the optimizer step on the clean batch, one more step on a buffer batch alone."""
@@ -492,20 +508,39 @@ class UniGameMixin:
 
         With `return_outputs=True`, the host's own outputs of the clean pass come back beside the loss."""
         inputs.pop(ROWS_KEY, None)
-        result = self._host_loss(model, inputs, num_items_in_batch=num_items_in_batch, return_outputs=return_outputs)
-        clean, outputs = result if return_outputs else (result, None)
+        batch = self._buffer_batch if model.training else None
+        merged = None
+        if batch is not None and not return_outputs and self._one_pass_enabled():
+            merged = self._one_pass_inputs(inputs, batch) if batch.entries else None
+            # Every process must run as many forwards (DDP syncs buffers in each): all take one pass unless any
+            # process holds a buffer batch that cannot share its clean batch's forward.
+            if self._on_any_process(bool(batch.entries) and merged is None):
+                merged = None
+            elif not batch.entries:
+                batch = None  # a stand-in adds no forward of its own in one pass
+        if merged is not None:
+            # One forward and backward over clean + buffer rows; each part keeps its own mean, as in two passes.
+            n = len(inputs["input_ids"])
+            per_sample = self._host_loss_per_sample(model, merged)[1]
+            clean, buffer_loss, outputs = per_sample[:n].mean(), per_sample[n:].mean(), None
+            self._note_buffer_loss(batch, buffer_loss, per_sample[n:])
+        else:
+            result = self._host_loss(
+                model, inputs, num_items_in_batch=num_items_in_batch, return_outputs=return_outputs
+            )
+            clean, outputs = result if return_outputs else (result, None)
+            buffer_loss = self._buffer_loss(model, batch) if batch is not None else None
         loss = clean
         if model.training:
             self._game_metrics["unigame/clean_loss"].append(float(clean.detach()))
-            if self._buffer_batch is not None:
-                buffer_loss = self._buffer_loss(model, self._buffer_batch)
-                weight = self._buffer_batch.weight
+            if batch is not None:
+                weight = batch.weight
                 if num_items_in_batch is not None and getattr(self, "model_accepts_loss_kwargs", False):
                     # The host already normalised the clean loss over the whole accumulation window, so the
                     # Trainer will not divide by the window; the buffer's batch mean must be divided here.
                     weight = weight / self.current_gradient_accumulation_steps
                 loss = loss + weight * buffer_loss
-                if self._buffer_batch.entries:
+                if batch.entries:
                     share = float(weight * buffer_loss.detach()) / max(float(loss.detach()), 1e-12)
                     self._game_metrics["unigame/buffer_loss_share"].append(share)
             if self.args.perturbed_weight:
@@ -802,6 +837,12 @@ class UniGameTrainer(UniGameMixin, Trainer):
     def _host_loss_per_sample(self, model, inputs):
         per_sample = self.interface.understanding_loss(model, inputs)
         return per_sample.mean(), per_sample
+
+    def _one_pass_enabled(self):
+        return self.args.one_pass_update
+
+    def _one_pass_inputs(self, inputs, batch):
+        return self.interface.concatenate_inputs(inputs, batch.inputs)
 
     def create_model_card(
         self,

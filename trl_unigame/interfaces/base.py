@@ -158,19 +158,48 @@ class VisualTokenInterface(ABC):
         guidance_scale: float = 5.0,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        image_size: int | None = None,
     ) -> torch.Tensor:
         """Generates `num_images` images per prompt; returns pixels in `[0, 1]`, `(len(prompts) * num_images, 3, H, W)`,
-        at the size the understanding side expects, grouped by prompt.
+        at the size the understanding side expects, grouped by prompt. `image_size` (pixels per side) generates on a
+        smaller token grid than the model's own (see [`~VisualTokenInterface.generation_grid`]), then resizes.
 
         Raises:
             NotImplementedError: for a model that cannot generate images (`can_generate` is `False`).
         """
         raise NotImplementedError(f"{type(self.base_model).__name__} cannot generate images.")
 
+    def generation_grid(self, image_size: int | None = None) -> int:
+        """Side of the image-token grid the generator uses for images of `image_size` pixels (its own when `None`).
+
+        Raises:
+            ValueError: when the family cannot generate at `image_size`.
+        """
+        if image_size is None:
+            raise NotImplementedError(f"{type(self.base_model).__name__} cannot generate images.")
+        raise ValueError(
+            f"`mining_image_size` is not supported for {type(self.base_model).__name__} ({self.family}): leave it "
+            "`None` to mine at the model's own generation size."
+        )
+
     def generation_loss(self, model: nn.Module, prompts: list[str], images: torch.Tensor) -> torch.Tensor:
         """One cross-entropy per sample of generating `images` (`[0, 1]`, `(B, 3, H, W)`) from `prompts`: the model's
         own image-generation loss, used to keep the shared generator good while the understanding player trains."""
         raise NotImplementedError(f"{type(self).__name__} has no image-generation loss.")
+
+    def concatenate_inputs(
+        self, first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor] | None:
+        """One batch of the rows of two batches from [`~VisualTokenInterface.build_understanding_inputs`], `first`'s
+        rows first, left-padded to the longer one; `None` when they cannot share a forward (different keys, or image
+        tensors of different shapes), in which case they run as two passes.
+
+        Extra left padding leaves each row's loss as it was, up to rounding: the padding is masked, and rotary
+        position embeddings depend only on the distance between tokens.
+        """
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        return concatenate_left_padded(first, second, pad_id=0 if pad_id is None else pad_id)
 
     def source_images(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The batch's input images as pixels in `[0, 1]` (for display), or `None` when they cannot be recovered."""
@@ -281,6 +310,34 @@ def append_answers(
     for k, v in encoded.items():
         if k not in out:
             out[k] = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+    return out
+
+
+def concatenate_left_padded(
+    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], pad_id: int = 0
+) -> dict[str, torch.Tensor] | None:
+    """Concatenates two left-padded batches row-wise: per-token tensors (shaped like `input_ids`) are left-padded to
+    the longer sequence (`input_ids` with `pad_id`, `labels` with -100, the rest with 0), other tensors are
+    concatenated along their first dimension. Returns `None` when the batches have different keys or a tensor whose
+    trailing shapes differ."""
+    if set(first) != set(second) or "input_ids" not in first:
+        return None
+    shapes = (first["input_ids"].shape, second["input_ids"].shape)
+    length = max(shapes[0][1], shapes[1][1])
+    fills = {"input_ids": pad_id, "labels": -100}
+    out = {}
+    for key in first:
+        parts = [first[key], second[key]]
+        if not all(isinstance(p, torch.Tensor) for p in parts):
+            return None
+        if all(p.dim() >= 2 and p.shape[:2] == shape for p, shape in zip(parts, shapes)):
+            parts = [
+                nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (length - p.shape[1], 0), value=fills.get(key, 0))
+                for p in parts
+            ]
+        if parts[0].shape[1:] != parts[1].shape[1:]:
+            return None
+        out[key] = torch.cat([parts[0], parts[1].to(parts[0].device)])
     return out
 
 

@@ -172,12 +172,16 @@ class Emu3Interface(VisualTokenInterface):
         return min(max(processor.image_area, image_processor.min_pixels), image_processor.max_pixels)
 
     @torch.no_grad()
-    def generate_images(self, prompts, num_images=1, guidance_scale=5.0, temperature=1.0, generator=None):
+    def generate_images(
+        self, prompts, num_images=1, guidance_scale=5.0, temperature=1.0, generator=None, image_size=None
+    ):
         """Samples `num_images` images per prompt with classifier-free guidance (the unconditional branch sees an
         empty prompt) and a forced grammar: `w` visual tokens then an end-of-line token, for each of `h` rows. The
         codes are decoded by the VQ decoder; pixels come back in `[0, 1]` at the generation size (`generation_area`,
-        which the understanding path accepts as it is)."""
+        or `image_size` squared, which the understanding path accepts as it is)."""
         processor = self._require_processor()
+        self.generation_grid(image_size)  # a clear error for a size the processor cannot make
+        area = self.generation_area if image_size is None else image_size * image_size
         tokenizer = processor.tokenizer
         model = self.base_model
         lm = model.model.text_model
@@ -188,7 +192,7 @@ class Emu3Interface(VisualTokenInterface):
             text=texts,
             return_for_image_generation=True,
             ratio="1:1",
-            image_area=self.generation_area,
+            image_area=area,
             return_tensors="pt",
             padding=True,
             padding_side="left",
@@ -246,7 +250,27 @@ class Emu3Interface(VisualTokenInterface):
         pixels = model.decode_image_tokens(image_tokens=torch.cat([tokens, tail], dim=1), height=height, width=width)
         return self._to_unit_range(pixels)
 
+    def generation_grid(self, image_size: int | None = None) -> int:
+        """Side of the visual-token grid of square generated images of `image_size` pixels (of `generation_area` when
+        `None`).
+
+        Raises:
+            ValueError: when `image_size` is not a multiple of the VQ spatial factor or its area is outside the image
+                processor's pixel range.
+        """
+        factor = self.base_model.model.vqmodel.vision_spatial_factor
+        if image_size is None:
+            return round(math.sqrt(self.generation_area) / factor)
+        image_processor = self._require_processor().image_processor
+        low, high = image_processor.min_pixels, image_processor.max_pixels
+        if image_size <= 0 or image_size % factor or not low <= image_size * image_size <= high:
+            raise ValueError(
+                f"`mining_image_size={image_size}` does not fit this Emu3: the side must be a multiple of the VQ "
+                f"spatial factor {factor}, and its area within the image processor's [{low}, {high}] pixels."
+            )
+        return image_size // factor
+
     def tokens_per_image(self) -> int:
         """Tokens generated per image at the generation size (`h * (w + 1)` plus three closing tokens)."""
-        side = round(math.sqrt(self.generation_area) / self.base_model.model.vqmodel.vision_spatial_factor)
+        side = self.generation_grid()
         return side * (side + 1) + 3

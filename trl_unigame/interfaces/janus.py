@@ -199,8 +199,11 @@ class JanusInterface(VisualTokenInterface):
 
     # ----------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate_images(self, prompts, num_images=1, guidance_scale=5.0, temperature=1.0, generator=None):
+    def generate_images(
+        self, prompts, num_images=1, guidance_scale=5.0, temperature=1.0, generator=None, image_size=None
+    ):
         processor = self._require_processor()
+        grid = self.generation_grid(image_size)
         model = self.base_model
         lm = model.model.language_model
         tokenizer = processor.tokenizer
@@ -220,11 +223,12 @@ class JanusInterface(VisualTokenInterface):
 
         from transformers import StaticCache
 
-        cache = StaticCache(config=lm.config, max_cache_len=input_ids.shape[1] + self.num_image_tokens)
+        num_tokens = grid * grid
+        cache = StaticCache(config=lm.config, max_cache_len=input_ids.shape[1] + num_tokens)
         embeds = model.get_input_embeddings()(input_ids)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        tokens = torch.empty((batch, self.num_image_tokens), dtype=torch.long, device=device)
-        for i in range(self.num_image_tokens):
+        tokens = torch.empty((batch, num_tokens), dtype=torch.long, device=device)
+        for i in range(num_tokens):
             out = lm(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
@@ -245,8 +249,45 @@ class JanusInterface(VisualTokenInterface):
             embeds = model.prepare_embeddings_for_image_generation(torch.cat([next_token, next_token]).unsqueeze(-1))
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((2 * batch, 1))], dim=1)
             position_ids = position_ids[:, -1:] + 1
-        pixels = model.decode_image_tokens(tokens).permute(0, 3, 1, 2).float()
+        pixels = self._decode(tokens, grid)
         pixels = ((pixels + 1) / 2).clamp(0, 1)
         if pixels.shape[-1] != self.image_size:
             pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
         return pixels.clamp(0, 1)
+
+    @property
+    def _vq_downsample(self) -> int:
+        """Pixels per VQ code along each side (16 for Janus-Pro: 384 px on a 24 x 24 grid)."""
+        return 2 ** (len(self.base_model.model.vqmodel.config.channel_multiplier) - 1)
+
+    def generation_grid(self, image_size: int | None = None) -> int:
+        """Side of the image-token grid for generated images of `image_size` pixels (the model's own grid when
+        `None`): Janus-Pro-1B/7B generate 24 x 24 tokens for 384 px, and 16 x 16 for `image_size=256`.
+
+        Raises:
+            ValueError: when `image_size` is not a positive multiple of the VQ downsampling factor, or exceeds the
+                model's own generation size.
+        """
+        native = int(round(self.num_image_tokens**0.5))
+        if image_size is None:
+            return native
+        factor = self._vq_downsample
+        if image_size <= 0 or image_size % factor or image_size // factor > native:
+            raise ValueError(
+                f"`mining_image_size={image_size}` does not fit {type(self.base_model).__name__}: its VQ decoder makes "
+                f"{factor} pixels per image token, on at most a {native} x {native} grid ({native * factor} px). Use a "
+                f"multiple of {factor} up to {native * factor}, e.g. {max(factor, (2 * native // 3) * factor)}, or "
+                "`None` for the model's own size."
+            )
+        return image_size // factor
+
+    def _decode(self, tokens: torch.Tensor, grid: int) -> torch.Tensor:
+        """VQ-decodes `(B, grid * grid)` image tokens to pixels in `[-1, 1]`, `(B, 3, grid * f, grid * f)`; the VQ
+        decoder is convolutional, so a smaller grid decodes to a smaller image."""
+        quantize = self.base_model.model.vqmodel.quantize
+        native = list(quantize.quant_state_dims)
+        quantize.quant_state_dims = [grid, grid]  # the shape `decode` checks and reshapes to
+        try:
+            return self.base_model.decode_image_tokens(tokens).permute(0, 3, 1, 2).float()
+        finally:
+            quantize.quant_state_dims = native
