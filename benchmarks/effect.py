@@ -77,6 +77,15 @@ METHODS = {
     "sft": dict(adversarial_weight=0.0, mining_interval=0, buffer_weight=0.0, perturbed_weight=0.0),
     # The paper's rule and mixed update, with the digit judge as the faithfulness filter.
     "unigame": dict(GAME, selection="paper", hardness_quantile=0.6, understanding_update="mixed", buffer_weight=0.25),
+    # The same game with the first-order perturber step (no extra pass through the model for the perturber).
+    "unigame-first-order": dict(
+        GAME,
+        selection="paper",
+        hardness_quantile=0.6,
+        understanding_update="mixed",
+        buffer_weight=0.25,
+        perturber_update="first_order",
+    ),
     # The paper's ablation row "adversarial embedding only": the perturber plays, nothing is decoded.
     "embedding": dict(GAME, mining_interval=0, buffer_weight=0.0, perturbed_weight=0.5),
     # The authors' code: OR rule, q 0.8, separate clean-then-buffer steps with weight 1, pop.

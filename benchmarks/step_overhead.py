@@ -5,6 +5,7 @@ Step-time and peak-memory overhead of UniGame against a plain `transformers.Trai
 ```bash
 python benchmarks/step_overhead.py                      # tiny random Janus on CPU (Python overhead dominates)
 python benchmarks/step_overhead.py --preset compute     # a 25M-parameter Janus whose step is compute-bound on CPU
+python benchmarks/step_overhead.py --shapes janus-pro-1b --dtype bfloat16   # Janus-Pro-1B's architecture, random weights (GPU)
 python benchmarks/step_overhead.py --model_name_or_path deepseek-community/Janus-Pro-1B --batch_size 4 --dtype bfloat16
 ```
 
@@ -31,13 +32,18 @@ VARIANTS = {
     "game_m1": "UniGame step, mining every step (m = 1, the default)",
     "game_m4": "UniGame step, mining every 4 steps (m = 4)",
     "game_m4_first_order": "UniGame step, mining every 4 steps, first-order perturber step",
+    "game_m4_two_pass": "UniGame step, mining every 4 steps, clean and buffer as two passes (one_pass_update=False)",
+    "game_m4_small_grid": "UniGame step, mining every 4 steps on the smaller grid (--mining_image_size)",
     "authors": "the authors' structure: separate buffer step, mining every step",
 }
+# Candidates on a smaller token grid for the `small_grid` variant, per model: about 2/3 of the side (Janus-Pro: 256 px,
+# 16 x 16 tokens, against 384 px and 24 x 24).
+SMALL_GRID = {"tiny": 8, "compute": 24, "janus-pro-1b": 256, "janus-pro-7b": 256}
 
 
 def build_model(args):
-    """The benchmark's model: a checkpoint, the tiny random Janus, or the compute-bound preset (LLM hidden 512,
-    6 layers, 64 image tokens, random weights)."""
+    """The benchmark's model: a checkpoint, the tiny random Janus, Janus-Pro's real shapes with random weights, or the
+    compute-bound preset (LLM hidden 512, 6 layers, 64 image tokens, random weights)."""
     import torch
 
     from trl_unigame.testing import tiny_janus
@@ -51,26 +57,37 @@ def build_model(args):
         return tiny_janus(seed=0)
     from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor
 
-    from trl_unigame.testing import tiny_janus_config
+    from trl_unigame.testing import janus_pro_config, tiny_janus_config
 
-    _, processor = tiny_janus(seed=0)
-    config = tiny_janus_config(vocab_size=len(processor.tokenizer), hidden_size=512).to_dict()
-    config["text_config"].update(
-        num_hidden_layers=6, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=8
-    )
-    config["vision_config"].update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, image_size=32)
-    config["vision_config"]["num_image_tokens"] = 64
-    config["vq_config"].update(num_patches=8)
-    for key in ("model_type", "transformers_version", "architectures"):
-        config.pop(key, None)
+    tiny, processor = tiny_janus(seed=0)
+    if args.preset.startswith("janus-pro"):
+        # The real architecture with random weights; the small offline tokenizer stands in for the real one (its ids
+        # all fall inside the real vocabulary), so prompts are short but every layer has its real size.
+        config = janus_pro_config(args.preset.split("-")[-1], image_token_id=tiny.config.image_token_id)
+        image_size, tokens = 384, 576
+    else:
+        config = tiny_janus_config(vocab_size=len(processor.tokenizer), hidden_size=512).to_dict()
+        config["text_config"].update(
+            num_hidden_layers=6, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=8
+        )
+        config["vision_config"].update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, image_size=32)
+        config["vision_config"]["num_image_tokens"] = 64
+        config["vq_config"].update(num_patches=8)
+        for key in ("model_type", "transformers_version", "architectures"):
+            config.pop(key, None)
+        config = JanusConfig(**config)
+        image_size, tokens = 32, 64
     torch.manual_seed(0)
-    model = JanusForConditionalGeneration(JanusConfig(**config))
-    model.generation_config = tiny_janus(seed=0)[0].generation_config
+    dtype = getattr(torch, args.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = JanusForConditionalGeneration(config).to(dtype)
+    model.generation_config = tiny.generation_config
     processor = JanusProcessor(
-        image_processor=JanusImageProcessorPil(size={"height": 32, "width": 32}, min_size=4),
+        image_processor=JanusImageProcessorPil(size={"height": image_size, "width": image_size}, min_size=4),
         tokenizer=processor.tokenizer,
         chat_template=processor.chat_template,
-        num_image_tokens=64,
+        num_image_tokens=tokens,
     )
     return model, processor
 
@@ -138,6 +155,8 @@ def run_variant(variant, args):
         mining_interval=0 if "no_mining" in variant else 4 if "m4" in variant else 1,
         perturber_update="first_order" if variant.endswith("first_order") else "exact",
         understanding_update="separate" if variant == "authors" else "mixed",
+        one_pass_update=not variant.endswith("two_pass"),
+        mining_image_size=SMALL_GRID[args.preset] if variant.endswith("small_grid") else None,
         num_candidates=args.num_candidates,
         buffer_batch_size=args.batch_size,
         hardness_quantile=0.0,
@@ -187,6 +206,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default=None)
     parser.add_argument("--preset", choices=["tiny", "compute"], default="tiny", help="Model built in code.")
+    parser.add_argument(
+        "--shapes",
+        choices=["janus-pro-1b", "janus-pro-7b"],
+        default=None,
+        help="Build this model's real architecture with random weights (no download); for a GPU.",
+    )
     parser.add_argument("--output_json", default=None)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch_size", type=int, default=4)
@@ -196,6 +221,8 @@ def main():
     parser.add_argument("--output_dir", default="/tmp/unigame-benchmark")
     parser.add_argument("--variant", choices=list(VARIANTS) + ["mining"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.shapes:
+        args.preset = args.shapes
     if args.variant == "mining":
         return print(json.dumps(mining_throughput(args)))
     if args.variant:
@@ -213,17 +240,23 @@ def main():
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    model_name = args.model_name_or_path or {"tiny": "tiny random Janus", "compute": "compute preset"}[args.preset]
+    names = {"tiny": "tiny random Janus", "compute": "compute preset"}
+    model_name = args.model_name_or_path or names.get(args.preset, f"{args.preset} shapes, random weights")
     print(
         f"device: {device}; model: {model_name}; batch {args.batch_size}; "
         f"K = {args.num_candidates}; median of steps {args.warmup + 1}..{args.steps}"
     )
-    print(f"{'variant':<16} {'step (ms)':>10} {'time ratio':>11} {'peak memory ratio':>18}  description")
+    print(f"{'variant':<28} {'step (ms)':>10} {'time ratio':>11} {'peak memory ratio':>18}  description")
     for variant, r in results.items():
         print(
-            f"{variant:<16} {1e3 * r['step_s']:>10.1f} {r['step_s'] / base['step_s']:>11.2f} "
+            f"{variant:<28} {1e3 * r['step_s']:>10.1f} {r['step_s'] / base['step_s']:>11.2f} "
             f"{r['peak_bytes'] / base['peak_bytes']:>18.2f}  {VARIANTS[variant]}"
         )
+    mining_round = results["game_m1"]["step_s"] - results["game_no_mining"]["step_s"]
+    print(
+        f"mining alone (one round: generate, decode, score, push; m1 - no mining): {1e3 * mining_round:.1f} ms "
+        f"= {mining_round / base['step_s']:.2f} plain steps"
+    )
     ratio = mining["generate_images"] / mining["transformers_generate"]
     print(
         f"mining throughput (greedy, guidance 3, batch {args.batch_size * args.num_candidates}): generate_images "

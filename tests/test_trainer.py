@@ -242,14 +242,17 @@ def test_model_trains_in_train_mode_and_generation_restores_it(tmp_path, vqa):
         return original(*args, **kwargs)
 
     trainer.interface.generate_images = spy
-    compute = trainer._host_loss
+    compute, per_sample = trainer._host_loss, trainer._host_loss_per_sample
     trainer._host_loss = lambda model, inputs, **kw: (
         modes.append(("loss", model.training)) or compute(model, inputs, **kw)
+    )
+    trainer._host_loss_per_sample = lambda model, inputs: (
+        modes.append(("loss", model.training)) or per_sample(model, inputs)
     )
     trainer.train()
     assert modes[0] == ("loss", True)  # perturber step
     assert modes[1] is False  # generation in eval mode
-    assert modes[2:] and all(m == ("loss", True) for m in modes[2:])  # clean and buffer losses
+    assert modes[2:] and all(m == ("loss", True) for m in modes[2:])  # clean and buffer losses (one pass)
 
 
 @pytest.mark.parametrize(

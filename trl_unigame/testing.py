@@ -130,6 +130,50 @@ def _janus_config(
     )
 
 
+#: The language-model shapes of Janus-Pro (DeepSeek-LLM): hidden size, layers, MLP width, attention heads.
+JANUS_PRO_SHAPES = {"1b": (2048, 24, 5632, 16), "7b": (4096, 30, 11008, 32)}
+
+
+def janus_pro_config(size: str = "1b", image_token_id: int = 100581):
+    """The `JanusConfig` of Janus-Pro-1B or -7B's architecture (random weights once built; nothing is downloaded):
+    the DeepSeek-LLM of `JANUS_PRO_SHAPES`, a SigLIP-L/16 vision tower at 384 px (576 image tokens), and the VQ
+    model generating on a 24 x 24 grid. Build it on the meta device to count parameters, or on a GPU to time steps.
+
+    Args:
+        size (`str`, *optional*, defaults to `"1b"`): `"1b"` or `"7b"`.
+        image_token_id (`int`, *optional*, defaults to `100581`):
+            Id of the image placeholder token (that of the processor the model will be used with).
+    """
+    from transformers import JanusConfig
+
+    if size not in JANUS_PRO_SHAPES:
+        raise ValueError(f"Unknown Janus-Pro size {size!r}: use one of {sorted(JANUS_PRO_SHAPES)}.")
+    hidden, layers, intermediate, heads = JANUS_PRO_SHAPES[size]
+    return JanusConfig(
+        text_config={
+            "model_type": "llama",
+            "vocab_size": 102400,
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "intermediate_size": intermediate,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "max_position_embeddings": 16384,
+        },
+        vision_config={
+            "hidden_size": 1024,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 384,
+            "patch_size": 16,
+            "projection_dim": hidden,
+            "num_image_tokens": 576,
+        },
+        vq_config={"projection_dim": hidden, "image_token_embed_dim": hidden, "num_patches": 24},
+        image_token_id=image_token_id,
+    )
+
+
 def tiny_janus_config(vocab_size: int = 128, hidden_size: int = 32):
     """Returns the `JanusConfig` of a tiny random Janus (about 360k parameters) that runs on CPU in milliseconds.
 
