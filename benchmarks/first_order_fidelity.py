@@ -79,7 +79,9 @@ def make_trainer_class():
                 torch.set_rng_state(rng)
 
             def flat(grads):
-                return torch.cat([(gr if gr is not None else torch.zeros_like(p)).flatten() for gr, p in zip(grads, params)])
+                return torch.cat(
+                    [(gr if gr is not None else torch.zeros_like(p)).flatten() for gr, p in zip(grads, params)]
+                )
 
             a, b = flat(first_order), flat(exact)
             return {
@@ -104,7 +106,9 @@ def run(mode: str, args, train_dataset, judge) -> list[dict]:
 
     model, processor = pretrained_tiny_janus()
     settings = {**COMMON, **METHODS["unigame"], "perturber_update": mode, "max_steps": args.max_steps}
-    config = UniGameConfig(output_dir=os.path.join(args.output_dir, mode), seed=args.seed, data_seed=args.seed, **settings)
+    config = UniGameConfig(
+        output_dir=os.path.join(args.output_dir, mode), seed=args.seed, data_seed=args.seed, **settings
+    )
     trainer_class = make_trainer_class()
     trainer = trainer_class(
         model,
@@ -132,7 +136,9 @@ def main(argv=None):
     train = digits_vqa_dataset("train", skills=TRAIN_SKILLS, seed=0).shuffle(seed=0)
     judge = DigitJudge()
     results = {mode: run(mode, args, train, judge) for mode in ("first_order", "exact")}
-    print(f"{'mode':<12} {'step':>5} {'cosine':>7} {'|fo|/|ex|':>9} {'clean':>7} {'adv':>7} {'gap':>8} {'est. gap':>8}")
+    print(
+        f"{'mode':<12} {'step':>5} {'cosine':>7} {'|fo|/|ex|':>9} {'clean':>7} {'adv':>7} {'gap':>8} {'est. gap':>8}"
+    )
     for mode, probes in results.items():
         for p in probes:
             print(

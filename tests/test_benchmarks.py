@@ -48,3 +48,22 @@ def test_effect_methods_differ_only_in_the_game():
     for method, settings in effect.METHODS.items():
         assert set(settings) <= game_fields, method  # nothing outside the game's own fields
     assert not set(effect.COMMON) & set().union(*effect.METHODS.values())
+
+
+@pytest.mark.slow
+def test_first_order_fidelity_probes_both_modes_from_the_same_start(tmp_path):
+    import first_order_fidelity
+
+    out = tmp_path / "fidelity.json"
+    first_order_fidelity.main(
+        ["--max_steps", "2", "--probe_every", "1", "--output_dir", str(tmp_path), "--output_json", str(out)]
+    )
+    report = json.loads(out.read_text())
+    first, exact = report["probes"]["first_order"], report["probes"]["exact"]
+    assert [p["step"] for p in first] == [p["step"] for p in exact] == [0, 1]
+    # Step 0: the same perturber, batch and model in both runs, so the probe reads the same numbers.
+    for key in ("cosine", "clean_loss", "adversarial_loss", "estimated_gap"):
+        assert first[0][key] == pytest.approx(exact[0][key], rel=1e-5)
+    # A budget of a few percent of the token norm is small: the two gradients point the same way.
+    assert first[0]["cosine"] > 0.9
+    assert first[0]["adversarial_loss"] != first[0]["clean_loss"]

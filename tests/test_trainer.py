@@ -824,7 +824,7 @@ def test_one_pass_update_equals_the_two_pass_update(tmp_path, vqa):
             tmp_path / str(one_pass), vqa, lora_dropout=0.0, one_pass_update=one_pass, max_steps=4, mining_interval=2
         )
         forwards = []
-        handle = trainer.interface.understanding_site.register_forward_hook(lambda *a: forwards.append(1))
+        handle = trainer.interface.understanding_site.register_forward_hook(lambda *a, seen=forwards: seen.append(1))
         trainer.train()
         handle.remove()
         buffer_steps = sum(1 for log in trainer.state.log_history if "unigame/buffer_loss" in log)

@@ -473,7 +473,9 @@ class UniGameMixin:
             args = self.args
             consistency = [e.consistency for e in batch.entries]
             s = None if any(c is None for c in consistency) else torch.tensor(consistency)
-            h = hardness_score(per_sample.detach().float().cpu(), s, args.consistency_weight, args.consistency_threshold)
+            h = hardness_score(
+                per_sample.detach().float().cpu(), s, args.consistency_weight, args.consistency_threshold
+            )
             self.buffer.rescore(batch.entries, h.tolist())
 
     def _one_pass_enabled(self) -> bool:
