@@ -846,3 +846,19 @@ def test_mining_on_a_smaller_grid_fills_the_buffer_with_understanding_sized_imag
     assert all(tuple(e.image.shape) == (3, size, size) for e in trainer.buffer.entries)
     with pytest.raises(ValueError, match="mining_image_size=10"):
         make_trainer(tmp_path, vqa, mining_image_size=10)
+
+
+def test_buffer_loss_ratio_cap_bounds_the_buffers_share_of_the_objective(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa, buffer_weight=1.0, buffer_max_loss_ratio=0.25, max_steps=3)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "unigame/buffer_loss_share" in log]
+    assert logs
+    for log in logs:
+        assert log["unigame/buffer_loss_share"] <= 0.2 + 1e-6  # r / (1 + r)
+        assert log["unigame/buffer_weight"] < 1.0  # buffer and clean losses are alike here: beta 1 is lowered
+    uncapped = make_trainer(tmp_path / "uncapped", vqa, buffer_weight=1.0, max_steps=3)
+    uncapped.train()
+    shares = [
+        log["unigame/buffer_loss_share"] for log in uncapped.state.log_history if "unigame/buffer_loss_share" in log
+    ]
+    assert min(shares) > 0.3

@@ -103,6 +103,11 @@ class UniGameArguments:
     Args:
         buffer_weight (`float`, *optional*, defaults to `0.5`):
             `beta`: weight of the loss on buffer samples (paper 0.5).
+        buffer_max_loss_ratio (`float`, *optional*):
+            Largest ratio of the weighted buffer loss to the clean loss in U's objective: when `beta * CE(buffer)`
+            would exceed `buffer_max_loss_ratio * CE(clean)`, the buffer's weight is lowered for that step to meet it
+            (the buffer then takes at most `r / (1 + r)` of the objective). Decoded hard samples that U cannot fit can
+            otherwise take half its gradient. `None` (default, the paper) keeps `beta` as it is. Not in the paper.
         generation_loss_weight (`float`, *optional*, defaults to `0.0`):
             Weight of the model's image-generation loss (next image token) on the clean batch's (prompt, image)
             pairs, added to U's loss: fine-tuning the shared LLM for understanding can degrade the generator that
@@ -204,6 +209,10 @@ class UniGameArguments:
         default="caption", metadata={"help": "Column used as generation prompt when present, else the question."}
     )
     buffer_weight: float = field(default=0.5, metadata={"help": "beta: weight of the buffer loss."})
+    buffer_max_loss_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Cap on beta * buffer loss / clean loss; beta is lowered to meet it (None: no cap)."},
+    )
     generation_loss_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the image-generation loss on the clean batch's (prompt, image) pairs."},
@@ -295,6 +304,11 @@ class UniGameArguments:
         check("buffer_batch_size", self.buffer_batch_size >= 1, ">= 1")
         check("buffer_temperature", self.buffer_temperature > 0, "> 0")
         check("eval_attack_eps", self.eval_attack_eps is None or self.eval_attack_eps > 0, "None or > 0")
+        check(
+            "buffer_max_loss_ratio",
+            self.buffer_max_loss_ratio is None or self.buffer_max_loss_ratio > 0,
+            "None or > 0",
+        )
         check("buffer_max_age", self.buffer_max_age is None or self.buffer_max_age >= 0, "None or >= 0")
         if isinstance(self.consistency_model, str) and self.consistency_model.lower() in ("", "none"):
             self.consistency_model = None

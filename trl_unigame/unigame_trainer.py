@@ -541,6 +541,11 @@ class UniGameMixin:
                     # The host already normalised the clean loss over the whole accumulation window, so the
                     # Trainer will not divide by the window; the buffer's batch mean must be divided here.
                     weight = weight / self.current_gradient_accumulation_steps
+                cap = self.args.buffer_max_loss_ratio
+                if cap is not None and batch.entries:
+                    # The buffer's weight follows the clean loss (a constant for this step: no gradient through it).
+                    weight = min(weight, cap * float(clean.detach()) / max(float(buffer_loss.detach()), 1e-12))
+                    self._game_metrics["unigame/buffer_weight"].append(weight)
                 loss = loss + weight * buffer_loss
                 if batch.entries:
                     share = float(weight * buffer_loss.detach()) / max(float(loss.detach()), 1e-12)
