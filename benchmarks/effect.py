@@ -72,20 +72,18 @@ GAME = dict(
     buffer_batch_size=8,
     buffer_max_age=50,
 )
+# The paper's rule and mixed update, with the digit judge as the faithfulness filter.
+UNIGAME = dict(GAME, selection="paper", hardness_quantile=0.6, understanding_update="mixed", buffer_weight=0.25)
 METHODS = {
     # Plain fine-tuning: the game switched off, so the step is the Trainer's own step on the same loss.
     "sft": dict(adversarial_weight=0.0, mining_interval=0, buffer_weight=0.0, perturbed_weight=0.0),
-    # The paper's rule and mixed update, with the digit judge as the faithfulness filter.
-    "unigame": dict(GAME, selection="paper", hardness_quantile=0.6, understanding_update="mixed", buffer_weight=0.25),
+    "unigame": UNIGAME,
     # The same game with the first-order perturber step (no extra pass through the model for the perturber).
-    "unigame-first-order": dict(
-        GAME,
-        selection="paper",
-        hardness_quantile=0.6,
-        understanding_update="mixed",
-        buffer_weight=0.25,
-        perturber_update="first_order",
-    ),
+    "unigame-first-order": dict(UNIGAME, perturber_update="first_order"),
+    # Both kinds of samples: decoded hard samples and the perturbed tokens themselves (chosen on validation, see
+    # docs/benchmarks.md), with beta 0.25 as for `unigame` or lowered to 0.1.
+    "unigame-perturbed": dict(UNIGAME, perturbed_weight=0.5),
+    "unigame-perturbed-beta0.1": dict(UNIGAME, perturbed_weight=0.5, buffer_weight=0.1),
     # The paper's ablation row "adversarial embedding only": the perturber plays, nothing is decoded.
     "embedding": dict(GAME, mining_interval=0, buffer_weight=0.0, perturbed_weight=0.5),
     # The authors' code: OR rule, q 0.8, separate clean-then-buffer steps with weight 1, pop.
