@@ -10,9 +10,18 @@ python benchmarks/step_overhead.py --model_name_or_path deepseek-community/Janus
 ```
 
 Each variant runs in its own process (so peak memory is its own) for `--steps` optimizer steps; the mean step
-time after `--warmup` steps is compared (with mining every m steps, make `--steps - --warmup` a multiple of m). Prints one line per variant and the ratios to the plain step, and the
-mining throughput (image tokens per second) of `generate_images` against transformers'
-`generate(generation_mode="image")` on the same model, batch, guidance and token count. `--output_json` keeps it all.
+time after `--warmup` steps is compared (with mining every m steps, make `--steps - --warmup` a multiple of m).
+`--repeats N` runs all variants in turn N times and reports, per variant, the median over rounds of its ratio to the
+plain step of the same round: a machine whose speed drifts between processes moves both sides of each ratio.
+`--variants` picks a subset (the plain step always runs). Prints one line per variant and the ratios to the plain
+step, and the mining throughput (image tokens per second) of `generate_images`, eager and with its one-token step
+compiled, against transformers' `generate(generation_mode="image")` plus `decode_image_tokens` on the same model,
+batch, guidance and token count. `--output_json` keeps it all.
+
+```bash
+python benchmarks/step_overhead.py --preset compute --variants game_no_mining game_no_mining_first_order \
+    --repeats 3 --skip_mining --steps 10 --warmup 2   # the first-order target, drift-robust, in about 4 minutes
+```
 """
 
 import argparse
@@ -93,9 +102,12 @@ def build_model(args):
 
 
 def mining_throughput(args) -> dict:
-    """Image tokens per second of `generate_images` and of transformers' `generate(generation_mode="image")`, greedy,
-    same prompts, batch, guidance and token count."""
+    """Image tokens per second of `generate_images` (eager, and with its one-token step compiled) and of transformers'
+    `generate(generation_mode="image")`, greedy, same prompts, batch, guidance and token count. The runs interleave
+    (one of each per round), so a drift in the machine's speed hits all of them alike; the ratios are the median of
+    the per-round ratios. Both sides return images: transformers' tokens go through its `decode_image_tokens`."""
     import torch
+    from transformers import CompileConfig
 
     from trl_unigame import get_interface
 
@@ -107,24 +119,37 @@ def mining_throughput(args) -> dict:
     prompts = [f"A red square number {i}." for i in range(args.batch_size * args.num_candidates)]
     texts = [interface._chat_prompt(p, with_image=False) for p in prompts]
     enc = processor(text=texts, generation_mode="image", return_tensors="pt", padding=True).to(interface.device)
+    # transformers' defaults: inductor, "reduce-overhead" (CUDA graphs on a GPU; plain inductor on a CPU)
+    compiled = CompileConfig()
     runs = {
         "generate_images": lambda: interface.generate_images(prompts, guidance_scale=3.0, temperature=0.0),
-        "transformers_generate": lambda: model.generate(
-            **enc, generation_mode="image", do_sample=False, guidance_scale=3.0
+        "generate_images_compiled": lambda: interface.generate_images(
+            prompts, guidance_scale=3.0, temperature=0.0, compile_config=compiled
+        ),
+        "transformers_generate": lambda: model.decode_image_tokens(
+            model.generate(**enc, generation_mode="image", do_sample=False, guidance_scale=3.0)
         ),
     }
-    result = {}
+    times = {name: [] for name in runs}
     with torch.no_grad():
-        for name, run in runs.items():
+        start = time.perf_counter()
+        runs["generate_images_compiled"]()  # compiles
+        compile_s = time.perf_counter() - start
+        for run in runs.values():
             run()  # warm-up
-            times = []
-            for _ in range(3):
+        for _ in range(args.mining_rounds):
+            for name, run in runs.items():
                 start = time.perf_counter()
                 run()
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            result[name] = len(prompts) * interface.num_image_tokens / statistics.median(times)
+                times[name].append(time.perf_counter() - start)
+    tokens = len(prompts) * interface.num_image_tokens
+    result = {name: tokens / statistics.median(t) for name, t in times.items()}
+    reference = times["transformers_generate"]
+    for name in ("generate_images", "generate_images_compiled"):
+        result[f"{name}_ratio"] = statistics.median(r / t for r, t in zip(reference, times[name]))
+    result["compile_s"] = compile_s
     return result
 
 
@@ -220,6 +245,18 @@ def main():
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--output_dir", default="/tmp/unigame-benchmark")
+    parser.add_argument("--mining_rounds", type=int, default=5, help="Interleaved rounds of the throughput runs.")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="Variants to time (plain always).",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="Rounds of all variants in turn; ratios are the median over rounds."
+    )
+    parser.add_argument("--skip_mining", action="store_true", help="Skip the mining-throughput comparison.")
     parser.add_argument("--variant", choices=list(VARIANTS) + ["mining"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.shapes:
@@ -229,14 +266,33 @@ def main():
     if args.variant:
         return run_variant(args.variant, args)
 
-    results = {}
-    for variant in list(VARIANTS) + ["mining"]:
-        command = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
+    variants = ["plain"] + [v for v in args.variants if v != "plain"]
+    rounds = []  # one dict per round; the variants run in turn, so a drift in the machine's speed hits all alike
+    for _ in range(args.repeats):
+        results = {}
+        for variant in variants:
+            command = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
+            out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if out.returncode:
+                sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
+            results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        rounds.append(results)
+    results = {
+        variant: {
+            "step_s": statistics.median(r[variant]["step_s"] for r in rounds),
+            "peak_bytes": statistics.median(r[variant]["peak_bytes"] for r in rounds),
+            "time_ratio": statistics.median(r[variant]["step_s"] / r["plain"]["step_s"] for r in rounds),
+            "rounds": [r[variant] for r in rounds],
+        }
+        for variant in variants
+    }
+    if not args.skip_mining:
+        command = [sys.executable, __file__, "--variant", "mining"] + sys.argv[1:]
         out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if out.returncode:
-            sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    mining = results.pop("mining")
+            sys.exit(f"mining failed:\n{out.stderr[-3000:]}")
+        results["mining"] = json.loads(out.stdout.strip().splitlines()[-1])
+    mining = results.pop("mining", None)
     base = results["plain"]
     import torch
 
@@ -245,25 +301,28 @@ def main():
     model_name = args.model_name_or_path or names.get(args.preset, f"{args.preset} shapes, random weights")
     print(
         f"device: {device}; model: {model_name}; batch {args.batch_size}; "
-        f"K = {args.num_candidates}; mean of steps {args.warmup + 1}..{args.steps}"
+        f"K = {args.num_candidates}; mean of steps {args.warmup + 1}..{args.steps}; median of {args.repeats} round(s)"
     )
     print(f"{'variant':<28} {'step (ms)':>10} {'time ratio':>11} {'peak memory ratio':>18}  description")
     for variant, r in results.items():
         print(
-            f"{variant:<28} {1e3 * r['step_s']:>10.1f} {r['step_s'] / base['step_s']:>11.2f} "
+            f"{variant:<28} {1e3 * r['step_s']:>10.1f} {r['time_ratio']:>11.2f} "
             f"{r['peak_bytes'] / base['peak_bytes']:>18.2f}  {VARIANTS[variant]}"
         )
-    mining_round = results["game_m1"]["step_s"] - results["game_no_mining"]["step_s"]
-    print(
-        f"mining alone (one round: generate, decode, score, push; m1 - no mining): {1e3 * mining_round:.1f} ms "
-        f"= {mining_round / base['step_s']:.2f} plain steps"
-    )
-    ratio = mining["generate_images"] / mining["transformers_generate"]
-    print(
-        f"mining throughput (greedy, guidance 3, batch {args.batch_size * args.num_candidates}): generate_images "
-        f"{mining['generate_images']:.0f} image tokens/s, transformers' generate {mining['transformers_generate']:.0f} "
-        f"({ratio:.2f}x)"
-    )
+    if "game_m1" in results and "game_no_mining" in results:
+        mining_round = results["game_m1"]["step_s"] - results["game_no_mining"]["step_s"]
+        print(
+            f"mining alone (one round: generate, decode, score, push; m1 - no mining): {1e3 * mining_round:.1f} ms "
+            f"= {mining_round / base['step_s']:.2f} plain steps"
+        )
+    if mining:
+        print(
+            f"mining throughput (greedy, guidance 3, batch {args.batch_size * args.num_candidates}, image tokens/s): "
+            f"transformers' generate {mining['transformers_generate']:.0f}; generate_images "
+            f"{mining['generate_images']:.0f} ({mining['generate_images_ratio']:.2f}x); generate_images, compiled "
+            f"step {mining['generate_images_compiled']:.0f} ({mining['generate_images_compiled_ratio']:.2f}x; "
+            f"compiling took {mining['compile_s']:.0f} s)"
+        )
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(

@@ -327,3 +327,17 @@ def test_attack_stays_in_budget_raises_the_loss_and_answers_under_it(family, bud
     )
     key = f"attack_{'eps' if budget == 'absolute' else 'rel'}{eps:g}/vqa_accuracy"
     assert set(metrics) == {"clean/vqa_accuracy", key}
+
+
+def test_emu3_compiled_generation_step_matches_eager():
+    from transformers import CompileConfig
+
+    model, processor, interface = build("emu3")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = interface.generate_images(["A red circle."], num_images=2, temperature=0.0)
+    compiled = interface.generate_images(
+        ["A red circle."], num_images=2, temperature=0.0, compile_config=CompileConfig(backend="aot_eager", mode=None)
+    )
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -192,3 +192,22 @@ def test_generation_on_a_smaller_grid_comes_back_at_the_understanding_size(janus
     for bad in (6, 20, 0):
         with pytest.raises(ValueError, match="multiple of 4 up to 16"):
             interface.generation_grid(bad)
+
+
+def test_compiled_generation_step_matches_eager_and_compiles_once(janus):
+    from transformers import CompileConfig
+
+    model, processor = janus
+    interface = get_interface(model, processor)
+    # aot_eager traces the step as inductor would (dynamo and AOTAutograd) without generating code, so the test is fast
+    compiled = CompileConfig(backend="aot_eager", mode=None)
+    prompts = [["A red circle.", "A green triangle on a white background."], ["A blue square.", "A dot."]]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for batch in prompts:  # two prompt lengths: the mask spans the rounded cache, so the shapes stay the same
+        eager = interface.generate_images(batch, guidance_scale=3.0, temperature=0.0)
+        ours = interface.generate_images(batch, guidance_scale=3.0, temperature=0.0, compile_config=compiled)
+        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert len(interface._compiled_steps) == 1

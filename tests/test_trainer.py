@@ -792,6 +792,8 @@ def test_inconsistent_evaluation_and_budget_settings_are_rejected(tmp_path):
         (dict(perturber_update="second_order"), "perturber_update"),
         (dict(buffer_max_age=-1), "buffer_max_age"),
         (dict(generation_check_interval=-2), "generation_check_interval"),
+        (dict(mining_compile=True, mining_compile_kwargs={"modes": "default"}), r"mining_compile_kwargs.*\['modes'\]"),
+        (dict(mining_compile_kwargs="{mode: default}"), "mining_compile_kwargs` must be a dict or its JSON"),
     ):
         with pytest.raises(ValueError, match=field):
             make_args(tmp_path, **overrides)
@@ -846,6 +848,24 @@ def test_mining_on_a_smaller_grid_fills_the_buffer_with_understanding_sized_imag
     assert all(tuple(e.image.shape) == (3, size, size) for e in trainer.buffer.entries)
     with pytest.raises(ValueError, match="mining_image_size=10"):
         make_trainer(tmp_path, vqa, mining_image_size=10)
+
+
+def test_mining_with_a_compiled_step_fills_the_buffer_and_compiles_once(tmp_path, vqa):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    trainer = make_trainer(
+        tmp_path,
+        vqa,
+        max_steps=2,
+        mining_compile=True,
+        mining_compile_kwargs='{"backend": "aot_eager", "mode": null}',  # as it comes from the command line
+    )
+    assert trainer.args.mining_compile_kwargs == {"backend": "aot_eager", "mode": None}
+    trainer.train()
+    assert len(trainer.buffer)
+    assert len(trainer.interface._compiled_steps) == 1
+    # two mining rounds, LoRA weights changed between them: the same graph serves both
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_buffer_loss_ratio_cap_bounds_the_buffers_share_of_the_objective(tmp_path, vqa):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -90,6 +91,15 @@ class UniGameArguments:
             samples a smaller token grid (Janus-Pro: `256` is 16 x 16 = 256 tokens instead of 24 x 24 = 576 at 384
             px) and the images are resized for the understanding side. Mining's cost falls with the token count; the
             candidates' quality falls too (see docs/benchmarks.md). `None` generates at the model's own size.
+        mining_compile (`bool`, *optional*, defaults to `False`):
+            Compile the one-token step of candidate generation with `torch.compile` (on a static KV cache, so its
+            shapes never change). Worth it on a GPU, where each step is a short, launch-bound run of kernels; the
+            first mining round pays the compilation (tens of seconds) and later rounds reuse it. Settings come from
+            `mining_compile_kwargs`.
+        mining_compile_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments of `transformers.CompileConfig` for `mining_compile` (`backend`, `mode`, `fullgraph`,
+            `dynamic`, `options`), as a dict or its JSON. `None` takes transformers' defaults: `"inductor"` with
+            `mode="reduce-overhead"` (CUDA graphs on a GPU).
         generation_check_interval (`int`, *optional*, defaults to `0`):
             Every this many optimizer steps, generate one image per sample with the perturber off and log its mean
             consistency score (`unigame/clean_generation_consistency`): is fine-tuning the understanding player
@@ -200,6 +210,13 @@ class UniGameArguments:
     mining_image_size: int | None = field(
         default=None,
         metadata={"help": "Side (px) of generated candidates, on a smaller token grid; None: the model's own size."},
+    )
+    mining_compile: bool = field(
+        default=False, metadata={"help": "Compile the one-token step of candidate generation with torch.compile."}
+    )
+    mining_compile_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "transformers.CompileConfig arguments for mining_compile (dict or JSON); None: defaults."},
     )
     generation_check_interval: int = field(
         default=0,
@@ -312,6 +329,32 @@ class UniGameArguments:
         check("buffer_max_age", self.buffer_max_age is None or self.buffer_max_age >= 0, "None or >= 0")
         if isinstance(self.consistency_model, str) and self.consistency_model.lower() in ("", "none"):
             self.consistency_model = None
+        if isinstance(self.mining_compile_kwargs, str):
+            try:
+                self.mining_compile_kwargs = json.loads(self.mining_compile_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f'`mining_compile_kwargs` must be a dict or its JSON, e.g. \'{{"mode": "default"}}\': {error}'
+                ) from None
+        if self.mining_compile_kwargs is not None:
+            self.mining_compile_config()  # an unknown argument fails here, not in the first mining round
+
+    def mining_compile_config(self):
+        """The `transformers.CompileConfig` for candidate generation, or `None` when `mining_compile` is off.
+
+        Raises:
+            ValueError: when `mining_compile_kwargs` holds an argument `CompileConfig` does not take.
+        """
+        from transformers import CompileConfig
+
+        kwargs = dict(self.mining_compile_kwargs or {})
+        known = set(CompileConfig().to_dict())
+        if unknown := sorted(set(kwargs) - known):
+            raise ValueError(
+                f"`mining_compile_kwargs` has {unknown}, which `transformers.CompileConfig` does not take; use "
+                f"{sorted(known)}."
+            )
+        return CompileConfig(**kwargs) if self.mining_compile else None
 
 
 @dataclass

@@ -111,6 +111,8 @@ class UniGameMixin:
             _warn_embedding_only_game(args, type(base).__name__)
         if self.mining_interval and args.mining_image_size is not None:
             self.interface.generation_grid(args.mining_image_size)  # a size the generator cannot make fails here
+        # One config object for the run: the interface keeps the compiled step per config, so mining compiles once.
+        self._mining_compile_config = args.mining_compile_config() if self.interface.can_generate else None
         self.consistency_scorer = load_consistency_scorer(
             args, consistency_scorer, can_mine=bool(self.mining_interval)
         )
@@ -318,6 +320,7 @@ class UniGameMixin:
                     temperature=args.generation_temperature,
                     generator=generator,
                     image_size=args.mining_image_size,
+                    compile_config=self._mining_compile_config,
                 )
             self._log_realized_perturbation(measured)
             source = torch.arange(len(rows)).repeat_interleave(args.num_candidates)
@@ -389,6 +392,7 @@ class UniGameMixin:
                     temperature=self.args.generation_temperature,
                     generator=generator,
                     image_size=self.args.mining_image_size,
+                    compile_config=self._mining_compile_config,
                 )
             scores = torch.as_tensor(self.consistency_scorer(pixels, prompts), dtype=torch.float32)
         finally:

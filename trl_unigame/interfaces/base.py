@@ -73,6 +73,31 @@ class VisualTokenInterface(ABC):
         self.model = model
         self.base_model = unwrap_model(model)
         self.processor = processor
+        self._compiled_steps: dict[Any, Callable] = {}
+
+    def _token_step(self, language_model: nn.Module, compile_config=None) -> Callable:
+        """The one-token step of an image-generation loop: `step(embeds, attention_mask, position_ids, cache)` runs the
+        LLM on one new position per row against a `transformers.StaticCache` and returns the last hidden states,
+        `(batch, hidden)`. With a `transformers.CompileConfig`, the step is compiled once per interface and config
+        (shapes are static: the mask spans the whole cache), so later calls and later mining rounds reuse it."""
+
+        def step(embeds, attention_mask, position_ids, cache):
+            out = language_model(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+            )
+            return out.last_hidden_state[:, -1]
+
+        if compile_config is None:
+            return step
+        options = compile_config.to_dict()
+        key = (id(language_model), repr(sorted(options.items())))
+        if key not in self._compiled_steps:
+            self._compiled_steps[key] = torch.compile(step, **options)
+        return self._compiled_steps[key]
 
     def _require_processor(self):
         """The processor, or a clear error for the operations that need it (building inputs, generating)."""
@@ -159,10 +184,13 @@ class VisualTokenInterface(ABC):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         image_size: int | None = None,
+        compile_config=None,
     ) -> torch.Tensor:
         """Generates `num_images` images per prompt; returns pixels in `[0, 1]`, `(len(prompts) * num_images, 3, H, W)`,
         at the size the understanding side expects, grouped by prompt. `image_size` (pixels per side) generates on a
         smaller token grid than the model's own (see [`~VisualTokenInterface.generation_grid`]), then resizes.
+        `compile_config` (a `transformers.CompileConfig`) compiles the one-token step of the loop with
+        `torch.compile`; the first call pays the compilation, later calls with the same batch reuse it.
 
         Raises:
             NotImplementedError: for a model that cannot generate images (`can_generate` is `False`).

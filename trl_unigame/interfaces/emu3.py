@@ -173,7 +173,14 @@ class Emu3Interface(VisualTokenInterface):
 
     @torch.no_grad()
     def generate_images(
-        self, prompts, num_images=1, guidance_scale=5.0, temperature=1.0, generator=None, image_size=None
+        self,
+        prompts,
+        num_images=1,
+        guidance_scale=5.0,
+        temperature=1.0,
+        generator=None,
+        image_size=None,
+        compile_config=None,
     ):
         """Samples `num_images` images per prompt with classifier-free guidance (the unconditional branch sees an
         empty prompt) and a forced grammar: `w` visual tokens then an end-of-line token, for each of `h` rows. The
@@ -207,28 +214,32 @@ class Emu3Interface(VisualTokenInterface):
 
         visual = self.visual_token_ids(device)
         eol = torch.full((batch,), self.mapping.eol_token_id, dtype=torch.long, device=device)
-        from transformers import DynamicCache
+        from transformers import StaticCache
 
-        cache = DynamicCache(config=lm.config)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         steps = height * (width + 1)
+        prompt_length = input_ids.shape[1]
+        cache_length = prompt_length + steps
+        if compile_config is not None:
+            cache_length = (
+                -(-cache_length // 64) * 64
+            )  # fewer distinct shapes: prompts of similar length share a graph
+        cache = StaticCache(config=lm.config, max_cache_len=cache_length)
+        # One mask over the whole cache (future positions 0), filled in as tokens come: the step's shapes never change.
+        full_mask = attention_mask.new_zeros((2 * batch, cache_length))
+        full_mask[:, :prompt_length] = attention_mask
+        step = self._token_step(lm, compile_config)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         tokens = torch.empty((batch, steps), dtype=torch.long, device=device)
         _GENERATING.add(model)
         try:
             embeds = self.embed_tokens(input_ids)
             for i in range(steps):
-                out = lm(
-                    inputs_embeds=embeds,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    cache=cache,
-                    use_cache=True,
-                )
-                cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+                # the prompt (several positions) runs eagerly; one-token steps through `step`
+                hidden = (self._token_step(lm) if i == 0 else step)(embeds, full_mask, position_ids, cache)
                 if i % (width + 1) == width:
                     next_token = eol
                 else:
-                    scores = model.lm_head(out.last_hidden_state[:, -1])[:, visual].float()
+                    scores = model.lm_head(hidden)[:, visual].float()
                     cond, uncond = scores[:batch], scores[batch:]
                     logits = uncond + guidance_scale * (cond - uncond)
                     if temperature > 0:
@@ -240,7 +251,7 @@ class Emu3Interface(VisualTokenInterface):
                 tokens[:, i] = next_token
                 # Through `embed_tokens`, so that the generation site's hook sees each sampled token.
                 embeds = self.embed_tokens(torch.cat([next_token, next_token]).unsqueeze(-1))
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((2 * batch, 1))], dim=1)
+                full_mask[:, prompt_length + i] = 1
                 position_ids = position_ids[:, -1:] + 1
         finally:
             _GENERATING.discard(model)

@@ -200,7 +200,14 @@ class JanusInterface(VisualTokenInterface):
     # ----------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate_images(
-        self, prompts, num_images=1, guidance_scale=5.0, temperature=1.0, generator=None, image_size=None
+        self,
+        prompts,
+        num_images=1,
+        guidance_scale=5.0,
+        temperature=1.0,
+        generator=None,
+        image_size=None,
+        compile_config=None,
     ):
         processor = self._require_processor()
         grid = self.generation_grid(image_size)
@@ -224,20 +231,25 @@ class JanusInterface(VisualTokenInterface):
         from transformers import StaticCache
 
         num_tokens = grid * grid
-        cache = StaticCache(config=lm.config, max_cache_len=input_ids.shape[1] + num_tokens)
+        prompt_length = input_ids.shape[1]
+        cache_length = prompt_length + num_tokens
+        if compile_config is not None:
+            cache_length = (
+                -(-cache_length // 64) * 64
+            )  # fewer distinct shapes: prompts of similar length share a graph
+        cache = StaticCache(config=lm.config, max_cache_len=cache_length)
+        # One mask over the whole cache (future positions 0), filled in as tokens come: the step's shapes never change.
+        full_mask = attention_mask.new_zeros((2 * batch, cache_length))
+        full_mask[:, :prompt_length] = attention_mask
+        step = self._token_step(lm, compile_config)
         embeds = model.get_input_embeddings()(input_ids)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         tokens = torch.empty((batch, num_tokens), dtype=torch.long, device=device)
         for i in range(num_tokens):
-            out = lm(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-            )
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            scores = model.model.generation_head(out.last_hidden_state[:, -1]).float()
+            # the prompt (several positions) runs eagerly; one-token steps through `step`
+            run = self._token_step(lm) if i == 0 else step
+            hidden = run(embeds, full_mask, position_ids, cache)
+            scores = model.model.generation_head(hidden).float()
             cond, uncond = scores[:batch], scores[batch:]
             logits = uncond + guidance_scale * (cond - uncond)
             if temperature > 0:
@@ -247,7 +259,7 @@ class JanusInterface(VisualTokenInterface):
                 next_token = logits.argmax(-1)
             tokens[:, i] = next_token
             embeds = model.prepare_embeddings_for_image_generation(torch.cat([next_token, next_token]).unsqueeze(-1))
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((2 * batch, 1))], dim=1)
+            full_mask[:, prompt_length + i] = 1
             position_ids = position_ids[:, -1:] + 1
         pixels = self._decode(tokens, grid)
         pixels = ((pixels + 1) / 2).clamp(0, 1)
