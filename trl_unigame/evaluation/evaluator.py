@@ -276,9 +276,23 @@ class UniGameEvaluator:
             `dict[str, float]`, or `(metrics, predictions)` with `return_predictions=True`, where `predictions` is a
             list with one dict per row: `question`, `references`, and for each condition its answer (`"clean"`) and
             score (`"clean/score"`).
+
+        Under several processes (an initialized `torch.distributed` process group, as in a `Trainer` launched with
+        `accelerate launch` or `torchrun`), each process answers its own contiguous shard of `dataset`, the rows are
+        gathered, and every process returns the metrics (and predictions) of the whole dataset. Corruption noise is
+        seeded by the row's index in `dataset`, so it does not depend on the sharding; the round trip samples its
+        images from one generator per process, so its samples do.
         """
         dataset = self._as_vqa(dataset)
         self._check_dataset(dataset)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world_size = torch.distributed.get_world_size() if distributed else 1
+        rank = torch.distributed.get_rank() if distributed else 0
+        offset = 0
+        if world_size > 1:
+            per_process, extra = divmod(len(dataset), world_size)
+            offset = rank * per_process + min(rank, extra)
+            dataset = dataset.shard(num_shards=world_size, index=rank, contiguous=True)
         from tqdm.auto import tqdm
 
         columns = dataset.column_names
@@ -290,20 +304,21 @@ class UniGameEvaluator:
         if attached_here:
             self.perturber.to(device=self.interface.device, dtype=torch.float32).attach(model)
         rows: list[dict[str, Any]] = []
-        generator = torch.Generator(device=self.interface.device).manual_seed(self.seed)
+        generator = torch.Generator(device=self.interface.device).manual_seed(self.seed + offset)
         model.eval()
         try:
             starts = range(0, len(dataset), self.batch_size)
-            for start in tqdm(starts, desc="Evaluating", unit="batch", disable=not self.show_progress):
+            show = self.show_progress and rank == 0
+            for start in tqdm(starts, desc="Evaluating", unit="batch", disable=not show):
                 batch = dataset[start : start + self.batch_size]
                 references = [reference_answers(a) for a in batch[answer_column]]
                 batch_rows = [
-                    {"index": start + i, "question": q, "references": r}
+                    {"index": offset + start + i, "question": q, "references": r}
                     for i, (q, r) in enumerate(zip(batch[self.columns["question"]], references))
                 ]
                 if has_groups:
                     self._add_group_keys(batch, batch_rows, columns)
-                for name, answers in self._answer_batch(batch, references, start, generator).items():
+                for name, answers in self._answer_batch(batch, references, offset + start, generator).items():
                     for row, answer in zip(batch_rows, answers):
                         if answer is not None:
                             row[name] = answer
@@ -312,6 +327,10 @@ class UniGameEvaluator:
             model.train(was_training)
             if attached_here:
                 self.perturber.detach()
+        if world_size > 1:
+            shards: list = [None] * world_size
+            torch.distributed.all_gather_object(shards, rows)
+            rows = [row for shard in shards for row in shard]  # in rank order: the dataset's order
         metrics = self._score(rows, has_groups)
         if return_predictions:
             return metrics, rows
