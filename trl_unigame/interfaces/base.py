@@ -75,6 +75,26 @@ class VisualTokenInterface(ABC):
         self.processor = processor
         self._compiled_steps: dict[Any, Callable] = {}
 
+    def _token_loop(
+        self, language_model: nn.Module, attention_mask: torch.Tensor, new_tokens: int, compile_config=None
+    ):
+        """What an image-generation loop of `new_tokens` steps after a prompt with `attention_mask` needs: a
+        `transformers.StaticCache`, one mask over the whole cache (future positions 0; the loop sets position
+        `prompt_length + i` to 1 after step `i`), the eager step for the prompt, and the step for one new token
+        (compiled with `compile_config`). The mask spans the whole cache so the one-token step's shapes never change;
+        when compiling, the cache length is rounded up to a multiple of 64 so prompts of similar length share a
+        graph."""
+        from transformers import StaticCache
+
+        prompt_length = attention_mask.shape[1]
+        cache_length = prompt_length + new_tokens
+        if compile_config is not None:
+            cache_length = -(-cache_length // 64) * 64
+        cache = StaticCache(config=language_model.config, max_cache_len=cache_length)
+        full_mask = attention_mask.new_zeros((attention_mask.shape[0], cache_length))
+        full_mask[:, :prompt_length] = attention_mask
+        return cache, full_mask, self._token_step(language_model), self._token_step(language_model, compile_config)
+
     def _token_step(self, language_model: nn.Module, compile_config=None) -> Callable:
         """The one-token step of an image-generation loop: `step(embeds, attention_mask, position_ids, cache)` runs the
         LLM on one new position per row against a `transformers.StaticCache` and returns the last hidden states,

@@ -214,28 +214,16 @@ class Emu3Interface(VisualTokenInterface):
 
         visual = self.visual_token_ids(device)
         eol = torch.full((batch,), self.mapping.eol_token_id, dtype=torch.long, device=device)
-        from transformers import StaticCache
-
         steps = height * (width + 1)
         prompt_length = input_ids.shape[1]
-        cache_length = prompt_length + steps
-        if compile_config is not None:
-            cache_length = (
-                -(-cache_length // 64) * 64
-            )  # fewer distinct shapes: prompts of similar length share a graph
-        cache = StaticCache(config=lm.config, max_cache_len=cache_length)
-        # One mask over the whole cache (future positions 0), filled in as tokens come: the step's shapes never change.
-        full_mask = attention_mask.new_zeros((2 * batch, cache_length))
-        full_mask[:, :prompt_length] = attention_mask
-        step = self._token_step(lm, compile_config)
+        cache, full_mask, prompt_step, step = self._token_loop(lm, attention_mask, steps, compile_config)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         tokens = torch.empty((batch, steps), dtype=torch.long, device=device)
         _GENERATING.add(model)
         try:
             embeds = self.embed_tokens(input_ids)
             for i in range(steps):
-                # the prompt (several positions) runs eagerly; one-token steps through `step`
-                hidden = (self._token_step(lm) if i == 0 else step)(embeds, full_mask, position_ids, cache)
+                hidden = (prompt_step if i == 0 else step)(embeds, full_mask, position_ids, cache)
                 if i % (width + 1) == width:
                     next_token = eol
                 else:

@@ -228,27 +228,14 @@ class JanusInterface(VisualTokenInterface):
         attention_mask = torch.cat([mask, mask])
         batch = cond_ids.shape[0]
 
-        from transformers import StaticCache
-
         num_tokens = grid * grid
         prompt_length = input_ids.shape[1]
-        cache_length = prompt_length + num_tokens
-        if compile_config is not None:
-            cache_length = (
-                -(-cache_length // 64) * 64
-            )  # fewer distinct shapes: prompts of similar length share a graph
-        cache = StaticCache(config=lm.config, max_cache_len=cache_length)
-        # One mask over the whole cache (future positions 0), filled in as tokens come: the step's shapes never change.
-        full_mask = attention_mask.new_zeros((2 * batch, cache_length))
-        full_mask[:, :prompt_length] = attention_mask
-        step = self._token_step(lm, compile_config)
+        cache, full_mask, prompt_step, step = self._token_loop(lm, attention_mask, num_tokens, compile_config)
         embeds = model.get_input_embeddings()(input_ids)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         tokens = torch.empty((batch, num_tokens), dtype=torch.long, device=device)
         for i in range(num_tokens):
-            # the prompt (several positions) runs eagerly; one-token steps through `step`
-            run = self._token_step(lm) if i == 0 else step
-            hidden = run(embeds, full_mask, position_ids, cache)
+            hidden = (prompt_step if i == 0 else step)(embeds, full_mask, position_ids, cache)
             scores = model.model.generation_head(hidden).float()
             cond, uncond = scores[:batch], scores[batch:]
             logits = uncond + guidance_scale * (cond - uncond)
