@@ -11,6 +11,9 @@ test scans ("What digit is this?"; shifted and corrupted scans included), on a C
 python examples/evaluate_janus.py
 ```
 
+`accelerate launch` (or `torchrun`) with several processes splits the rows between them; the main process writes the
+results.
+
 A base model and the adapters trained from it (one row per model and condition; the base model is a row too):
 
 ```bash
@@ -32,6 +35,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
+from accelerate import PartialState
 from trl import TrlParser
 
 from trl_unigame.data import to_vqa_format
@@ -163,8 +167,8 @@ def load_model_and_data(args):
                 )
     if args.max_samples and len(dataset) > args.max_samples:
         dataset = dataset.select(range(args.max_samples))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device), processor, dataset
+    # Under `accelerate launch` / `torchrun` this is each process's own device, and the evaluator shards the rows.
+    return model.to(PartialState().device), processor, dataset
 
 
 def evaluate_models(args, model, processor, dataset) -> tuple[dict[str, dict[str, float]], list[dict]]:
@@ -231,8 +235,13 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def main(args):
+    # Several processes (`accelerate launch`, `torchrun`) join one process group: each answers a shard of the rows
+    # and every process gets the whole set's results; the main process prints and writes them.
+    state = PartialState(cpu=not torch.cuda.is_available())
     model, processor, dataset = load_model_and_data(args)
     results, predictions = evaluate_models(args, model, processor, dataset)
+    if not state.is_main_process:
+        return results
     table = markdown_table(results)
     print(table)
     with open(args.output_file, "w") as f:

@@ -497,6 +497,24 @@ def test_script_runs_offline_with_no_arguments(tmp_path):
 
 
 @pytest.mark.slow
+def test_script_under_two_processes_writes_one_result_that_a_single_process_agrees_with(tmp_path):
+    args = ("--max_samples", "10", "--attack_budget", "relative", "--attack_eps", "0.05", "--corruptions", "noise_3")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    script = os.path.join(ROOT, "examples", "evaluate_janus.py")
+    command = ["torchrun", "--nproc_per_node", "2", "--master_port", "29535", script, *args]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("| model | condition |") == 1  # only the main process prints
+    with open(tmp_path / "results.json") as f:
+        sharded = json.load(f)
+    run_script(tmp_path, *args, "--output_file", "single.json")
+    with open(tmp_path / "single.json") as f:
+        single = json.load(f)
+    assert sharded["num_rows"] == single["num_rows"] == 10
+    assert sharded["results"] == single["results"]
+
+
+@pytest.mark.slow
 def test_script_evaluates_a_base_model_and_two_adapters(tmp_path):
     from peft import LoraConfig, get_peft_model
 
