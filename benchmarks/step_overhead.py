@@ -266,17 +266,16 @@ def main():
     if args.variant:
         return run_variant(args.variant, args)
 
+    def run_in_own_process(variant: str) -> dict:
+        command = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
+        out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if out.returncode:
+            sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     variants = ["plain"] + [v for v in args.variants if v != "plain"]
-    rounds = []  # one dict per round; the variants run in turn, so a drift in the machine's speed hits all alike
-    for _ in range(args.repeats):
-        results = {}
-        for variant in variants:
-            command = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
-            out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if out.returncode:
-                sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
-            results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        rounds.append(results)
+    # one dict per round; the variants run in turn, so a drift in the machine's speed hits all alike
+    rounds = [{variant: run_in_own_process(variant) for variant in variants} for _ in range(args.repeats)]
     results = {
         variant: {
             "step_s": statistics.median(r[variant]["step_s"] for r in rounds),
@@ -286,13 +285,7 @@ def main():
         }
         for variant in variants
     }
-    if not args.skip_mining:
-        command = [sys.executable, __file__, "--variant", "mining"] + sys.argv[1:]
-        out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if out.returncode:
-            sys.exit(f"mining failed:\n{out.stderr[-3000:]}")
-        results["mining"] = json.loads(out.stdout.strip().splitlines()[-1])
-    mining = results.pop("mining", None)
+    mining = None if args.skip_mining else run_in_own_process("mining")
     base = results["plain"]
     import torch
 

@@ -289,10 +289,10 @@ class UniGameEvaluator:
         world_size = torch.distributed.get_world_size() if distributed else 1
         rank = torch.distributed.get_rank() if distributed else 0
         offset = 0
-        if world_size > 1:
+        if world_size > 1:  # contiguous shards, the first `extra` one row longer; `offset` is this shard's first row
             per_process, extra = divmod(len(dataset), world_size)
             offset = rank * per_process + min(rank, extra)
-            dataset = dataset.shard(num_shards=world_size, index=rank, contiguous=True)
+            dataset = dataset.select(range(offset, offset + per_process + (rank < extra)))
         from tqdm.auto import tqdm
 
         columns = dataset.column_names

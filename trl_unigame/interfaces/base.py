@@ -93,7 +93,9 @@ class VisualTokenInterface(ABC):
         cache = StaticCache(config=language_model.config, max_cache_len=cache_length)
         full_mask = attention_mask.new_zeros((attention_mask.shape[0], cache_length))
         full_mask[:, :prompt_length] = attention_mask
-        return cache, full_mask, self._token_step(language_model), self._token_step(language_model, compile_config)
+        prompt_step = self._token_step(language_model)
+        step = prompt_step if compile_config is None else self._token_step(language_model, compile_config)
+        return cache, full_mask, prompt_step, step
 
     def _token_step(self, language_model: nn.Module, compile_config=None) -> Callable:
         """The one-token step of an image-generation loop: `step(embeds, attention_mask, position_ids, cache)` runs the
