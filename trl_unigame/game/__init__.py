@@ -1,0 +1,1 @@
+"""The game's parts, one room each; the trainer composes them."""
