@@ -119,6 +119,39 @@ def test_vqa_normalisation_keeps_different_answers_apart(vqa_metric, prediction,
     assert vqa_metric.compute(predictions=[prediction], references=[reference])["vqa_accuracy"] == 0.0
 
 
+def test_vqa_punctuation_next_to_a_space_is_read_on_the_answer_as_given(vqa_metric):
+    # "(" becomes a space, which puts a space before "-"; "-" touched no space in the answer, so it becomes a space too
+    references = ["x(-y z-w"] * 9 + ["other"]
+    assert vqa_metric.compute(predictions=["x y z w"], references=[references])["vqa_accuracy"] == 1.0
+    assert vqa_metric.compute(predictions=["x y zw"], references=[references])["vqa_accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("periods, expected", [(32, 1.0), (33, 0.0)])
+def test_vqa_removes_at_most_32_periods(vqa_metric, periods, expected):
+    references = ["yes"] * 9 + ["no"]
+    result = vqa_metric.compute(predictions=["yes" + "." * periods], references=[references])
+    assert result["vqa_accuracy"] == expected
+
+
+@pytest.mark.parametrize(
+    "prediction, answer, expected",
+    [
+        ("Yes.", "yes", 0.0),  # not normalised when all annotators agree
+        ("the", "a", 0.0),  # both would normalise to ""
+        ("two", "2", 0.0),
+        ("A", "A", 1.0),  # text read off the image, matched as written
+        (" yes\n", "yes", 1.0),  # newlines, tabs and surrounding spaces are always cleaned
+        ("yes", "yes\t", 1.0),
+    ],
+)
+def test_vqa_answers_are_normalised_only_when_annotators_disagree(vqa_metric, prediction, answer, expected):
+    result = vqa_metric.compute(predictions=[prediction], references=[[answer] * 10])
+    assert result["vqa_accuracy"] == expected
+    # One different annotator is enough for both sides to be normalised.
+    result = vqa_metric.compute(predictions=[prediction], references=[[answer] * 9 + ["other"]])
+    assert result["vqa_accuracy"] == 1.0
+
+
 def test_vqa_single_reference_is_exact_match_and_string_and_list_mix(vqa_metric):
     result = vqa_metric.compute(predictions=["Yes", "no", "2"], references=["yes", ["yes"], TEN])
     assert result["vqa_accuracy"] == pytest.approx((1 + 0 + 0.6) / 3)

@@ -13,9 +13,11 @@ import evaluate
 _DESCRIPTION = """
 The official VQAv2 accuracy. Predictions and reference answers are normalised as the official evaluation does
 (lower case, punctuation removed or replaced by a space, number words -> digits, articles a/an/the removed, common
-contractions fixed). With `n` reference answers (10 in VQAv2), the accuracy of a prediction is the mean over the
-`n` leave-one-out subsets of `min(#matching answers among the other n - 1 / 3, 1)`: a prediction given by at
-least 4 of 10 annotators scores 1, by 2 of 10 scores (2 * 1/3 + 8 * 2/3) / 10 = 0.6.
+contractions fixed), and, as there, only when the annotators disagree: when they all gave the same answer, the
+prediction must match it as written (up to newlines, tabs and surrounding spaces). With `n` reference answers (10 in
+VQAv2), the accuracy of a prediction is the mean over the `n` leave-one-out subsets of
+`min(#matching answers among the other n - 1 / 3, 1)`: a prediction given by at least 4 of 10 annotators scores 1,
+by 2 of 10 scores (2 * 1/3 + 8 * 2/3) / 10 = 0.6.
 A single reference answer reduces to normalised exact match.
 """
 
@@ -99,32 +101,47 @@ PUNCTUATION = [
     "!",
 ]
 _PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit (not a decimal point)
+# The official evaluation passes `re.UNICODE` (32) where `re.sub` takes its count: later periods stay.
+_MAX_PERIODS = 32
 _COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
 
 
-def normalize_answer(answer: str) -> str:
-    """Normalises an answer as the official VQAv2 evaluation does.
+def _clean_whitespace(answer: str) -> str:
+    return answer.replace("\n", " ").replace("\t", " ").strip()
 
-    Punctuation next to a space (or any punctuation when the text holds a number like `1,000`) is removed, other
-    punctuation becomes a space; periods not followed by a digit are removed; then the text is lower-cased,
-    number words become digits, articles are dropped and contractions written without apostrophe are fixed.
 
-    Example: `"The Two Dogs!"` -> `"2 dogs"`; `"dont know"` -> `"don't know"`.
-    """
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
-    has_number_comma = _COMMA_IN_NUMBER.search(text) is not None
+def _process_punctuation(text: str) -> str:
+    # Whether a mark touches a space is read on the text as given, not on the text as edited by the marks before it.
+    strip_all = _COMMA_IN_NUMBER.search(text) is not None
+    out = text
     for p in PUNCTUATION:
-        if p + " " in text or " " + p in text or has_number_comma:
-            text = text.replace(p, "")
+        if strip_all or p + " " in text or " " + p in text:
+            out = out.replace(p, "")
         else:
-            text = text.replace(p, " ")
-    text = _PERIOD.sub("", text)
+            out = out.replace(p, " ")
+    return _PERIOD.sub("", out, count=_MAX_PERIODS)
+
+
+def _process_digit_article(text: str) -> str:
     words = []
     for word in text.lower().split():
         word = NUMBER_WORDS.get(word, word)
         if word not in ARTICLES:
             words.append(CONTRACTIONS.get(word, word))
     return " ".join(words)
+
+
+def normalize_answer(answer: str) -> str:
+    """Normalises an answer as the official VQAv2 evaluation does.
+
+    Punctuation next to a space in the answer as given (or any punctuation when the answer holds a number like
+    `1,000`) is removed, other punctuation becomes a space; periods not followed by a digit are removed (the first
+    32); then the text is lower-cased, number words become digits, articles are dropped and contractions written
+    without apostrophe are fixed.
+
+    Example: `"The Two Dogs!"` -> `"2 dogs"`; `"dont know"` -> `"don't know"`.
+    """
+    return _process_digit_article(_process_punctuation(_clean_whitespace(answer)))
 
 
 def vqa_scores(predictions, references) -> list:
@@ -136,11 +153,16 @@ def vqa_scores(predictions, references) -> list:
         answers = [answers] if isinstance(answers, str) else list(answers)
         if not answers:
             raise ValueError("Every prediction needs at least one reference answer; got an empty list.")
-        predicted = normalize_answer(str(prediction))
-        matches = [normalize_answer(str(a)) == predicted for a in answers]
-        if len(matches) == 1:
-            scores.append(float(matches[0]))
+        if len(answers) == 1:
+            scores.append(float(normalize_answer(str(prediction)) == normalize_answer(str(answers[0]))))
             continue
+        predicted = _clean_whitespace(str(prediction))
+        answers = [_clean_whitespace(str(a)) for a in answers]
+        # As the official evaluation: answers all annotators agree on (often text read off the image) stay as written.
+        if len(set(answers)) > 1:
+            predicted = normalize_answer(predicted)
+            answers = [normalize_answer(a) for a in answers]
+        matches = [a == predicted for a in answers]
         total = sum(matches)
         # Leave out each annotator in turn: the others that match are `total - 1` when the left-out one matches.
         scores.append(sum(min(1.0, (total - m) / 3) for m in matches) / len(matches))
