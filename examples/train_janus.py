@@ -221,7 +221,9 @@ def load_model_and_data(script_args, training_args, model_args):
 def main(script_args, training_args, model_args):
     model, processor, train, evaluation, scorer = load_model_and_data(script_args, training_args, model_args)
     offline = model_args.model_name_or_path is None
-    compare = offline and script_args.compare_scans > 0 and training_args.process_index == 0
+    # Every process evaluates: under several processes the evaluator shares the scans out and gathers the answers, so
+    # a call on the main process alone would wait on a collective the others never join.
+    compare = offline and script_args.compare_scans > 0
     before = offline_comparison(model, processor, script_args.compare_scans, scorer) if compare else None
     callbacks = []
     if script_args.picture_steps:
@@ -240,6 +242,7 @@ def main(script_args, training_args, model_args):
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    after = offline_comparison(trainer.model, processor, script_args.compare_scans, scorer) if compare else None
     if trainer.is_world_process_zero():
         if training_args.push_to_hub:
             trainer.push_to_hub(dataset_name=script_args.dataset_name)  # writes the model card too
@@ -249,7 +252,6 @@ def main(script_args, training_args, model_args):
         if offline:
             write_hard_sample_gallery(trainer, os.path.join(out, "hard_samples.png"))
         if before is not None:
-            after = offline_comparison(trainer.model, processor, script_args.compare_scans, scorer)
             print(f"\nAccuracy on {script_args.compare_scans} held-out test scans, before and after training:\n")
             print("| | before | after |\n|---|---|---|")
             for key in before:

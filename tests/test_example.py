@@ -82,7 +82,7 @@ def test_accelerate_launch_with_no_arguments(tmp_path):
     assert "Saved the LoRA adapter" in result.stdout
     out = tmp_path / "unigame-janus-tiny"
     assert (out / "perturber" / "model.safetensors").is_file()
-    assert (out / "checkpoint-200" / "unigame_buffer_rank0.pt").is_file()
+    assert (out / "checkpoint-200" / "unigame_buffer_rank0.safetensors").is_file()
     assert (out / "hard_samples.png").is_file()
     # The model learned the new skill and kept the old one: before/after on held-out scans.
     rows = {
@@ -193,7 +193,9 @@ def test_two_process_ddp_keeps_ranks_identical_and_restores_each_buffer(tmp_path
         assert torch.equal(value, rank1["params"][name]), name
     assert any("lora_" in n for n in rank0["params"]) and any("perturber." in n for n in rank0["params"])
     checkpoint = out / "checkpoint-2"
-    saved = [torch.load(checkpoint / f"unigame_buffer_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    from trl_unigame.game.checkpoint import read_buffer_state
+
+    saved = [read_buffer_state(str(checkpoint / f"unigame_buffer_rank{r}.safetensors")) for r in (0, 1)]
     assert all(len(s["hardness"]) > 0 for s in saved)
     assert saved[0]["hardness"] != saved[1]["hardness"]  # each rank mines its own shard
 
@@ -214,6 +216,69 @@ def test_two_process_ddp_keeps_ranks_identical_and_restores_each_buffer(tmp_path
         assert again["buffer"] == pytest.approx(first["buffer"])
         for name, value in first["params"].items():
             torch.testing.assert_close(again["params"][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+# Runs the example's command line as its `__main__` does, then writes what this rank trained (only the main process
+# saves the model, so the other ranks' weights are seen this way).
+EXAMPLE_RANK_WORKER = """
+import os
+import sys
+
+import torch
+from peft import get_peft_model_state_dict
+
+sys.path.insert(0, {examples!r})
+from train_janus import main, parse_arguments
+
+trainer = main(*parse_arguments(sys.argv[1:]))
+state = {{
+    "adapter": {{n: t.detach().cpu() for n, t in get_peft_model_state_dict(trainer.model).items()}},
+    "perturber": {{n: t.detach().cpu() for n, t in trainer.perturber.state_dict().items()}},
+    "world": trainer.args.world_size,
+}}
+torch.save(state, os.path.join(trainer.args.output_dir, f"rank{{trainer.args.process_index}}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_example_trains_on_two_processes_with_accelerate_launch(tmp_path):
+    import socket
+
+    from safetensors.torch import load_file
+
+    worker = tmp_path / "train_janus_rank.py"
+    worker.write_text(EXAMPLE_RANK_WORKER.format(examples=os.path.join(ROOT, "examples")))
+    with socket.socket() as s:  # a free port, so parallel launches do not collide
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "run"
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", port, str(worker)]
+    options = ["--max_steps", "4", "--output_dir", str(out), "--compare_scans", "16", "--disable_tqdm", "true"]
+    result = subprocess.run(
+        command + options,
+        cwd=tmp_path,
+        env={**env(), "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("Saved the LoRA adapter") == 1
+    # The before/after table, printed by the main process only.
+    assert result.stdout.count("Accuracy on 16 held-out test scans, before and after training") == 1
+    assert sum(line.startswith("| 'after' clean |") for line in result.stdout.splitlines()) == 1
+
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["world"] == rank1["world"] == 2
+    saved = {
+        "adapter": load_file(out / "adapter_model.safetensors"),
+        "perturber": load_file(out / "perturber" / "model.safetensors"),
+    }
+    for part, weights in saved.items():
+        assert weights.keys() == rank0[part].keys() == rank1[part].keys(), part
+        for name, value in weights.items():
+            assert torch.equal(rank0[part][name], value) and torch.equal(rank1[part][name], value), (part, name)
+    assert any("lora_B" in n and rank0["adapter"][n].abs().sum() > 0 for n in rank0["adapter"])  # it trained
 
 
 def test_qlora_trains_a_4bit_model(tmp_path, vqa):
