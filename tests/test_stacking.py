@@ -75,7 +75,7 @@ def check_played(trainer, before, perturber_before, trainable="lora_"):
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert all("unigame/adversarial_loss" in log and "unigame/buffer_loss" in log for log in logs)
     checkpoint = os.path.join(trainer.args.output_dir, "checkpoint-2")
-    assert {"perturber", "perturber_optimizer.pt", "unigame_buffer_rank0.pt"} <= set(os.listdir(checkpoint))
+    assert {"perturber", "perturber_optimizer.pt", "unigame_buffer_rank0.safetensors"} <= set(os.listdir(checkpoint))
 
 
 def sft_trainer(tmp_path, vqa, **lora):

@@ -150,7 +150,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, vqa):
     full = make_trainer(tmp_path / "full", vqa, **overrides)
     full.train()
     checkpoint = os.path.join(full.args.output_dir, "checkpoint-2")
-    assert {"perturber", "perturber_optimizer.pt", "unigame_buffer_rank0.pt"} <= set(os.listdir(checkpoint))
+    assert {"perturber", "perturber_optimizer.pt", "unigame_buffer_rank0.safetensors"} <= set(os.listdir(checkpoint))
     assert {"config.json", "model.safetensors"} <= set(os.listdir(os.path.join(checkpoint, "perturber")))
 
     resumed = make_trainer(tmp_path / "resumed", vqa, **overrides)
@@ -573,7 +573,7 @@ def test_an_unreachable_consistency_model_fails_before_the_model_is_touched(tmp_
     assert not os.path.exists(args.output_dir)
 
 
-@pytest.mark.parametrize("missing", ["perturber_optimizer.pt", "unigame_buffer_rank0.pt"])
+@pytest.mark.parametrize("missing", ["perturber_optimizer.pt", "unigame_buffer_rank0.safetensors"])
 def test_resume_refuses_a_checkpoint_without_the_game_state(tmp_path, vqa, missing):
     overrides = dict(max_steps=2, save_strategy="steps", save_steps=2, mining_interval=0)
     trainer = make_trainer(tmp_path / "first", vqa, **overrides)

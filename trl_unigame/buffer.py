@@ -150,15 +150,48 @@ class HardSampleBuffer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.capacity = state["capacity"]
-        self.temperature = state["temperature"]
-        self.pop = state["pop"]
-        self.generator.set_state(state["generator"])
+        """Restores a `state_dict()`; a malformed one raises a `ValueError` and leaves the buffer as it was."""
+        _check_state(state)
         extras = state.get("extra") or [{} for _ in state["images"]]
         steps = state.get("steps") or [0 for _ in state["images"]]
-        self.entries = [
-            HardSample(image, dict(row), float(h), c, dict(extra), int(step))
-            for image, row, h, c, extra, step in zip(
-                state["images"], state["rows"], state["hardness"], state["consistency"], extras, steps
-            )
-        ]
+        try:  # everything is converted before anything is assigned
+            entries = [
+                HardSample(image, dict(row), float(h), None if c is None else float(c), dict(extra), int(step))
+                for image, row, h, c, extra, step in zip(
+                    state["images"], state["rows"], state["hardness"], state["consistency"], extras, steps
+                )
+            ]
+            capacity, temperature, pop = int(state["capacity"]), float(state["temperature"]), bool(state["pop"])
+            torch.Generator().set_state(state["generator"])
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"The buffer state holds a value of the wrong kind: {err}") from None
+        if capacity < 1 or not temperature > 0:
+            raise ValueError(f"The buffer state has capacity {capacity} and temperature {temperature}.")
+        self.generator.set_state(state["generator"])
+        self.capacity, self.temperature, self.pop = capacity, temperature, pop
+        self.entries = entries
+
+
+def _check_state(state: Any) -> None:
+    """Raises a `ValueError` naming the first thing that makes `state` no buffer `state_dict()`."""
+    if not isinstance(state, dict):
+        raise ValueError(f"A buffer state is a dict, got {type(state).__name__}.")
+    required = ("capacity", "temperature", "pop", "generator", "images", "rows", "hardness", "consistency")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise ValueError(f"The buffer state lacks {missing}.")
+    for key in ("images", "rows", "hardness", "consistency"):
+        if not isinstance(state[key], (list, tuple)):
+            raise ValueError(f"The buffer state's `{key}` is not a list.")
+    if not isinstance(state["generator"], torch.Tensor) or state["generator"].dtype != torch.uint8:
+        raise ValueError("The buffer state's `generator` is not a uint8 tensor (`torch.Generator.get_state()`).")
+    n = len(state["images"])
+    for key in ("rows", "hardness", "consistency", "extra", "steps"):
+        if state.get(key) and len(state[key]) != n:
+            raise ValueError(f"The buffer state has {n} images but {len(state[key])} `{key}`.")
+    for i, image in enumerate(state["images"]):
+        if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() != 3:
+            raise ValueError(f"The buffer state's image {i} is not a uint8 tensor (3, H, W).")
+    for key in ("rows", "extra"):
+        if not all(isinstance(value, dict) for value in state.get(key) or []):
+            raise ValueError(f"The buffer state's `{key}` are not all dicts.")
