@@ -7,6 +7,7 @@ from peft import LoraConfig
 
 from trl_unigame import HardSampleBuffer, UniGameConfig, UniGameTrainer, select_hard_candidates
 from trl_unigame.data import ROWS_KEY
+from trl_unigame.game.adversary import SiteCapture
 from trl_unigame.testing import tiny_janus
 
 
@@ -82,7 +83,9 @@ def test_lora_moves_frozen_stays_and_perturber_learns(tmp_path, vqa, clip_scorer
     assert "unigame/buffer_loss" in logs[-1]
 
 
-def test_perturber_step_does_not_lower_the_adversarial_loss(tmp_path, vqa):
+def test_perturber_step_raises_the_adversarial_loss(tmp_path, vqa):
+    from trl_unigame.game.context import StepContext
+
     trainer = make_trainer(tmp_path, vqa, lora_dropout=0.0, perturber_learning_rate=1e-2)
     batch = first_batch(trainer)
     batch.pop(ROWS_KEY)
@@ -91,15 +94,17 @@ def test_perturber_step_does_not_lower_the_adversarial_loss(tmp_path, vqa):
     model.eval()  # no dropout, so the loss is a function of the perturber alone
 
     def adversarial_loss():
-        with torch.no_grad():
+        with torch.no_grad(), trainer.perturber.active():
             return trainer._host_loss(model, inputs).item()
 
     lora_before = snapshot(model)
     before = adversarial_loss()
     for _ in range(3):
-        trainer._perturber_step(model, inputs)
+        step = StepContext(inputs=inputs, rows=None, step=0, window=1, last_micro_batch=True)
+        trainer._exact_perturber_step(model, step)
+        trainer.adversary.end_window()
     after = adversarial_loss()
-    assert after >= before
+    assert after > before
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(lora_before[n], p) for n, p in snapshot(model).items())
 
@@ -589,9 +594,9 @@ def test_resume_refuses_a_checkpoint_without_the_game_state(tmp_path, vqa, missi
 def test_separate_update_steps_on_the_clean_batch_first_then_on_the_buffer(tmp_path, vqa):
     trainer = make_trainer(tmp_path, vqa, understanding_update="separate", max_steps=2, hardness_quantile=0.0)
     events = []
-    host_loss, buffer_loss = trainer._host_loss, trainer._buffer_loss
+    host_loss, buffer_loss = trainer._host_loss, trainer.buffer_pass.loss
     trainer._host_loss = lambda model, inputs, **kw: events.append("loss") or host_loss(model, inputs, **kw)
-    trainer._buffer_loss = lambda model, batch: events.append("buffer") or buffer_loss(model, batch)
+    trainer.buffer_pass.loss = lambda *args: events.append("buffer") or buffer_loss(*args)
     trainer.create_optimizer()
     step = trainer.optimizer.step
     trainer.optimizer.step = lambda *a, **kw: events.append("step") or step(*a, **kw)
@@ -721,10 +726,10 @@ def test_first_order_perturber_gradient_matches_the_exact_one_at_small_eps(tmp_p
     model.train()
     with trainer.perturber.active():
         exact = torch.autograd.grad(trainer._host_loss(model, inputs), params)
-    with trainer.perturber.disabled(), trainer._visual_token_gradient() as captured:
+    with trainer.perturber.disabled(), SiteCapture(trainer.interface) as capture, capture.recording():
         trainer._host_loss(model, inputs).backward()
-    delta = trainer.perturber.delta(captured[0].detach())
-    first_order = torch.autograd.grad((captured[0].grad * delta).sum(), params)
+    tokens, gradient = capture.tokens_and_gradients()
+    first_order = torch.autograd.grad((gradient * trainer.perturber.delta(tokens)).sum(), params)
     flat = [torch.cat([g.flatten() for g in grads]) for grads in (exact, first_order)]
     assert torch.nn.functional.cosine_similarity(*flat, dim=0) > cosine
     torch.testing.assert_close(flat[1].norm(), flat[0].norm(), rtol=norm_tolerance, atol=0)

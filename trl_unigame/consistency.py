@@ -56,14 +56,16 @@ class CLIPConsistencyScorer:
 
 def load_consistency_scorer(args, scorer=None, can_mine: bool = True):
     """The trainer's consistency scorer: `scorer` when given, else a [`CLIPConsistencyScorer`] loaded from
-    `args.consistency_model` (none when that is `None`, mining is off, or the model cannot generate: `can_mine=False`).
+    `args.consistency_model` (none when that is `None`, neither mining nor the generation check is on, or the model
+    cannot generate: `can_mine=False`).
 
     Called before the model is prepared, so that a scorer that cannot be loaded stops the run before any work.
 
     Raises:
         OSError: naming the model that could not be loaded and what to pass instead.
     """
-    if scorer is not None or args.consistency_model is None or args.mining_interval == 0 or not can_mine:
+    used = args.mining_interval or getattr(args, "generation_check_interval", 0)
+    if scorer is not None or args.consistency_model is None or not used or not can_mine:
         return scorer
     try:
         return CLIPConsistencyScorer(args.consistency_model, device=args.device)

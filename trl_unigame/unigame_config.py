@@ -65,7 +65,8 @@ class UniGameArguments:
 
     Args:
         mining_interval (`int`, *optional*, defaults to `1`):
-            `m`: mine every `m` optimizer steps (authors' code: 1). `0` disables mining.
+            `m`: mine every `m` optimizer steps (authors' code: 1), once per step: on the last micro-batch of the
+            accumulation window, from that micro-batch's rows. `0` disables mining.
         num_candidates (`int`, *optional*, defaults to `3`):
             `K`: images generated per sample.
         candidates_kept_per_sample (`int`, *optional*, defaults to `1`):
@@ -104,7 +105,8 @@ class UniGameArguments:
             Every this many optimizer steps, generate one image per sample with the perturber off and log its mean
             consistency score (`unigame/clean_generation_consistency`): is fine-tuning the understanding player
             degrading the shared generator that mining relies on? Most useful with a task-specific judge as the
-            consistency scorer. `0` never checks.
+            consistency scorer; needs a scorer (a `consistency_scorer` or `consistency_model`), with or without mining.
+            Runs once per optimizer step, on the last micro-batch of the accumulation window. `0` never checks.
         prompt_column (`str`, *optional*, defaults to `"caption"`):
             Dataset column used as the generation prompt when present; otherwise the question is used.
 
@@ -129,7 +131,8 @@ class UniGameArguments:
             runs no such pass.
         understanding_update (`str`, *optional*, defaults to `"mixed"`):
             `"mixed"`: one step on `CE(clean) + beta * CE(buffer)` (paper); `"separate"`: after the clean step, a second
-            optimizer step on `beta * CE(buffer)` (authors' code and order, with beta 1.0).
+            optimizer step on `beta * CE(buffer)` (the authors' code and order; their weights are 1 and 1, so set
+            `buffer_weight=1.0` to match them). `buffer_max_loss_ratio` applies to `"mixed"` only.
         one_pass_update (`bool`, *optional*, defaults to `True`):
             With `understanding_update="mixed"`, run the clean and buffer rows as one batch (one forward and one
             backward, each row weighted) instead of two passes; the update is the same up to rounding. Applies to
@@ -327,6 +330,12 @@ class UniGameArguments:
             "None or > 0",
         )
         check("buffer_max_age", self.buffer_max_age is None or self.buffer_max_age >= 0, "None or >= 0")
+        if self.buffer_max_loss_ratio is not None and self.understanding_update == "separate":
+            raise ValueError(
+                "`buffer_max_loss_ratio` caps the buffer's share of the mixed objective, but "
+                "`understanding_update='separate'` steps on the buffer's loss alone: set `buffer_max_loss_ratio=None`, "
+                "or use `understanding_update='mixed'`."
+            )
         if isinstance(self.consistency_model, str) and self.consistency_model.lower() in ("", "none"):
             self.consistency_model = None
         if isinstance(self.mining_compile_kwargs, str):

@@ -1,13 +1,16 @@
-"""UniGame: the two-player training step on top of `transformers.Trainer` (and, through the mixin, TRL trainers)."""
+"""UniGame: the two-player training step on top of `transformers.Trainer` (and, through the mixin, TRL trainers).
+
+The mixin orchestrates; the game's parts live in `trl_unigame.game`: the adversary's step (`adversary`), mining
+(`mining`), the buffer pass (`buffer_pass`), the composition of U's loss (`loss`), agreement between processes
+(`agreement`), checkpoint files (`checkpoint`) and metrics (`metrics`).
+"""
 
 from __future__ import annotations
 
 import copy
 import os
 import warnings
-from collections import defaultdict
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -17,31 +20,25 @@ from transformers import Trainer, TrainerCallback
 from .buffer import HardSampleBuffer
 from .consistency import load_consistency_scorer
 from .data import ROWS_KEY, UniGameDataCollator, check_columns, check_rows
+from .game.adversary import Adversary, SiteCapture
+from .game.agreement import Agreement
+from .game.buffer_pass import BufferPass
+from .game.checkpoint import (  # noqa: F401  (kept importable from here)
+    BUFFER_NAME,
+    PERTURBER_DIR,
+    PERTURBER_OPTIMIZER_NAME,
+    _atomic_save,
+    load_game_state,
+    save_game_state,
+)
+from .game.context import STEP_KEY, StepContext
+from .game.loss import LossParts, compose_loss
+from .game.metrics import GameMetrics
+from .game.mining import Miner
 from .interfaces import VisualTokenInterface, get_interface, to_pil_images, unwrap_model
-from .interfaces.base import to_uint8
+from .interfaces.base import keep_in_eval
 from .perturber import Perturber
-from .selection import hardness as hardness_score
-from .selection import select_hard_candidates
 from .unigame_config import UniGameArguments, UniGameConfig
-
-
-PERTURBER_DIR = "perturber"
-PERTURBER_OPTIMIZER_NAME = "perturber_optimizer.pt"
-BUFFER_NAME = "unigame_buffer_rank{rank}.pt"
-# Consecutive mining rounds that keep nothing before the trainer warns that the game has become plain fine-tuning.
-EMPTY_MINING_ROUNDS_WARNING = 5
-# Below this cosine between the perturbation that reached the model and the intended one, the trainer warns.
-REALIZED_COSINE_WARNING = 0.9
-
-
-@dataclass
-class _BufferBatch:
-    """A batch drawn from the buffer: its host inputs, the entries they came from and the weight of their loss (0 for
-    a stand-in that only keeps this process's forwards in step with the others)."""
-
-    inputs: dict[str, Any]
-    entries: list = field(default_factory=list)
-    weight: float = 0.0
 
 
 class _SeparateBufferStep(TrainerCallback):
@@ -53,14 +50,6 @@ class _SeparateBufferStep(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._separate_buffer_step()
-
-
-def _thumbnail(image: torch.Tensor, size: int = 96) -> torch.Tensor:
-    """A small uint8 copy of a `[0, 1]` image `(3, H, W)`, kept beside a hard sample for display."""
-    image = image.detach().float().unsqueeze(0)
-    if max(image.shape[-2:]) > size:
-        image = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)
-    return to_uint8(image[0])
 
 
 class UniGameMixin:
@@ -80,6 +69,8 @@ class UniGameMixin:
     def _init_game(self, perturber: Perturber | None, consistency_scorer) -> None:
         args: UniGameArguments = self.args
         base = unwrap_model(self.model)
+        for module in self.interface.frozen_eval_modules:
+            keep_in_eval(module)  # the Trainer's `model.train()` would otherwise reach the frozen VQ model
         if perturber is None:
             perturber = Perturber.for_model(
                 base,
@@ -92,18 +83,15 @@ class UniGameMixin:
                 site_budgets=generation_budget(args),
             )
         # float32 regardless of the model dtype: its output is a norm-0.02 direction that bf16 would round away.
-        self.perturber = perturber.to(device=self.args.device, dtype=torch.float32).attach(base)
+        self.perturber = perturber.to(device=args.device, dtype=torch.float32).attach(base)
         self.perturber.requires_grad_(True)
         # Off outside the game's own passes: `trainer.model` stays the clean model for evaluation and inference.
         self.perturber.enabled = False
-        self.perturber_optimizer = torch.optim.AdamW(
-            self.perturber.parameters(), lr=args.perturber_learning_rate, weight_decay=args.perturber_weight_decay
-        )
         self.buffer = HardSampleBuffer(
             capacity=args.buffer_capacity,
             temperature=args.buffer_temperature,
             pop=args.buffer_pop,
-            seed=args.seed + self.args.process_index,
+            seed=args.seed + args.process_index,
         )
         # Mining decodes generated images: a model that cannot generate plays the game in embedding space only.
         self.mining_interval = args.mining_interval if self.interface.can_generate else 0
@@ -111,27 +99,16 @@ class UniGameMixin:
             _warn_embedding_only_game(args, type(base).__name__)
         if self.mining_interval and args.mining_image_size is not None:
             self.interface.generation_grid(args.mining_image_size)  # a size the generator cannot make fails here
-        # One config object for the run: the interface keeps the compiled step per config, so mining compiles once.
-        self._mining_compile_config = args.mining_compile_config() if self.interface.can_generate else None
+        check = args.generation_check_interval if self.interface.can_generate else 0
         self.consistency_scorer = load_consistency_scorer(
-            args, consistency_scorer, can_mine=bool(self.mining_interval)
+            args, consistency_scorer, can_mine=bool(self.mining_interval or check)
         )
-        self._game_metrics: dict[str, list[float]] = defaultdict(list)
-        self._buffer_batch: _BufferBatch | None = None
-        self._stand_in_inputs = None
-        self._clean_rows = None
-        self._perturber_window_finite = True
-        self._empty_mining_rounds = 0
-        self._warned_empty_mining = False
-        self._warned_precision: set[str] = set()
-        self.current_gradient_accumulation_steps = getattr(self, "current_gradient_accumulation_steps", 1)
-        from .callbacks import HardSamplePicturesCallback
-
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, HardSamplePicturesCallback):
-                callback.trainer = self  # it draws from the buffer and asks the model for predictions
-        if args.understanding_update == "separate":
-            self.add_callback(_SeparateBufferStep(self))
+        if check and self.consistency_scorer is None:
+            raise ValueError(
+                "`generation_check_interval` scores clean generations with the consistency scorer, but there is none: "
+                "pass a `consistency_scorer` (e.g. a task judge) or a `consistency_model`, or set "
+                "`generation_check_interval=0`."
+            )
         if (
             args.generation_loss_weight
             and type(self.interface).generation_loss is VisualTokenInterface.generation_loss
@@ -140,6 +117,34 @@ class UniGameMixin:
                 f"`generation_loss_weight` needs the model's image-generation loss, which {type(self.interface).__name__}"
                 " does not provide: set `generation_loss_weight=0`."
             )
+        self.game_metrics = GameMetrics()
+        agreement = Agreement(self.accelerator, args.device)
+        self.adversary = Adversary(self.perturber, args, self.game_metrics, agreement)
+        self.miner = Miner(
+            self.interface,
+            self.adversary,
+            self.buffer,
+            args,
+            self.game_metrics,
+            self.consistency_scorer,
+            interval=self.mining_interval,
+            # One config object for the run: the interface keeps the compiled step per config.
+            compile_config=args.mining_compile_config() if self.interface.can_generate else None,
+        )
+        self.buffer_pass = BufferPass(self.buffer, args, self.game_metrics, agreement, self._hard_sample_inputs)
+        self._separate_stand_in = None  # the last clean batch, for the separate step's stand-in
+        from .callbacks import HardSamplePicturesCallback
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, HardSamplePicturesCallback):
+                callback.trainer = self  # it draws from the buffer and asks the model for predictions
+        if args.understanding_update == "separate":
+            self.add_callback(_SeparateBufferStep(self))
+
+    @property
+    def perturber_optimizer(self) -> torch.optim.Optimizer:
+        """The perturber's own optimizer (AdamW at `perturber_learning_rate`), outside the host's."""
+        return self.adversary.optimizer
 
     def _describe_row(self, row: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -147,9 +152,17 @@ class UniGameMixin:
     def _hard_sample_row(self, row: dict[str, Any], image) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _hard_sample_inputs(self, entries: list) -> dict[str, Any]:
+        """Buffer entries as the host's prepared inputs: each a host row with its decoded image, through the collator."""
+        rows = [self._hard_sample_row(e.row, to_pil_images(e.image.unsqueeze(0))[0]) for e in entries]
+        batch = self.data_collator(rows)
+        batch.pop(ROWS_KEY, None)
+        return self._prepare_inputs(batch)
+
     # -------------------------------------------------------------------------------------------- the step
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
-        """One micro-batch of the game: perturber ascent, mining, understanding descent (clean + buffer)."""
+        """One micro-batch of the game: perturber ascent, mining (once per optimizer step), understanding descent on
+        the clean batch plus a buffer batch; the perturber steps once per accumulation window."""
         rows = inputs.pop(ROWS_KEY, None)
         if rows is None and self.mining_interval:
             raise ValueError(
@@ -158,421 +171,143 @@ class UniGameMixin:
             )
         model.train()
         inputs = self._prepare_inputs(inputs)
-        self._clean_rows = rows
-        first_order = bool(self.args.adversarial_weight) and self.args.perturber_update == "first_order"
-        if self.args.adversarial_weight and not first_order:
-            self._perturber_step(model, inputs)
-        step = self.state.global_step
-        if rows is not None and self.mining_interval and step % self.mining_interval == 0:
-            self._mine(model, rows, inputs)
-        check = self.args.generation_check_interval if self.interface.can_generate else 0
-        if rows is not None and check and step % check == 0 and self.consistency_scorer is not None:
-            self._check_clean_generation(model, rows)
-        if self.args.understanding_update == "mixed":
-            self._buffer_batch = self._draw_buffer_batch(stand_in=inputs)
-        else:
-            self._stand_in_inputs = inputs  # for the buffer step after the optimizer step, see `_SeparateBufferStep`
-        try:
-            with (
-                self.perturber.disabled(),
-                self._visual_token_gradient() if first_order else nullcontext([]) as tokens,
-            ):
-                loss = super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            self._buffer_batch = self._clean_rows = None
-        if first_order:
-            self._first_order_perturber_step(tokens)
-        if self.accelerator.sync_gradients:
-            self._drop_non_finite_update(model)
-        return loss
-
-    def _perturber_step(self, model: nn.Module, inputs: dict[str, Any]) -> None:
-        """Ascent of the perturber on the host loss (`perturber_update="exact"`): a forward and backward with the
-        perturbation active; only the perturber's gradients are computed."""
-        unwrapped = self.accelerator.unwrap_model(model)  # no DDP hooks: the model's weights get no gradient here
-        with (
-            self.perturber.active(),
-            self.perturber.recording() as deltas,
-            self.perturber.measuring() as measured,
-            self.compute_loss_context_manager(),
-            self._host_metrics_paused(),
-        ):
-            adversarial_loss = self._host_loss(unwrapped, inputs)
-        self._log_realized_perturbation(measured)
-        if self._ascend(adversarial_loss / self.current_gradient_accumulation_steps, deltas):
-            self._game_metrics["unigame/adversarial_loss"].append(float(adversarial_loss.detach()))
-        if self.accelerator.sync_gradients:
-            self._perturber_optimizer_step()
-
-    @contextmanager
-    def _visual_token_gradient(self):
-        """Keeps the first visual tokens the understanding site produces inside the context (the clean batch's),
-        so that the clean backward leaves their gradient in `.grad` (`perturber_update="first_order"`)."""
-        captured: list[torch.Tensor] = []
-
-        def keep(module, args, output):
-            if captured or not isinstance(output, torch.Tensor):
-                return None
-            if output.requires_grad:
-                output.retain_grad()
-                captured.append(output)
-                return None
-            leaf = output.detach().requires_grad_(True)  # the site is frozen: a leaf changes nothing upstream
-            captured.append(leaf)
-            return leaf
-
-        handle = self.interface.understanding_site.register_forward_hook(keep)
-        try:
-            yield captured
-        finally:
-            handle.remove()
-
-    def _first_order_perturber_step(self, captured: list[torch.Tensor]) -> None:
-        """Ascent of the perturber on the first-order change of the clean loss, `<g, delta(z)>`, with `g` the gradient
-        at the visual tokens `z` that the clean backward has just computed: no extra pass through the model."""
-        gradient = captured[0].grad if captured else None
-        if gradient is None:
-            self._perturber_window_finite = False
-            self._skip("perturber", "the clean backward left no gradient at the visual tokens")
-        else:
-            tokens = captured[0].detach()
-            with self.perturber.recording() as deltas:
-                delta = self.perturber.delta(tokens, "understanding")
-            # The clean loss was already divided by the accumulation window, so `gradient` is too.
-            gain = (gradient.detach().float().to(delta.device) * delta).sum()
-            if self._ascend(gain, deltas):
-                self._game_metrics["unigame/adversarial_gain_estimate"].append(
-                    float(gain.detach()) * self.current_gradient_accumulation_steps
-                )
-        if self.accelerator.sync_gradients:
-            self._perturber_optimizer_step()
-
-    def _ascend(self, adversarial: torch.Tensor, deltas: list[torch.Tensor]) -> bool:
-        """Accumulates the perturber's gradient of `-lambda * adversarial + regularisers` (`adversarial` already
-        divided by the accumulation window); returns `False` (and marks the window) when it is not finite."""
-        args = self.args
-        params = list(self.perturber.parameters())
-        penalty = torch.zeros((), device=self.perturber.rho.device)
-        if deltas:
-            if args.delta_reg_weight:
-                penalty = (
-                    penalty + args.delta_reg_weight * torch.stack([d.pow(2).sum(-1).mean() for d in deltas]).mean()
-                )
-            if args.tv_reg_weight:
-                tv = [
-                    (d[..., 1:, :] - d[..., :-1, :]).pow(2).sum(-1).mean()
-                    for d in deltas
-                    if d.dim() >= 3 and d.shape[-2] > 1
-                ]
-                if tv:
-                    penalty = penalty + args.tv_reg_weight * torch.stack(tv).mean()
-            self._game_metrics["unigame/delta_norm"].append(
-                float(torch.cat([d.detach().norm(dim=-1).flatten() for d in deltas]).mean())
-            )
-        if args.eps_reg_weight:
-            penalty = penalty + args.eps_reg_weight * self.perturber.eps_tensor.pow(2)
-        objective = -args.adversarial_weight * adversarial + penalty / self.current_gradient_accumulation_steps
-        if not torch.isfinite(objective):
-            self._perturber_window_finite = False
-            self._skip("perturber", "the perturber's loss is not finite")
-            return False
-        grads = torch.autograd.grad(objective, params, allow_unused=True)
-        for p, g in zip(params, grads):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad + g
-        return True
-
-    def _perturber_optimizer_step(self) -> None:
-        """Steps the perturber once per accumulation window, or leaves it and its optimizer exactly as they are when
-        any micro-batch of the window, on any process, had a non-finite loss or gradient."""
-        params = list(self.perturber.parameters())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        # The window's finiteness travels with the gradients, so every process takes the same decision.
-        finite = torch.tensor([float(self._perturber_window_finite)], device=grads[0].device, dtype=grads[0].dtype)
-        flat = torch.cat([g.flatten() for g in grads] + [finite])
-        if self.accelerator.num_processes > 1:
-            flat = self.accelerator.reduce(flat, reduction="sum") / self.accelerator.num_processes
-        self._perturber_window_finite = True
-        if bool(flat[-1] == 1) and bool(torch.isfinite(flat).all()):
-            for p, g in zip(params, torch.split(flat[:-1], [g.numel() for g in grads])):
-                p.grad = g.view_as(p)
-            self.perturber_optimizer.step()
-        self.perturber_optimizer.zero_grad(set_to_none=True)
-        self._game_metrics["unigame/eps"].append(self.perturber.eps)
-
-    @torch.no_grad()
-    def _mine(self, model: nn.Module, rows: list[dict[str, Any]], inputs: dict[str, Any] | None = None) -> None:
-        """Generates K candidates per sample through the perturbed generation path, scores and keeps the hardest."""
-        args = self.args
-        interface = self.interface
-        unwrapped = self.accelerator.unwrap_model(model)
-        was_training = unwrapped.training
-        unwrapped.eval()
-        try:
-            generator = torch.Generator(device=interface.device)
-            generator.manual_seed(args.seed + 1_000_003 * self.state.global_step + 7919 * args.process_index)
-            prompts = [r["prompt"] for r in rows]
-            with self.perturber.active(), self.perturber.measuring() as measured:
-                pixels = interface.generate_images(
-                    prompts,
-                    num_images=args.num_candidates,
-                    guidance_scale=args.generation_guidance_scale,
-                    temperature=args.generation_temperature,
-                    generator=generator,
-                    image_size=args.mining_image_size,
-                    compile_config=self._mining_compile_config,
-                )
-            self._log_realized_perturbation(measured)
-            source = torch.arange(len(rows)).repeat_interleave(args.num_candidates)
-            consistency = None
-            if self.consistency_scorer is not None:
-                consistency = torch.as_tensor(
-                    self.consistency_scorer(pixels, [prompts[i] for i in source]), dtype=torch.float32
-                ).cpu()
-            candidate_inputs = interface.build_understanding_inputs(
-                pixels, [rows[i]["question"] for i in source], [rows[i]["answer"] for i in source]
-            )
-            candidate_inputs = self._prepare_inputs(candidate_inputs)
-            with self.perturber.disabled():
-                ce = interface.understanding_loss(unwrapped, candidate_inputs).float().cpu()
-            h = hardness_score(ce, consistency, args.consistency_weight, args.consistency_threshold)
-            keep = select_hard_candidates(
-                h,
-                consistency,
-                source,
-                rule=args.selection,
-                quantile=args.hardness_quantile,
-                threshold=args.consistency_threshold,
-                top_k=args.candidates_kept_per_sample,
-            )
-            sources = self.interface.source_images(inputs) if inputs is not None else None
-            if sources is not None and len(sources) != len(rows):
-                sources = None  # not one image per row: nothing to show beside the candidates
-            step = self.state.global_step
-            entered = 0
-            for i in keep.tolist():
-                entered += self.buffer.push(
-                    pixels[i],
-                    rows[source[i]],
-                    float(h[i]),
-                    None if consistency is None else float(consistency[i]),
-                    extra=None if sources is None else {"source": _thumbnail(sources[source[i]])},
-                    step=step,
-                )
-            if args.buffer_max_age is not None:
-                self.buffer.evict_older_than(step - args.buffer_max_age)
-        finally:
-            unwrapped.train(was_training)
-        self._game_metrics["unigame/mined"].append(float(len(source)))
-        self._game_metrics["unigame/kept_fraction"].append(len(keep) / max(len(source), 1))
-        self._game_metrics["unigame/buffer_entered"].append(float(entered))
-        if len(self.buffer):
-            ages = [self.state.global_step - e.step for e in self.buffer.entries]
-            self._game_metrics["unigame/buffer_mean_age"].append(sum(ages) / len(ages))
-        self._game_metrics["unigame/candidate_loss"].append(float(ce.mean()))
-        if consistency is not None:
-            self._game_metrics["unigame/consistency"].append(float(consistency.mean()))
-        self._note_empty_mining(kept=len(keep), consistency=consistency)
-
-    @torch.no_grad()
-    def _check_clean_generation(self, model: nn.Module, rows: list[dict[str, Any]]) -> None:
-        """Scores one generation per sample with the perturber off: the quality of the generator mining relies on."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        was_training = unwrapped.training
-        unwrapped.eval()
-        try:
-            generator = torch.Generator(device=self.interface.device)
-            generator.manual_seed(self.args.seed + 15_485_863 + 7919 * self.args.process_index)  # the same each time
-            prompts = [r["prompt"] for r in rows]
-            with self.perturber.disabled():
-                pixels = self.interface.generate_images(
-                    prompts,
-                    num_images=1,
-                    guidance_scale=self.args.generation_guidance_scale,
-                    temperature=self.args.generation_temperature,
-                    generator=generator,
-                    image_size=self.args.mining_image_size,
-                    compile_config=self._mining_compile_config,
-                )
-            scores = torch.as_tensor(self.consistency_scorer(pixels, prompts), dtype=torch.float32)
-        finally:
-            unwrapped.train(was_training)
-        self._game_metrics["unigame/clean_generation_consistency"].append(float(scores.mean()))
-
-    def _log_realized_perturbation(self, measured: dict[str, dict[str, float]]) -> None:
-        """Logs what reached the model at each site after the cast to its dtype, and warns once when rounding has
-        turned the perturbation into something else (cosine to the intended one below `REALIZED_COSINE_WARNING`)."""
-        for site, values in measured.items():
-            prefix = "unigame/" if site == "understanding" else f"unigame/{site}_"
-            for key in ("realized_delta_norm", "realized_delta_cosine", "token_norm"):
-                self._game_metrics[prefix + key].append(values[key])
-            if values["realized_delta_cosine"] < REALIZED_COSINE_WARNING and site not in self._warned_precision:
-                self._warned_precision.add(site)
-                warnings.warn(
-                    f"UniGame: at the {site} site only part of the perturbation reaches the model: after the cast to "
-                    f"{values['dtype']} its norm is {values['realized_delta_norm']:.3g} (intended "
-                    f"{values['intended_delta_norm']:.3g}) and its cosine to the intended direction "
-                    f"{values['realized_delta_cosine']:.2f}, on tokens of median norm {values['token_norm']:.3g}. The "
-                    "rest is rounding noise, and the perturber's gradient points where the forward pass never went. "
-                    "Use a budget relative to the token norm (`perturber_budget='relative'`, e.g. "
-                    "`perturber_eps_max=0.05`), or a larger absolute budget."
-                )
-
-    def _note_empty_mining(self, kept: int, consistency: torch.Tensor | None) -> None:
-        """Counts consecutive mining rounds that kept nothing, and warns once when the game has quietly become SFT."""
-        self._empty_mining_rounds = 0 if kept else self._empty_mining_rounds + 1
-        self._game_metrics["unigame/empty_mining_rounds"].append(float(self._empty_mining_rounds))
-        if self._empty_mining_rounds < EMPTY_MINING_ROUNDS_WARNING or self._warned_empty_mining:
-            return
-        self._warned_empty_mining = True
-        args = self.args
-        seen = "" if consistency is None else f" (consistency of the last round: mean {float(consistency.mean()):.3f})"
-        warnings.warn(
-            f"UniGame step {self.state.global_step}: the last {self._empty_mining_rounds} mining rounds kept no "
-            f"candidate{seen}, so the buffer gets nothing new and training is plain fine-tuning. With "
-            f"`selection='{args.selection}'`, a candidate needs consistency >= `consistency_threshold` "
-            f"({args.consistency_threshold}) and hardness >= the `hardness_quantile` ({args.hardness_quantile}) "
-            "quantile. Set `consistency_threshold` for the consistency scorer in use (see docs/train_janus.md), "
-            "lower `hardness_quantile`, use `selection='reference'`, or pass a task-specific `consistency_scorer`."
+        ctx = StepContext(
+            inputs=inputs,
+            rows=rows,
+            step=self.state.global_step,
+            window=self.current_gradient_accumulation_steps,
+            last_micro_batch=self.accelerator.sync_gradients,
+            normalised_over_window=self._host_normalises_over_window(num_items_in_batch),
+            num_items_in_batch=num_items_in_batch,
         )
-
-    def _draw_buffer_batch(self, stand_in: dict[str, Any] | None) -> _BufferBatch | None:
-        """The buffer batch of this step, or `None` when no process has one.
-
-        Processes must run the same forwards (DDP synchronises buffers in each, TRL hosts gather metrics), so
-        when any process has hard samples, a process whose buffer is empty runs the buffer pass on `stand_in`
-        (its clean batch) with weight 0.
-        """
-        if self.args.buffer_weight == 0:
-            return None
-        entries = self.buffer.sample(self.args.buffer_batch_size)
-        if not self._on_any_process(bool(entries)):
-            return None
-        if not entries:
-            return _BufferBatch(inputs=stand_in, entries=[], weight=0.0)
-        host_rows = [self._hard_sample_row(e.row, to_pil_images(e.image.unsqueeze(0))[0]) for e in entries]
-        batch = self.data_collator(host_rows)
-        batch.pop(ROWS_KEY, None)
-        return _BufferBatch(inputs=self._prepare_inputs(batch), entries=entries, weight=self.args.buffer_weight)
-
-    def _on_any_process(self, flag: bool) -> bool:
-        if self.accelerator.num_processes == 1:
-            return flag
-        votes = torch.tensor([float(flag)], device=self.args.device)
-        return bool(self.accelerator.reduce(votes, reduction="sum").item() > 0)
-
-    def _buffer_loss(self, model: nn.Module, batch: _BufferBatch) -> torch.Tensor:
-        """Host loss on a buffer batch; each drawn entry's hardness is refreshed from its own loss, at no extra cost."""
-        with self._host_metrics_paused():
-            loss, per_sample = self._host_loss_per_sample(model, batch.inputs)
-        self._note_buffer_loss(batch, loss, per_sample)
+        unwrapped = self.accelerator.unwrap_model(model)  # no DDP hooks: the game's own passes train nothing here
+        if self.adversary.exact:
+            self._exact_perturber_step(unwrapped, ctx)
+        if rows is not None and self.miner.due(ctx.step, ctx.last_micro_batch):
+            self.miner.mine(unwrapped, rows, inputs, ctx.step, self.args.process_index, self._prepare_inputs)
+        if rows is not None and self.miner.check_due(ctx.step, ctx.last_micro_batch):
+            self.miner.check_clean_generation(unwrapped, rows, self.args.process_index)
+        if self.args.understanding_update == "mixed":
+            ctx.buffer_batch = self.buffer_pass.draw(stand_in=inputs)
+        else:
+            self._separate_stand_in = inputs  # for the buffer step after the optimizer step
+        with ExitStack() as stack:
+            stack.enter_context(self.perturber.disabled())
+            if self.adversary.first_order:
+                ctx.capture = stack.enter_context(SiteCapture(self.interface))
+            loss = super().training_step(model, {**inputs, STEP_KEY: ctx}, num_items_in_batch)
+        if self.adversary.first_order:
+            self.adversary.first_order_step(ctx.capture, ctx.merged_rows, ctx.window, ctx.step)
+        if self.args.adversarial_weight and ctx.last_micro_batch:
+            self.adversary.end_window()
+        if ctx.last_micro_batch and Agreement.drop_non_finite_gradients(model):
+            self.game_metrics.skip(ctx.step, "understanding", "the understanding loss or its gradient is not finite")
         return loss
 
-    def _note_buffer_loss(self, batch: _BufferBatch, loss: torch.Tensor, per_sample: torch.Tensor | None) -> None:
-        """Logs the buffer loss and rescores the drawn entries from their own per-sample losses."""
-        if not batch.entries:
-            return
-        self._game_metrics["unigame/buffer_loss"].append(float(loss.detach()))
-        if per_sample is not None and len(per_sample) == len(batch.entries):
-            args = self.args
-            consistency = [e.consistency for e in batch.entries]
-            s = None if any(c is None for c in consistency) else torch.tensor(consistency)
-            h = hardness_score(
-                per_sample.detach().float().cpu(), s, args.consistency_weight, args.consistency_threshold
-            )
-            self.buffer.rescore(batch.entries, h.tolist())
+    def _host_normalises_over_window(self, num_items_in_batch) -> bool:
+        """Whether the host's loss comes normalised over the accumulation window, so that the Trainer does not divide
+        it by the window (the Trainer's own rule)."""
+        if getattr(self, "compute_loss_func", None) is not None:
+            return True
+        return num_items_in_batch is not None and bool(getattr(self, "model_accepts_loss_kwargs", False))
 
-    def _one_pass_enabled(self) -> bool:
-        """Whether this host can run the clean and buffer rows in one forward (`one_pass_update`)."""
-        return False
+    def _exact_perturber_step(self, model: nn.Module, ctx: StepContext) -> None:
+        """The perturber's ascent on the host loss of the clean batch with the perturbation active
+        (`perturber_update="exact"`): its own forward and backward, normalised as the clean loss is."""
 
-    def _one_pass_inputs(self, inputs: dict[str, Any], batch: _BufferBatch) -> dict[str, Any] | None:
-        """The clean and buffer rows as one batch for a single forward and backward, or `None` when they cannot share
-        one (then every process runs two passes)."""
-        return None
+        def adversarial_loss():
+            with self.compute_loss_context_manager(), self._host_metrics_paused():
+                return self._host_loss(model, ctx.inputs, num_items_in_batch=ctx.num_items_in_batch)
+
+        self.adversary.exact_step(adversarial_loss, ctx.share, ctx.window, ctx.step)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """U's loss on a micro-batch of the game: the host's loss on the clean batch plus the buffer, perturbed and
+        generation parts, composed by [`compose_loss`]. Outside the game's step (evaluation), the host's loss.
+
+        With `return_outputs=True`, the host's own outputs of the clean pass come back beside the loss."""
+        inputs.pop(ROWS_KEY, None)
+        ctx: StepContext | None = inputs.pop(STEP_KEY, None)
+        if ctx is None or not model.training:
+            return self._host_loss(model, inputs, num_items_in_batch=num_items_in_batch, return_outputs=return_outputs)
+        parts, outputs = self._loss_parts(model, inputs, ctx, return_outputs, num_items_in_batch)
+        args = self.args
+        composed = compose_loss(
+            parts,
+            perturbed_weight=args.perturbed_weight,
+            generation_weight=args.generation_loss_weight,
+            max_buffer_ratio=args.buffer_max_loss_ratio,
+            window=ctx.window,
+            normalised_over_window=ctx.normalised_over_window,
+        )
+        self.game_metrics.add("unigame/clean_loss", composed.clean)
+        if composed.buffer_weight is not None and args.buffer_max_loss_ratio is not None:
+            self.game_metrics.add("unigame/buffer_weight", composed.buffer_weight)
+        if composed.buffer_share is not None:
+            self.game_metrics.add("unigame/buffer_loss_share", composed.buffer_share)
+        self.game_metrics.add("unigame/buffer_size", len(self.buffer))
+        return (composed.loss, outputs) if return_outputs else composed.loss
+
+    def _loss_parts(self, model, inputs, ctx: StepContext, return_outputs: bool, num_items_in_batch):
+        """Runs the passes of U's loss (clean, or clean + buffer as one batch; buffer; perturbed; generation)."""
+        batch = ctx.buffer_batch
+        merged = None
+        if batch is not None and not return_outputs and self.args.one_pass_update:
+            merged, batch = self.buffer_pass.merge(inputs, batch, self._concatenate_inputs())
+        buffer_loss = outputs = None
+        with ctx.capture.recording() if ctx.capture is not None else ExitStack():
+            if merged is not None:
+                # One forward and backward over clean + buffer rows; each part keeps its own mean, as in two passes.
+                n = len(inputs["input_ids"])
+                ctx.merged_rows = (n, len(merged["input_ids"]))
+                per_sample = self._host_loss_per_sample(model, merged)[1]
+                clean, buffer_loss = per_sample[:n].mean(), per_sample[n:].mean()
+                self.buffer_pass.note(batch, buffer_loss, per_sample[n:])
+            else:
+                result = self._host_loss(
+                    model, inputs, num_items_in_batch=num_items_in_batch, return_outputs=return_outputs
+                )
+                clean, outputs = result if return_outputs else (result, None)
+        if merged is None and batch is not None:
+            with self._host_metrics_paused():
+                buffer_loss = self.buffer_pass.loss(self._host_loss_per_sample, model, batch)
+        parts = LossParts(clean=clean, buffer=buffer_loss, buffer_weight=batch.weight if batch is not None else 0.0)
+        if self.args.perturbed_weight:
+            parts.perturbed = self._perturbed_loss(model, inputs, num_items_in_batch)
+        if self.args.generation_loss_weight and ctx.rows is not None:
+            parts.generation = self._generation_loss(model, inputs, ctx.rows)
+        return parts, outputs
 
     def _separate_buffer_step(self) -> None:
         """The authors' variant: after the optimizer step on the clean batch, one more step on a buffer batch alone."""
         model = self.model_wrapped
-        batch = self._draw_buffer_batch(stand_in=self._stand_in_inputs)
-        self._stand_in_inputs = None
+        batch = self.buffer_pass.draw(stand_in=self._separate_stand_in)
+        self._separate_stand_in = None
         if batch is None:
             return
         model.zero_grad()  # the clean step has used its gradients
-        with self.perturber.disabled(), self.compute_loss_context_manager():
-            loss = batch.weight * self._buffer_loss(model, batch)
+        with self.perturber.disabled(), self.compute_loss_context_manager(), self._host_metrics_paused():
+            loss = batch.weight * self.buffer_pass.loss(self._host_loss_per_sample, model, batch)
         # Backward even when the loss is not finite: it is a collective under DDP; the update is dropped after it.
         self.accelerator.backward(loss)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
-        self._drop_non_finite_update(model)
+        if Agreement.drop_non_finite_gradients(model):
+            self.game_metrics.skip(self.state.global_step, "understanding", "the buffer step's loss is not finite")
         self.optimizer.step()
         model.zero_grad()
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Host loss on the clean batch, plus `buffer_weight` times the host loss on the buffer batch (mixed update).
-
-        With `return_outputs=True`, the host's own outputs of the clean pass come back beside the loss."""
-        inputs.pop(ROWS_KEY, None)
-        batch = self._buffer_batch if model.training else None
-        merged = None
-        if batch is not None and not return_outputs and self._one_pass_enabled():
-            merged = self._one_pass_inputs(inputs, batch) if batch.entries else None
-            # Every process must run as many forwards (DDP syncs buffers in each): all take one pass unless any
-            # process holds a buffer batch that cannot share its clean batch's forward.
-            if self._on_any_process(bool(batch.entries) and merged is None):
-                merged = None
-            elif not batch.entries:
-                batch = None  # a stand-in adds no forward of its own in one pass
-        if merged is not None:
-            # One forward and backward over clean + buffer rows; each part keeps its own mean, as in two passes.
-            n = len(inputs["input_ids"])
-            per_sample = self._host_loss_per_sample(model, merged)[1]
-            clean, buffer_loss, outputs = per_sample[:n].mean(), per_sample[n:].mean(), None
-            self._note_buffer_loss(batch, buffer_loss, per_sample[n:])
-        else:
-            result = self._host_loss(
-                model, inputs, num_items_in_batch=num_items_in_batch, return_outputs=return_outputs
-            )
-            clean, outputs = result if return_outputs else (result, None)
-            buffer_loss = self._buffer_loss(model, batch) if batch is not None else None
-        loss = clean
-        if model.training:
-            self._game_metrics["unigame/clean_loss"].append(float(clean.detach()))
-            if batch is not None:
-                weight = batch.weight
-                if num_items_in_batch is not None and getattr(self, "model_accepts_loss_kwargs", False):
-                    # The host already normalised the clean loss over the whole accumulation window, so the
-                    # Trainer will not divide by the window; the buffer's batch mean must be divided here.
-                    weight = weight / self.current_gradient_accumulation_steps
-                cap = self.args.buffer_max_loss_ratio
-                if cap is not None and batch.entries:
-                    # The buffer's weight follows the clean loss (a constant for this step: no gradient through it).
-                    weight = min(weight, cap * float(clean.detach()) / max(float(buffer_loss.detach()), 1e-12))
-                    self._game_metrics["unigame/buffer_weight"].append(weight)
-                loss = loss + weight * buffer_loss
-                if batch.entries:
-                    share = float(weight * buffer_loss.detach()) / max(float(loss.detach()), 1e-12)
-                    self._game_metrics["unigame/buffer_loss_share"].append(share)
-            if self.args.perturbed_weight:
-                loss = loss + self.args.perturbed_weight * self._perturbed_loss(model, inputs, num_items_in_batch)
-            if self.args.generation_loss_weight and self._clean_rows is not None:
-                loss = loss + self.args.generation_loss_weight * self._generation_loss(inputs)
-            self._game_metrics["unigame/buffer_size"].append(float(len(self.buffer)))
-        return (loss, outputs) if return_outputs else loss
-
-    def _generation_loss(self, inputs: dict[str, Any]) -> torch.Tensor:
+    def _generation_loss(self, model, inputs: dict[str, Any], rows: list[dict[str, Any]]) -> torch.Tensor:
         """The model's image-generation loss on the clean batch's (prompt, image) pairs (`generation_loss_weight`)."""
         images = self.interface.source_images(inputs)
-        prompts = [r["prompt"] for r in self._clean_rows]
+        prompts = [r["prompt"] for r in rows]
         if images is None or len(images) != len(prompts):
             raise ValueError(
                 "`generation_loss_weight` needs one image per row that the interface can recover from the batch "
                 f"({type(self.interface).__name__}.source_images); set `generation_loss_weight=0` for this data."
             )
-        with self.perturber.disabled():
-            loss = self.interface.generation_loss(self.model, prompts, images).mean()
-        self._game_metrics["unigame/generation_loss"].append(float(loss.detach()))
+        loss = self.interface.generation_loss(model, prompts, images).mean()
+        self.game_metrics.add("unigame/generation_loss", float(loss.detach()))
         return loss
 
     def _perturbed_loss(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -587,9 +322,10 @@ class UniGameMixin:
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        self._game_metrics["unigame/perturbed_loss"].append(float(loss.detach()))
+        self.game_metrics.add("unigame/perturbed_loss", float(loss.detach()))
         return loss
 
+    # ------------------------------------------------------------------------------------------- host hooks
     def _host_loss(self, model, inputs, num_items_in_batch=None, return_outputs=False):
         """The host trainer's loss (a scalar), with the host's outputs when `return_outputs`."""
         return super().compute_loss(
@@ -599,6 +335,11 @@ class UniGameMixin:
     def _host_loss_per_sample(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The host loss and, where the host can tell, each sample's own loss (`None` otherwise)."""
         return self._host_loss(model, inputs), None
+
+    def _concatenate_inputs(self):
+        """`(clean, buffer) -> one batch or None` when this host can run both in one forward (`one_pass_update`),
+        else `None` (the TRL hosts: their losses are not per sample)."""
+        return None
 
     @contextmanager
     def _host_metrics_paused(self):
@@ -616,28 +357,10 @@ class UniGameMixin:
             if tokens is not None:
                 self._total_train_tokens = tokens
 
-    # ------------------------------------------------------------------------------------------- faults
-    def _skip(self, player: str, why: str) -> None:
-        warnings.warn(f"UniGame step {self.state.global_step}: {why}; the {player} update of this step is skipped.")
-        self._game_metrics[f"unigame/skipped_{player}_steps"].append(1.0)
-
-    def _drop_non_finite_update(self, model: nn.Module) -> None:
-        """After the (all-reduced) backward of a step: if any gradient is not finite, the step leaves weights as
-        they are (`None` gradients are skipped by the optimizer, weight decay included)."""
-        params = [p for p in model.parameters() if p.grad is not None]
-        if params and not all(torch.isfinite(p.grad).all() for p in params):
-            for p in params:
-                p.grad = None
-            self._skip("understanding", "the understanding loss or its gradient is not finite")
-
     # ------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # training logs only; evaluation and the final summary pass through
-            metrics = {k: sum(v) / len(v) for k, v in self._game_metrics.items() if v}
-            for key in ("unigame/skipped_perturber_steps", "unigame/skipped_understanding_steps"):
-                metrics[key] = float(sum(self._game_metrics.get(key, [])))
-            logs = {**logs, **metrics}
-            self._game_metrics.clear()
+        if "loss" in logs:  # training logs only (every process logs together); evaluation passes through
+            logs = {**logs, **self.game_metrics.reduce()}
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------- evaluation
@@ -681,38 +404,28 @@ class UniGameMixin:
         # Runs inside `_save_checkpoint` before `trainer_state.json` is written: a checkpoint that has its trainer
         # state has the game's state too, whenever the process is killed.
         super()._save_optimizer_and_scheduler(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        if self.args.should_save:
-            _atomic_save(self.perturber_optimizer.state_dict(), os.path.join(output_dir, PERTURBER_OPTIMIZER_NAME))
-        _atomic_save(
-            self.buffer.state_dict(), os.path.join(output_dir, BUFFER_NAME.format(rank=self.args.process_index))
+        save_game_state(
+            output_dir,
+            perturber_optimizer=self.perturber_optimizer,
+            buffer=self.buffer,
+            process_index=self.args.process_index,
+            num_processes=self.args.world_size,
+            should_save=self.args.should_save,
+            wait_for_everyone=self.accelerator.wait_for_everyone,
         )
-        self.accelerator.wait_for_everyone()  # every process's buffer is on disk before rank 0 writes the state
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        from safetensors.torch import load_file
-
-        weights = os.path.join(checkpoint, PERTURBER_DIR, "model.safetensors")
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(
-                f"{checkpoint} has no {PERTURBER_DIR}/model.safetensors: it was not written by a UniGame trainer, "
-                "so the perturber cannot be resumed. Start a new run or pick a UniGame checkpoint."
-            )
-        optimizer_file = os.path.join(checkpoint, PERTURBER_OPTIMIZER_NAME)
-        buffer_file = os.path.join(checkpoint, BUFFER_NAME.format(rank=self.args.process_index))
-        missing = [os.path.basename(f) for f in (optimizer_file, buffer_file) if not os.path.isfile(f)]
-        if missing:
-            raise FileNotFoundError(
-                f"{checkpoint} lacks the game's state ({', '.join(missing)}), so resuming from it would not continue "
-                "the same run: the checkpoint was cut short while being written, or was written by a different number "
-                "of processes. Resume from an earlier checkpoint, with as many processes as wrote it."
-            )
-        self.perturber.load_state_dict(load_file(weights))  # copied onto the perturber's device in place
-        self.perturber_optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu"))
-        self.buffer.load_state_dict(torch.load(buffer_file, weights_only=False))
+        load_game_state(
+            checkpoint,
+            perturber=self.perturber,
+            perturber_optimizer=self.perturber_optimizer,
+            buffer=self.buffer,
+            process_index=self.args.process_index,
+            num_processes=self.args.world_size,
+        )
 
 
 def _warn_embedding_only_game(args, model_name: str) -> None:
@@ -729,13 +442,6 @@ def _warn_embedding_only_game(args, model_name: str) -> None:
             "costs time): set `perturbed_weight=0.5` to also train on the perturbed batch."
         )
     warnings.warn(message, stacklevel=3)
-
-
-def _atomic_save(obj, path: str) -> None:
-    """`torch.save` to a temporary file renamed into place: a killed process never leaves a truncated file."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class UniGameTrainer(UniGameMixin, Trainer):
@@ -849,11 +555,8 @@ class UniGameTrainer(UniGameMixin, Trainer):
         per_sample = self.interface.understanding_loss(model, inputs)
         return per_sample.mean(), per_sample
 
-    def _one_pass_enabled(self):
-        return self.args.one_pass_update
-
-    def _one_pass_inputs(self, inputs, batch):
-        return self.interface.concatenate_inputs(inputs, batch.inputs)
+    def _concatenate_inputs(self):
+        return self.interface.concatenate_inputs
 
     def create_model_card(
         self,

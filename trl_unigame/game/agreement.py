@@ -1,0 +1,60 @@
+"""Agreement between processes: every process takes the same decision, from the same numbers, at the same call.
+
+DDP synchronises buffers in each forward and all-reduces in each backward, and TRL hosts gather metrics, so every
+process must run the same passes; a non-finite update is dropped everywhere or nowhere. Sharded engines (FSDP,
+DeepSpeed) add their cases here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Agreement:
+    """The collectives the game needs, through the host's `accelerate.Accelerator`.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): The host trainer's accelerator.
+        device (`torch.device`): Where the votes are exchanged.
+    """
+
+    def __init__(self, accelerator, device):
+        self.accelerator = accelerator
+        self.device = device
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether `flag` holds on at least one process."""
+        if self.num_processes == 1:
+            return flag
+        votes = torch.tensor([float(flag)], device=self.device)
+        return bool(self.accelerator.reduce(votes, reduction="sum").item() > 0)
+
+    def mean_if_finite(self, tensors: list[torch.Tensor], finite: bool) -> list[torch.Tensor] | None:
+        """The mean of `tensors` over processes, or `None` when any process had `finite=False` or the mean is not
+        finite. The flag travels with the tensors: one collective, one decision everywhere."""
+        flat = torch.cat(
+            [t.flatten() for t in tensors]
+            + [torch.ones(1, device=tensors[0].device, dtype=tensors[0].dtype) * float(finite)]
+        )
+        if self.num_processes > 1:
+            flat = self.accelerator.reduce(flat, reduction="sum") / self.num_processes
+        if not (bool(flat[-1] == 1) and bool(torch.isfinite(flat).all())):
+            return None
+        return [part.view_as(t) for part, t in zip(torch.split(flat[:-1], [t.numel() for t in tensors]), tensors)]
+
+    @staticmethod
+    def drop_non_finite_gradients(model: nn.Module) -> bool:
+        """After the (all-reduced) backward of a step: when any gradient is not finite, clears them all so the
+        optimizer leaves every weight as it is (`None` gradients are skipped, weight decay included). Returns whether
+        it dropped them. The gradients are the same on every process, so is the decision."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        if params and not all(torch.isfinite(p.grad).all() for p in params):
+            for p in params:
+                p.grad = None
+            return True
+        return False
