@@ -86,11 +86,16 @@ def main(output_dir: str, update: str, stacking: str = "plain"):
             peft_config=lora,
             consistency_scorer=scorer,
         )
+    own = []  # this process's kept fractions, before the logs reduce them across processes
+    add = trainer.game_metrics.add
+    trainer.game_metrics.add = lambda key, value: (
+        (own.append(value) if key == "unigame/kept_fraction" else None) or add(key, value)
+    )
     trainer.train()
     state = {n: p.detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}
     state.update({f"perturber.{n}": p.detach().cpu() for n, p in trainer.perturber.named_parameters()})
-    kept = [log.get("unigame/kept_fraction") for log in trainer.state.log_history if "loss" in log]
-    torch.save({"params": state, "kept": kept}, os.path.join(output_dir, f"rank{rank}.pt"))
+    logged = [log.get("unigame/kept_fraction") for log in trainer.state.log_history if "loss" in log]
+    torch.save({"params": state, "kept": own, "logged": logged}, os.path.join(output_dir, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":

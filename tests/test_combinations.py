@@ -178,7 +178,8 @@ def reference_gradients(trainer, host, rows, perturber_update):
     lora = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     with perturber.disabled():
-        objective = host_loss(trainer, model, clean) + BUFFER_WEIGHT * host_loss(trainer, model, buffer)
+        clean_loss = host_loss(trainer, model, clean)
+        objective = clean_loss + BUFFER_WEIGHT * host_loss(trainer, model, buffer)
         if trainer.args.generation_loss_weight:
             images = interface.source_images(clean)
             objective = objective + GENERATION_WEIGHT * interface.generation_loss(model, prompts, images).mean()
@@ -199,7 +200,7 @@ def reference_gradients(trainer, host, rows, perturber_update):
             gradient = gradient if mask is None else gradient[mask]
             adversarial = adversarial + (gradient * perturber.delta(tokens, "understanding")).sum()
     adversary = torch.autograd.grad(-ADVERSARIAL_WEIGHT * adversarial, params, allow_unused=True)
-    return understanding, dict(zip([n for n, _ in perturber.named_parameters()], adversary))
+    return understanding, dict(zip([n for n, _ in perturber.named_parameters()], adversary)), float(clean_loss)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -209,7 +210,7 @@ def reference_gradients(trainer, host, rows, perturber_update):
 @pytest.mark.parametrize("perturber_update", ["exact", "first_order"])
 def test_one_step_equals_the_slow_reference(tmp_path, vqa, perturber_update, one_pass, family, host, accumulation):
     trainer, rows, _ = build_trainer(tmp_path, vqa, family, host, perturber_update, one_pass, accumulation)
-    understanding, adversary = reference_gradients(trainer, host, rows, perturber_update)
+    understanding, adversary, clean_loss = reference_gradients(trainer, host, rows, perturber_update)
     assert all(p.grad is None for p in trainer.model.parameters())
 
     recorder = GradientRecorder(trainer.model)
@@ -224,6 +225,9 @@ def test_one_step_equals_the_slow_reference(tmp_path, vqa, perturber_update, one
     trainer.train()
 
     assert recorder.gradients is not None and perturber_gradients
+    # the logged clean loss is the window's clean loss, whichever way the host normalises it
+    (log,) = [log for log in trainer.state.log_history if "unigame/clean_loss" in log]
+    assert log["unigame/clean_loss"] == pytest.approx(clean_loss, rel=1e-5)
     for name, expected in understanding.items():
         torch.testing.assert_close(recorder.gradients[name], expected, rtol=2e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
     for name, expected in adversary.items():

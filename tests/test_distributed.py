@@ -33,6 +33,10 @@ def test_ranks_with_different_buffers_neither_hang_nor_diverge(tmp_path, update,
     assert result.returncode == 0, result.stderr[-4000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank1["kept"][:3] == [0.0, 0.0, 0.0] and all(k > 0 for k in rank0["kept"][:3])
+    # the logs are the same on every process: the game's metrics are reduced across processes
+    assert rank0["logged"] == rank1["logged"]
+    for logged, kept0, kept1 in zip(rank0["logged"], rank0["kept"], rank1["kept"]):
+        assert logged == pytest.approx((kept0 + kept1) / 2)
     assert any("lora_" in n for n in rank0["params"]) and any("perturber." in n for n in rank0["params"])
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name

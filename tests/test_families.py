@@ -340,4 +340,36 @@ def test_emu3_compiled_generation_step_matches_eager():
         ["A red circle."], num_images=2, temperature=0.0, compile_config=CompileConfig(backend="aot_eager", mode=None)
     )
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    ((_, cache),) = interface._generation_caches.values()
+    again = interface.generate_images(
+        ["A red circle."], num_images=2, temperature=0.0, compile_config=CompileConfig(backend="aot_eager", mode=None)
+    )
+    assert next(iter(interface._generation_caches.values()))[1] is cache, "same shapes: the cache is kept and reset"
+    assert torch.equal(again, compiled)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("family", GENERATIVE)
+def test_generation_loop_runs_on_its_kv_cache(family):
+    """Each call of the LLM in the generation loop must find in the cache exactly the positions fed before it: a cache
+    passed under a keyword the LLM does not read stays empty, and each step would see only its own token."""
+    from transformers import Cache
+
+    model, _, interface = build(family)
+    calls = []
+
+    def record(module, args, kwargs):
+        (cache,) = [v for v in (*args, *kwargs.values()) if isinstance(v, Cache)]
+        calls.append((cache, int(cache.get_seq_length()), kwargs["inputs_embeds"].shape[1]))
+
+    handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        interface.generate_images(["A red circle.", "A blue square on a white background."], temperature=0.0)
+    finally:
+        handle.remove()
+    cache = calls[0][0]
+    fed = 0
+    for step, (seen, filled, new) in enumerate(calls):
+        assert seen is cache and filled == fed, f"call {step}: {filled} cached positions, {fed} fed before"
+        fed += new
+    assert int(cache.get_seq_length()) == fed

@@ -211,3 +211,47 @@ def test_compiled_generation_step_matches_eager_and_compiles_once(janus):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert not torch._dynamo.utils.counters["graph_break"]
     assert len(interface._compiled_steps) == 1
+
+
+def test_compiled_generation_keeps_its_cache_and_adds_a_graph_per_new_shape(janus):
+    from transformers import CompileConfig
+
+    model, processor = janus
+    interface = get_interface(model, processor)
+    compiled = CompileConfig(backend="aot_eager", mode=None)
+    prompts = ["A red circle.", "A green triangle on a white background."]
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    counters.clear()
+
+    def run(batch, num_images):
+        return interface.generate_images(
+            batch, num_images=num_images, guidance_scale=3.0, temperature=0.0, compile_config=compiled
+        )
+
+    def cache_for(rows):
+        return next(cache for key, (_, cache) in interface._generation_caches.items() if key[1] == rows)
+
+    first = run(prompts, 3)
+    cache = cache_for(2 * 2 * 3)  # guidance doubles the batch
+    prompt_length = interface._generation_prompt(prompts)[0].shape[1]
+    assert int(cache.get_seq_length()) == prompt_length + interface.num_image_tokens - 1  # the last token is not fed
+    again = run(prompts, 3)
+    assert cache_for(12) is cache, "a round with the same shapes must reuse the cache, not build one"
+    assert torch.equal(again, first), "the reset cache must give what a fresh one gives"
+    assert counters["stats"]["unique_graphs"] == 1
+
+    run(prompts, 1)  # the trainer's generation check: another batch, one more graph (dynamic in the batch)
+    assert counters["stats"]["unique_graphs"] == 2
+    run(prompts, 2)  # which serves every later batch size
+    assert counters["stats"]["unique_graphs"] == 2
+    assert cache_for(12) is cache and len(interface._generation_caches) == 3  # one cache per batch size
+
+    long = ["A red circle and a blue square " * 6, "A dot."]
+    assert interface._generation_prompt(long)[0].shape[1] + interface.num_image_tokens > 64
+    run(long, 3)  # past the 64-token bucket: one more graph, and a longer cache replaces the batch's cache
+    assert counters["stats"]["unique_graphs"] == 3
+    assert cache_for(12) is not cache and cache_for(12).get_max_length() == 128
+    assert not counters["graph_break"]
+    interface.clear_generation_caches()
+    assert not interface._generation_caches

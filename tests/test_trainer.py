@@ -796,6 +796,7 @@ def test_inconsistent_evaluation_and_budget_settings_are_rejected(tmp_path):
         (dict(perturber_budget="percent"), "perturber_budget"),
         (dict(perturber_update="second_order"), "perturber_update"),
         (dict(buffer_max_age=-1), "buffer_max_age"),
+        (dict(buffer_max_loss_ratio=0.5, understanding_update="separate"), "buffer_max_loss_ratio"),
         (dict(generation_check_interval=-2), "generation_check_interval"),
         (dict(mining_compile=True, mining_compile_kwargs={"modes": "default"}), r"mining_compile_kwargs.*\['modes'\]"),
         (dict(mining_compile_kwargs="{mode: default}"), "mining_compile_kwargs` must be a dict or its JSON"),
@@ -887,3 +888,40 @@ def test_buffer_loss_ratio_cap_bounds_the_buffers_share_of_the_objective(tmp_pat
         log["unigame/buffer_loss_share"] for log in uncapped.state.log_history if "unigame/buffer_loss_share" in log
     ]
     assert min(shares) > 0.3
+
+
+def test_mining_and_the_generation_check_run_once_per_optimizer_step_under_accumulation(tmp_path, vqa):
+    trainer = make_trainer(
+        tmp_path,
+        vqa,
+        scorer=lambda images, texts: torch.full((len(texts),), 0.5),
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        mining_interval=1,
+        generation_check_interval=1,
+    )
+    rounds, checks = [], []
+    mine, check = trainer.miner.mine, trainer.miner.check_clean_generation
+    trainer.miner.mine = lambda model, rows, inputs, step, *a: (
+        rounds.append(step) or mine(model, rows, inputs, step, *a)
+    )
+    trainer.miner.check_clean_generation = lambda *a: checks.append(trainer.state.global_step) or check(*a)
+    trainer.train()
+    assert rounds == [0, 1] and checks == [0, 1]  # not once per micro-batch (4 of each)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert [log["unigame/mined"] for log in logs] == [2 * 2, 2 * 2]  # one round of 2 rows x 2 candidates per step
+
+
+def test_generation_check_loads_the_consistency_model_without_mining(tmp_path, vqa):
+    from trl_unigame.testing import tiny_clip
+
+    clip = str(tmp_path / "clip")
+    tiny_clip(seed=0, save_dir=clip)
+    trainer = make_trainer(
+        tmp_path, vqa, max_steps=2, mining_interval=0, generation_check_interval=1, consistency_model=clip
+    )
+    assert trainer.consistency_scorer is not None
+    trainer.train()
+    assert all("unigame/clean_generation_consistency" in log for log in trainer.state.log_history if "loss" in log)
+    with pytest.raises(ValueError, match="generation_check_interval"):
+        make_trainer(tmp_path, vqa, mining_interval=0, generation_check_interval=1, consistency_model=None)
