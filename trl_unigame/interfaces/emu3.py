@@ -70,6 +70,10 @@ class Emu3Interface(VisualTokenInterface):
         return rf".*text_model\..*\.({_LLM_PROJECTIONS})"
 
     @property
+    def frozen_eval_modules(self) -> list[nn.Module]:
+        return [self.base_model.model.vqmodel]
+
+    @property
     def quantization_skip_modules(self) -> list[str]:
         return list(self.QUANTIZATION_SKIP_MODULES)
 
@@ -191,7 +195,6 @@ class Emu3Interface(VisualTokenInterface):
         area = self.generation_area if image_size is None else image_size * image_size
         tokenizer = processor.tokenizer
         model = self.base_model
-        lm = model.model.text_model
         device = self.device
 
         texts = list(prompts) + [""]  # the last row is the unconditional prompt
@@ -206,43 +209,29 @@ class Emu3Interface(VisualTokenInterface):
         )
         height, width = (int(v) for v in enc["image_sizes"][0])
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        cond_ids = ids[:-1].repeat_interleave(num_images, dim=0)
-        cond_mask = mask[:-1].repeat_interleave(num_images, dim=0)
-        batch = cond_ids.shape[0]
-        input_ids = torch.cat([cond_ids, ids[-1:].expand(batch, -1)])
-        attention_mask = torch.cat([cond_mask, mask[-1:].expand(batch, -1)])
-
         visual = self.visual_token_ids(device)
-        eol = torch.full((batch,), self.mapping.eol_token_id, dtype=torch.long, device=device)
-        steps = height * (width + 1)
-        prompt_length = input_ids.shape[1]
-        cache, full_mask, prompt_step, step = self._token_loop(lm, attention_mask, steps, compile_config)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        tokens = torch.empty((batch, steps), dtype=torch.long, device=device)
+        eol_id = self.mapping.eol_token_id
         _GENERATING.add(model)
         try:
-            embeds = self.embed_tokens(input_ids)
-            for i in range(steps):
-                hidden = (prompt_step if i == 0 else step)(embeds, full_mask, position_ids, cache)
-                if i % (width + 1) == width:
-                    next_token = eol
-                else:
-                    scores = model.lm_head(hidden)[:, visual].float()
-                    cond, uncond = scores[:batch], scores[batch:]
-                    logits = uncond + guidance_scale * (cond - uncond)
-                    if temperature > 0:
-                        probs = torch.softmax(logits / temperature, dim=-1)
-                        choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-                    else:
-                        choice = logits.argmax(-1)
-                    next_token = visual[choice]
-                tokens[:, i] = next_token
+            tokens = self._generate_image_tokens(
+                model.model.text_model,
+                (ids[:-1], mask[:-1]),
+                (ids[-1:], mask[-1:]),
+                num_images=num_images,
+                num_tokens=height * (width + 1),
+                image_scores=lambda hidden: model.lm_head(hidden)[:, visual],
                 # Through `embed_tokens`, so that the generation site's hook sees each sampled token.
-                embeds = self.embed_tokens(torch.cat([next_token, next_token]).unsqueeze(-1))
-                full_mask[:, prompt_length + i] = 1
-                position_ids = position_ids[:, -1:] + 1
+                embed_image_tokens=self.embed_tokens,
+                guidance_scale=guidance_scale,
+                temperature=temperature,
+                generator=generator,
+                compile_config=compile_config,
+                candidate_ids=visual,
+                forced_token=lambda i: eol_id if i % (width + 1) == width else None,
+            )
         finally:
             _GENERATING.discard(model)
+        batch = tokens.shape[0]
         # `decode_image_tokens` drops the three closing tokens (end of frame, end of image, EOS) that `generate` emits.
         closing = [processor.eof_token, processor.image_end_token, tokenizer.eos_token]
         tail = torch.tensor(tokenizer.convert_tokens_to_ids(closing), device=device).expand(batch, -1)

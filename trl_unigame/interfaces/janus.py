@@ -55,6 +55,10 @@ class JanusInterface(VisualTokenInterface):
     QUANTIZATION_SKIP_MODULES = ("model.generation_aligner", "model.generation_head", "lm_head", "model.vqmodel")
 
     @property
+    def frozen_eval_modules(self) -> list[nn.Module]:
+        return [self.base_model.model.vqmodel]
+
+    @property
     def quantization_skip_modules(self) -> list[str]:
         return list(self.QUANTIZATION_SKIP_MODULES)
 
@@ -212,42 +216,28 @@ class JanusInterface(VisualTokenInterface):
         processor = self._require_processor()
         grid = self.generation_grid(image_size)
         model = self.base_model
-        lm = model.model.language_model
         tokenizer = processor.tokenizer
         gen_config = model.generation_config
         pad_id = gen_config.pad_token_id if gen_config.pad_token_id is not None else tokenizer.pad_token_id
         bos_id = gen_config.bos_token_id if gen_config.bos_token_id is not None else tokenizer.bos_token_id
         boi_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
-        device = self.device
 
-        cond_ids, mask = self._generation_prompt(prompts)
-        cond_ids, mask = cond_ids.repeat_interleave(num_images, dim=0), mask.repeat_interleave(num_images, dim=0)
-        # Classifier-free guidance: the unconditional half keeps only BOS and BOI.
-        uncond_ids = cond_ids.masked_fill((cond_ids != bos_id) & (cond_ids != boi_id), pad_id)
-        input_ids = torch.cat([cond_ids, uncond_ids])
-        attention_mask = torch.cat([mask, mask])
-        batch = cond_ids.shape[0]
-
-        num_tokens = grid * grid
-        prompt_length = input_ids.shape[1]
-        cache, full_mask, prompt_step, step = self._token_loop(lm, attention_mask, num_tokens, compile_config)
-        embeds = model.get_input_embeddings()(input_ids)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        tokens = torch.empty((batch, num_tokens), dtype=torch.long, device=device)
-        for i in range(num_tokens):
-            hidden = (prompt_step if i == 0 else step)(embeds, full_mask, position_ids, cache)
-            scores = model.model.generation_head(hidden).float()
-            cond, uncond = scores[:batch], scores[batch:]
-            logits = uncond + guidance_scale * (cond - uncond)
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            else:
-                next_token = logits.argmax(-1)
-            tokens[:, i] = next_token
-            embeds = model.prepare_embeddings_for_image_generation(torch.cat([next_token, next_token]).unsqueeze(-1))
-            full_mask[:, prompt_length + i] = 1
-            position_ids = position_ids[:, -1:] + 1
+        ids, mask = self._generation_prompt(prompts)
+        # Classifier-free guidance: the unconditional prompt keeps only BOS and BOI.
+        uncond_ids = ids.masked_fill((ids != bos_id) & (ids != boi_id), pad_id)
+        tokens = self._generate_image_tokens(
+            model.model.language_model,
+            (ids, mask),
+            (uncond_ids, mask),
+            num_images=num_images,
+            num_tokens=grid * grid,
+            image_scores=model.model.generation_head,
+            embed_image_tokens=model.prepare_embeddings_for_image_generation,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            generator=generator,
+            compile_config=compile_config,
+        )
         pixels = self._decode(tokens, grid)
         pixels = ((pixels + 1) / 2).clamp(0, 1)
         if pixels.shape[-1] != self.image_size:
