@@ -865,13 +865,17 @@ def test_mining_with_a_compiled_step_fills_the_buffer_and_compiles_once(tmp_path
         max_steps=2,
         mining_compile=True,
         mining_compile_kwargs='{"backend": "aot_eager", "mode": null}',  # as it comes from the command line
+        scorer=lambda images, texts: torch.full((len(texts),), 0.5),
+        generation_check_interval=1,
     )
     assert trainer.args.mining_compile_kwargs == {"backend": "aot_eager", "mode": None}
     trainer.train()
     assert len(trainer.buffer)
     assert len(trainer.interface._compiled_steps) == 1
-    # two mining rounds, LoRA weights changed between them: the same graph serves both
+    # two mining rounds, LoRA weights changed between them, a generation check of another batch size at each step:
+    # the same graph and the same kept cache serve both rounds (the check runs eagerly)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert len(trainer.interface._generation_caches) == 1
 
 
 def test_buffer_loss_ratio_cap_bounds_the_buffers_share_of_the_objective(tmp_path, vqa):

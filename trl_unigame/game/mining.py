@@ -85,7 +85,7 @@ class Miner:
     def check_due(self, step: int, last_micro_batch: bool) -> bool:
         return bool(self.check_interval) and last_micro_batch and step % self.check_interval == 0
 
-    def _generate(self, prompts: list[str], num_images: int, seed: int) -> torch.Tensor:
+    def _generate(self, prompts: list[str], num_images: int, seed: int, compiled: bool = True) -> torch.Tensor:
         generator = torch.Generator(device=self.interface.device)
         generator.manual_seed(seed)
         return self.interface.generate_images(
@@ -95,7 +95,7 @@ class Miner:
             temperature=self.args.generation_temperature,
             generator=generator,
             image_size=self.args.mining_image_size,
-            compile_config=self.compile_config,
+            compile_config=self.compile_config if compiled else None,
         )
 
     @torch.no_grad()
@@ -182,7 +182,8 @@ class Miner:
         try:
             prompts = [r["prompt"] for r in rows]
             with self.perturber.disabled():
-                pixels = self._generate(prompts, 1, check_seed(self.args.seed, process_index))
+                # Eager: a rare check at another batch size would add a graph and a kept cache to mining's one.
+                pixels = self._generate(prompts, 1, check_seed(self.args.seed, process_index), compiled=False)
             scores = torch.as_tensor(self.scorer(pixels, prompts), dtype=torch.float32)
         finally:
             model.train(was_training)
