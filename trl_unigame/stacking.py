@@ -10,7 +10,7 @@ from .consistency import load_consistency_scorer
 from .data import RowKeepingCollator, as_text, check_columns, first_turn, message_text
 from .interfaces import get_interface
 from .unigame_config import UniGameArguments
-from .unigame_trainer import UniGameMixin, _seed
+from .unigame_mixin import UniGameMixin, _seed
 
 
 @dataclass

@@ -195,7 +195,9 @@ class UniGameArguments:
     perturber_generation_eps_max: float | None = field(
         default=None, metadata={"help": "The generation site's largest budget (None: perturber_eps_max)."}
     )
-    mining_interval: int = field(default=1, metadata={"help": "m: mine every m optimizer steps (once per step); 0 disables mining."})
+    mining_interval: int = field(
+        default=1, metadata={"help": "m: mine every m optimizer steps (once per step); 0 disables mining."}
+    )
     num_candidates: int = field(default=3, metadata={"help": "K: candidate images generated per sample."})
     candidates_kept_per_sample: int = field(default=1, metadata={"help": "k: most candidates kept per sample."})
     consistency_model: str | None = field(

@@ -18,6 +18,32 @@ from .metrics import GameMetrics
 REALIZED_COSINE_WARNING = 0.9
 
 
+def generation_budget(args) -> dict | None:
+    """The perturber's `site_budgets` for the config's generation-site fields (`None` when they add nothing)."""
+    override = {}
+    if args.perturber_generation_budget is not None:
+        override["budget"] = args.perturber_generation_budget
+    if args.perturber_generation_eps_max is not None:
+        override["eps_max"] = args.perturber_generation_eps_max
+    return {"generation": override} if override else None
+
+
+def build_perturber(model, args):
+    """A fresh [`Perturber`] sized for `model`, with the config's width, depth, budgets and sites."""
+    from ..perturber import Perturber
+
+    return Perturber.for_model(
+        model,
+        width=args.perturber_width,
+        depth=args.perturber_depth,
+        eps_max=args.perturber_eps_max,
+        eps_init=args.perturber_eps_init,
+        sites=args.perturber_sites,
+        budget=args.perturber_budget,
+        site_budgets=generation_budget(args),
+    )
+
+
 @dataclass
 class CapturedTokens:
     """One call of the understanding site: its output (a tensor whose `.grad` the backward fills) and the mask of its

@@ -1,0 +1,111 @@
+"""The understanding player's passes: the clean batch (alone, or with the buffer rows in one batch), the buffer batch,
+the perturbed batch and the generation pairs, each returned as a part of U's loss."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .buffer_pass import BufferPass
+from .context import StepContext
+from .loss import LossParts
+from .metrics import GameMetrics
+
+
+@dataclass
+class HostHooks:
+    """What the game needs from its host trainer, as callables (the game never imports the trainer).
+
+    Args:
+        loss (`Callable`): `(model, inputs, num_items_in_batch=None, return_outputs=False)` -> the host's loss.
+        loss_per_sample (`Callable`): `(model, inputs)` -> `(mean, per-sample losses or None)`.
+        metrics_paused (`Callable`): `()` -> a context manager in which the host's own metrics are left as they were.
+        concatenate (`Callable`, *optional*): `(clean, buffer)` -> one batch or `None`; `None` when the host cannot
+            run both in one forward.
+    """
+
+    loss: Callable
+    loss_per_sample: Callable
+    metrics_paused: Callable
+    concatenate: Callable | None = None
+
+
+class UnderstandingPasses:
+    """Runs the passes of U's loss on one micro-batch and returns their [`LossParts`].
+
+    Args:
+        host ([`HostHooks`]): The host's loss functions.
+        interface ([`VisualTokenInterface`]): The model's interface (source images, the generation loss).
+        perturber ([`Perturber`]): The perturber (active, frozen, for the perturbed pass).
+        buffer_pass ([`BufferPass`]): The buffer pass.
+        args ([`UniGameArguments`]): The run's configuration.
+        metrics ([`GameMetrics`]): Where the passes' metrics go.
+    """
+
+    def __init__(self, host: HostHooks, interface, perturber, buffer_pass: BufferPass, args, metrics: GameMetrics):
+        self.host = host
+        self.interface = interface
+        self.perturber = perturber
+        self.buffer_pass = buffer_pass
+        self.args = args
+        self.metrics = metrics
+
+    def parts(self, model, inputs: dict[str, Any], ctx: StepContext, return_outputs: bool = False):
+        """The parts of U's loss and, with `return_outputs`, the host's outputs of the clean pass."""
+        batch, merged = ctx.buffer_batch, None
+        if batch is not None and not return_outputs and self.args.one_pass_update:
+            merged, batch = self.buffer_pass.merge(inputs, batch, self.host.concatenate)
+        buffer_loss = outputs = None
+        with ctx.capture.recording() if ctx.capture is not None else nullcontext():
+            if merged is not None:
+                # One forward and backward over clean + buffer rows; each part keeps its own mean, as in two passes.
+                n = len(inputs["input_ids"])
+                ctx.merged_rows = (n, len(merged["input_ids"]))
+                per_sample = self.host.loss_per_sample(model, merged)[1]
+                clean, buffer_loss = per_sample[:n].mean(), per_sample[n:].mean()
+                self.buffer_pass.note(batch, buffer_loss, per_sample[n:])
+            else:
+                result = self.host.loss(
+                    model, inputs, num_items_in_batch=ctx.num_items_in_batch, return_outputs=return_outputs
+                )
+                clean, outputs = result if return_outputs else (result, None)
+        if merged is None and batch is not None:
+            with self.host.metrics_paused():
+                buffer_loss = self.buffer_pass.loss(self.host.loss_per_sample, model, batch)
+        parts = LossParts(clean=clean, buffer=buffer_loss, buffer_weight=batch.weight if batch is not None else 0.0)
+        if self.args.perturbed_weight:
+            parts.perturbed = self.perturbed(model, inputs, ctx.num_items_in_batch)
+        if self.args.generation_loss_weight and ctx.rows is not None:
+            parts.generation = self.generation(model, inputs, ctx.rows)
+        return parts, outputs
+
+    def perturbed(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """U's loss on the batch with the perturber's current perturbation active: the embedding-space adversarial
+        samples. The perturbation is a fixed input here: U's gradient does not reach the perturber."""
+        trainable = [p for p in self.perturber.parameters() if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
+        try:
+            with self.perturber.active(), self.host.metrics_paused():
+                loss = self.host.loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+        self.metrics.add("unigame/perturbed_loss", float(loss.detach()))
+        return loss
+
+    def generation(self, model, inputs: dict[str, Any], rows: list[dict[str, Any]]) -> torch.Tensor:
+        """The model's image-generation loss on the clean batch's (prompt, image) pairs (`generation_loss_weight`)."""
+        images = self.interface.source_images(inputs)
+        prompts = [r["prompt"] for r in rows]
+        if images is None or len(images) != len(prompts):
+            raise ValueError(
+                "`generation_loss_weight` needs one image per row that the interface can recover from the batch "
+                f"({type(self.interface).__name__}.source_images); set `generation_loss_weight=0` for this data."
+            )
+        loss = self.interface.generation_loss(model, prompts, images).mean()
+        self.metrics.add("unigame/generation_loss", float(loss.detach()))
+        return loss
