@@ -172,6 +172,8 @@ class UniGameMixin:
         unwrapped = self.accelerator.unwrap_model(model)  # no DDP hooks: the game's own passes train nothing here
         if self.adversary.exact:
             self._exact_perturber_step(unwrapped, ctx)
+            if ctx.last_micro_batch:
+                self.adversary.end_window()  # mining and U's perturbed pass then meet the updated perturber
         if rows is not None and self.miner.due(ctx.step, ctx.last_micro_batch):
             self.miner.mine(unwrapped, rows, inputs, ctx.step, self.args.process_index, self._prepare_inputs)
         if rows is not None and self.miner.check_due(ctx.step, ctx.last_micro_batch):
@@ -187,8 +189,8 @@ class UniGameMixin:
             loss = super().training_step(model, {**inputs, STEP_KEY: ctx}, num_items_in_batch)
         if self.adversary.first_order:
             self.adversary.first_order_step(ctx.capture, ctx.merged_rows, ctx.window, ctx.step)
-        if self.args.adversarial_weight and ctx.last_micro_batch:
-            self.adversary.end_window()
+            if ctx.last_micro_batch:
+                self.adversary.end_window()
         if ctx.last_micro_batch and Agreement.drop_non_finite_gradients(model):
             self.game_metrics.skip(ctx.step, "understanding", "the understanding loss or its gradient is not finite")
         return loss
