@@ -8,10 +8,8 @@ The mixin orchestrates; the game's parts live in `trl_unigame.game`: the adversa
 
 from __future__ import annotations
 
-import copy
-import os
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -24,19 +22,11 @@ from .data import ROWS_KEY
 from .game.adversary import Adversary, SiteCapture, build_perturber
 from .game.agreement import Agreement
 from .game.buffer_pass import BufferPass
-from .game.checkpoint import (  # noqa: F401  (kept importable from here)
-    BUFFER_NAME,
-    PERTURBER_DIR,
-    PERTURBER_OPTIMIZER_NAME,
-    _atomic_save,
-    load_game_state,
-    save_game_state,
-)
+from .game.checkpoint import GameCheckpointing
 from .game.context import STEP_KEY, StepContext
-from .game.loss import compose_loss
 from .game.metrics import GameMetrics
 from .game.mining import Miner
-from .game.understanding import HostHooks, UnderstandingPasses
+from .game.understanding import HostHooks, UnderstandingPasses, host_metrics_paused, host_normalises_over_window
 from .interfaces import VisualTokenInterface, to_pil_images, unwrap_model
 from .interfaces.base import keep_in_eval
 from .perturber import Perturber
@@ -54,7 +44,7 @@ class _SeparateBufferStep(TrainerCallback):
         self.trainer._separate_buffer_step()
 
 
-class UniGameMixin:
+class UniGameMixin(GameCheckpointing):
     r"""
     The UniGame game, stacked on a host `transformers.Trainer` subclass by overriding `training_step`,
     `compute_loss`, `log` and the checkpoint hooks. The host's own loss is the game's loss: the perturber ascends it
@@ -166,7 +156,7 @@ class UniGameMixin:
             step=self.state.global_step,
             window=self.current_gradient_accumulation_steps,
             last_micro_batch=self.accelerator.sync_gradients,
-            normalised_over_window=self._host_normalises_over_window(num_items_in_batch),
+            normalised_over_window=host_normalises_over_window(self, num_items_in_batch),
             num_items_in_batch=num_items_in_batch,
         )
         unwrapped = self.accelerator.unwrap_model(model)  # no DDP hooks: the game's own passes train nothing here
@@ -195,13 +185,6 @@ class UniGameMixin:
             self.game_metrics.skip(ctx.step, "understanding", "the understanding loss or its gradient is not finite")
         return loss
 
-    def _host_normalises_over_window(self, num_items_in_batch) -> bool:
-        """Whether the host's loss comes normalised over the accumulation window, so that the Trainer does not divide
-        it by the window (the Trainer's own rule)."""
-        if getattr(self, "compute_loss_func", None) is not None:
-            return True
-        return num_items_in_batch is not None and bool(getattr(self, "model_accepts_loss_kwargs", False))
-
     def _exact_perturber_step(self, model: nn.Module, ctx: StepContext) -> None:
         """The perturber's ascent on the host loss of the clean batch with the perturbation active
         (`perturber_update="exact"`): its own forward and backward, normalised as the clean loss is."""
@@ -222,22 +205,8 @@ class UniGameMixin:
         if ctx is None or not model.training:
             return self._host_loss(model, inputs, num_items_in_batch=num_items_in_batch, return_outputs=return_outputs)
         parts, outputs = self.understanding.parts(model, inputs, ctx, return_outputs)
-        args = self.args
-        composed = compose_loss(
-            parts,
-            perturbed_weight=args.perturbed_weight,
-            generation_weight=args.generation_loss_weight,
-            max_buffer_ratio=args.buffer_max_loss_ratio,
-            window=ctx.window,
-            normalised_over_window=ctx.normalised_over_window,
-        )
-        self.game_metrics.add("unigame/clean_loss", composed.clean)
-        if composed.buffer_weight is not None and args.buffer_max_loss_ratio is not None:
-            self.game_metrics.add("unigame/buffer_weight", composed.buffer_weight)
-        if composed.buffer_share is not None:
-            self.game_metrics.add("unigame/buffer_loss_share", composed.buffer_share)
-        self.game_metrics.add("unigame/buffer_size", len(self.buffer))
-        return (composed.loss, outputs) if return_outputs else composed.loss
+        loss = self.understanding.compose(parts, ctx)
+        return (loss, outputs) if return_outputs else loss
 
     def _separate_buffer_step(self) -> None:
         """The authors' variant: after the optimizer step on the clean batch, one more step on a buffer batch alone."""
@@ -274,21 +243,9 @@ class UniGameMixin:
         else `None` (the TRL hosts: their losses are not per sample)."""
         return None
 
-    @contextmanager
     def _host_metrics_paused(self):
-        """The host's own metrics (TRL's token accuracy, token count, rewards) describe the clean pass only: what the
-        perturbed and buffer passes add to them is dropped. Their collectives still run, on every process alike."""
-        metrics = getattr(self, "_metrics", None)
-        saved = copy.deepcopy(metrics) if metrics is not None else None
-        tokens = getattr(self, "_total_train_tokens", None)
-        try:
-            yield
-        finally:
-            if saved is not None:
-                metrics.clear()
-                metrics.update(saved)
-            if tokens is not None:
-                self._total_train_tokens = tokens
+        """A context in which the host's own metrics are left as they were (see [`host_metrics_paused`])."""
+        return host_metrics_paused(self)
 
     # ------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -326,39 +283,6 @@ class UniGameMixin:
         self.log(generated)
         metrics.update(generated)
         return metrics
-
-    # ----------------------------------------------------------------------------------- checkpoints
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict=state_dict)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        self.perturber.save_pretrained(os.path.join(output_dir, PERTURBER_DIR))
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        # Runs inside `_save_checkpoint` before `trainer_state.json` is written: a checkpoint that has its trainer
-        # state has the game's state too, whenever the process is killed.
-        super()._save_optimizer_and_scheduler(output_dir)
-        save_game_state(
-            output_dir,
-            perturber_optimizer=self.perturber_optimizer,
-            buffer=self.buffer,
-            process_index=self.args.process_index,
-            num_processes=self.args.world_size,
-            should_save=self.args.should_save,
-            wait_for_everyone=self.accelerator.wait_for_everyone,
-        )
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        load_game_state(
-            checkpoint,
-            perturber=self.perturber,
-            perturber_optimizer=self.perturber_optimizer,
-            buffer=self.buffer,
-            process_index=self.args.process_index,
-            num_processes=self.args.world_size,
-        )
 
 
 def _warn_embedding_only_game(args, model_name: str) -> None:

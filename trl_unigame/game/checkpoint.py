@@ -305,3 +305,43 @@ def _atomic_write_text(text: str, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class GameCheckpointing:
+    """The `transformers.Trainer` checkpoint hooks the game overrides, kept in this one place: the perturber saves
+    beside the model (`_save`), and the game's state is written with the optimizer's and read back with it
+    (`_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler`, private hooks of the Trainer). The host has
+    `perturber`, `perturber_optimizer` and `buffer`.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self.perturber.save_pretrained(os.path.join(output_dir, PERTURBER_DIR))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # Runs inside `_save_checkpoint` before `trainer_state.json` is written: a checkpoint that has its trainer
+        # state has the game's state too, whenever the process is killed.
+        super()._save_optimizer_and_scheduler(output_dir)
+        save_game_state(
+            output_dir,
+            perturber_optimizer=self.perturber_optimizer,
+            buffer=self.buffer,
+            process_index=self.args.process_index,
+            num_processes=self.args.world_size,
+            should_save=self.args.should_save,
+            wait_for_everyone=self.accelerator.wait_for_everyone,
+        )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        load_game_state(
+            checkpoint,
+            perturber=self.perturber,
+            perturber_optimizer=self.perturber_optimizer,
+            buffer=self.buffer,
+            process_index=self.args.process_index,
+            num_processes=self.args.world_size,
+        )

@@ -3,7 +3,8 @@ the perturbed batch and the generation pairs, each returned as a part of U's los
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import copy
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -11,8 +12,34 @@ import torch
 
 from .buffer_pass import BufferPass
 from .context import StepContext
-from .loss import LossParts
+from .loss import LossParts, compose_loss
 from .metrics import GameMetrics
+
+
+def host_normalises_over_window(host, num_items_in_batch) -> bool:
+    """Whether the host trainer's loss comes normalised over the accumulation window, so that the Trainer does not
+    divide it by the window (the Trainer's own rule)."""
+    if getattr(host, "compute_loss_func", None) is not None:
+        return True
+    return num_items_in_batch is not None and bool(getattr(host, "model_accepts_loss_kwargs", False))
+
+
+@contextmanager
+def host_metrics_paused(host):
+    """The host trainer's own metrics (TRL's token accuracy, token count, rewards) describe the clean pass only: what
+    the perturbed and buffer passes add to them inside this context is dropped. Their collectives still run, on every
+    process alike."""
+    metrics = getattr(host, "_metrics", None)
+    saved = copy.deepcopy(metrics) if metrics is not None else None
+    tokens = getattr(host, "_total_train_tokens", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            metrics.clear()
+            metrics.update(saved)
+        if tokens is not None:
+            host._total_train_tokens = tokens
 
 
 @dataclass
@@ -81,6 +108,25 @@ class UnderstandingPasses:
         if self.args.generation_loss_weight and ctx.rows is not None:
             parts.generation = self.generation(model, inputs, ctx.rows)
         return parts, outputs
+
+    def compose(self, parts: LossParts, ctx: StepContext) -> torch.Tensor:
+        """U's loss from its parts ([`compose_loss`] with the run's weights and this step's window), logged."""
+        args = self.args
+        composed = compose_loss(
+            parts,
+            perturbed_weight=args.perturbed_weight,
+            generation_weight=args.generation_loss_weight,
+            max_buffer_ratio=args.buffer_max_loss_ratio,
+            window=ctx.window,
+            normalised_over_window=ctx.normalised_over_window,
+        )
+        self.metrics.add("unigame/clean_loss", composed.clean)
+        if composed.buffer_weight is not None and args.buffer_max_loss_ratio is not None:
+            self.metrics.add("unigame/buffer_weight", composed.buffer_weight)
+        if composed.buffer_share is not None:
+            self.metrics.add("unigame/buffer_loss_share", composed.buffer_share)
+        self.metrics.add("unigame/buffer_size", len(self.buffer_pass.buffer))
+        return composed.loss
 
     def perturbed(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """U's loss on the batch with the perturber's current perturbation active: the embedding-space adversarial
