@@ -44,6 +44,12 @@ from trl_unigame.evaluation import DEFAULT_ATTACK_EPS, UniGameEvaluator, referen
 
 # Columns kept beside `to_vqa_format`'s image/question/answer: all annotators' answers and the group keys.
 EXTRA_COLUMNS = ("answers", "group_id", "question_id", "image_id")
+# The script's arguments that `UniGameEvaluator` takes under the same name. Not `image_column`/`question_column`:
+# those name the raw dataset's columns, which `to_vqa_format` renames.
+EVALUATOR_ARGUMENTS = (
+    *("batch_size", "max_new_tokens", "attack_eps", "attack_budget", "attack_steps", "perturber", "corruptions"),
+    *("consistency", "generation_guidance_scale", "generation_temperature", "caption_column", "seed"),
+)
 
 
 @dataclass
@@ -178,22 +184,7 @@ def evaluate_models(args, model, processor, dataset) -> tuple[dict[str, dict[str
     predictions: list[dict] = []
 
     def run(name, current):
-        evaluator = UniGameEvaluator(
-            current,
-            processor,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            attack_eps=args.attack_eps,
-            attack_budget=args.attack_budget,
-            attack_steps=args.attack_steps,
-            perturber=args.perturber,
-            corruptions=args.corruptions,
-            consistency=args.consistency,
-            generation_guidance_scale=args.generation_guidance_scale,
-            generation_temperature=args.generation_temperature,
-            caption_column=args.caption_column,
-            seed=args.seed,
-        )
+        evaluator = UniGameEvaluator(current, processor, **{key: getattr(args, key) for key in EVALUATOR_ARGUMENTS})
         metrics, rows = evaluator.evaluate(dataset, return_predictions=True)
         for row in rows:
             row["model"] = name
