@@ -60,12 +60,10 @@ class GradientRecorder(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.gradients is None:
-            self.gradients = {
-                n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
-            }
+            self.gradients = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
 
-def build_trainer(tmp_path, vqa, family, host, perturber_update, one_pass, accumulation):
+def build_trainer(tmp_path, vqa, family, host, perturber_update, one_pass, accumulation, inputs="features"):
     model, processor = BUILDERS[family](seed=0)
     for module in model.modules():  # dropout off (tiny Emu3 has 0.1): the reference must see the same network
         if isinstance(module, torch.nn.Dropout):
@@ -99,6 +97,7 @@ def build_trainer(tmp_path, vqa, family, host, perturber_update, one_pass, accum
         one_pass_update=one_pass,
         perturber_eps_max=0.2,
         perturber_eps_init=0.1,
+        perturber_inputs=inputs,
         seed=0,
         dataloader_num_workers=0,
     )
@@ -186,19 +185,21 @@ def reference_gradients(trainer, host, rows, perturber_update):
     understanding = dict(zip(names, torch.autograd.grad(objective, lora)))
 
     params = list(perturber.parameters())
+    # U's gradient at the clean visual tokens: what the first-order step uses, what a gradient-reading perturber reads
+    with perturber.disabled(), VisualPositions(interface) as site:
+        loss = host_loss(trainer, model, clean)
+    gradients = torch.autograd.grad(loss, [leaf for leaf, _ in site.leaves])
     if perturber_update == "exact":
-        with perturber.active():
+        (full,) = gradients
+        with perturber.active(), perturber.gradients(understanding=full if perturber.sees_gradient else None):
             adversarial = host_loss(trainer, model, clean)
     else:
-        with perturber.disabled(), VisualPositions(interface) as site:
-            loss = host_loss(trainer, model, clean)
-        leaves = [leaf for leaf, _ in site.leaves]
-        gradients = torch.autograd.grad(loss, leaves)
         adversarial = 0.0
         for (leaf, mask), gradient in zip(site.leaves, gradients):
             tokens = leaf.detach() if mask is None else leaf.detach()[mask]
             gradient = gradient if mask is None else gradient[mask]
-            adversarial = adversarial + (gradient * perturber.delta(tokens, "understanding")).sum()
+            read = gradient if perturber.sees_gradient else None
+            adversarial = adversarial + (gradient * perturber.delta(tokens, "understanding", read)).sum()
     adversary = torch.autograd.grad(-ADVERSARIAL_WEIGHT * adversarial, params, allow_unused=True)
     return understanding, dict(zip([n for n, _ in perturber.named_parameters()], adversary)), float(clean_loss)
 
@@ -210,6 +211,19 @@ def reference_gradients(trainer, host, rows, perturber_update):
 @pytest.mark.parametrize("perturber_update", ["exact", "first_order"])
 def test_one_step_equals_the_slow_reference(tmp_path, vqa, perturber_update, one_pass, family, host, accumulation):
     trainer, rows, _ = build_trainer(tmp_path, vqa, family, host, perturber_update, one_pass, accumulation)
+    check_one_step(trainer, rows, host, perturber_update)
+
+
+@pytest.mark.parametrize("family", ["janus", "emu3"])
+@pytest.mark.parametrize("perturber_update", ["exact", "first_order"])
+def test_a_gradient_reading_perturber_step_equals_the_slow_reference(tmp_path, vqa, perturber_update, family):
+    # one pass and accumulation: the clean rows' gradient is cut from a merged batch, once per micro-batch
+    args = (perturber_update, True, 2, "features_and_gradient")
+    trainer, rows, _ = build_trainer(tmp_path, vqa, family, "unigame", *args)
+    check_one_step(trainer, rows, "unigame", perturber_update)
+
+
+def check_one_step(trainer, rows, host, perturber_update):
     understanding, adversary, clean_loss = reference_gradients(trainer, host, rows, perturber_update)
     assert all(p.grad is None for p in trainer.model.parameters())
 
@@ -229,7 +243,11 @@ def test_one_step_equals_the_slow_reference(tmp_path, vqa, perturber_update, one
     (log,) = [log for log in trainer.state.log_history if "unigame/clean_loss" in log]
     assert log["unigame/clean_loss"] == pytest.approx(clean_loss, rel=1e-5)
     for name, expected in understanding.items():
-        torch.testing.assert_close(recorder.gradients[name], expected, rtol=2e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            recorder.gradients[name], expected, rtol=2e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
     for name, expected in adversary.items():
         expected = torch.zeros_like(perturber_gradients[name]) if expected is None else expected
-        torch.testing.assert_close(perturber_gradients[name], expected, rtol=2e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            perturber_gradients[name], expected, rtol=2e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )

@@ -321,6 +321,21 @@ def test_perturber_folder_round_trips_through_the_evaluator(answering_janus, tmp
     assert not strong.is_attached and not get_interface(model).understanding_site._forward_hooks
 
 
+def test_a_gradient_reading_perturber_is_evaluated_with_the_answer_gradient(answering_janus):
+    model, processor, rows = answering_janus
+    torch.manual_seed(0)
+    blind = Perturber.for_model(model, eps_max=0.6, eps_init=0.5)
+    torch.manual_seed(0)
+    informed = Perturber.for_model(model, eps_max=0.6, eps_init=0.5, inputs="features_and_gradient")
+    with torch.no_grad():
+        informed.gradient_gain.fill_(100.0)  # its direction: the answer loss's gradient, as an L2 fast-gradient step
+    features = evaluator(model, processor, perturber=blind).evaluate(rows)
+    gradient = evaluator(model, processor, perturber=informed).evaluate(rows)
+    assert features["clean/vqa_accuracy"] == gradient["clean/vqa_accuracy"] == 1.0
+    # at the same budget, the direction that reads where the loss rises does the damage a fixed direction cannot
+    assert gradient["perturber/vqa_accuracy"] < features["perturber/vqa_accuracy"]
+
+
 def test_predictions_hold_every_condition_and_score(answering_janus):
     model, processor, rows = answering_janus
     ev = evaluator(model, processor, attack_eps=0.3, corruptions=["contrast_5"], batch_size=3)

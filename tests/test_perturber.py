@@ -250,3 +250,58 @@ def test_budget_mode_and_site_budgets_survive_save_and_load(tmp_path, janus):
     tokens = _tokens_of_norm(7.0, shape=(2, loaded.config.hidden_size))
     torch.testing.assert_close(loaded.delta(tokens), perturber.delta(tokens))
     assert "token's norm" in (tmp_path / "p" / "README.md").read_text()
+
+
+def test_a_gradient_reading_perturber_reads_the_gradient_it_is_given_and_round_trips(tmp_path, janus, vqa_inputs):
+    from trl_unigame.game.adversary import SiteCapture
+
+    model, processor = janus
+    interface = get_interface(model, processor)
+    inputs = vqa_inputs(interface, 3)
+    perturber = Perturber.for_model(model, eps_max=0.5, eps_init=0.3, inputs="features_and_gradient").attach(model)
+    with perturber.disabled(), SiteCapture(interface) as capture, capture.recording():
+        gradient = capture.site_gradient(interface.understanding_loss(model, inputs).sum())
+    with torch.no_grad():
+        blind = interface.understanding_loss(model, inputs)  # no gradient given: a zero gradient channel
+        with perturber.gradients(understanding=gradient):
+            informed = interface.understanding_loss(model, inputs)
+        with perturber.gradients(understanding=torch.zeros_like(gradient)):
+            zero = interface.understanding_loss(model, inputs)
+        with perturber.gradients(understanding=gradient[:1]):  # given for another batch: not this call's
+            other = interface.understanding_loss(model, inputs)
+    assert not torch.allclose(informed, blind) and torch.equal(zero, blind) and torch.equal(other, blind)
+    # At initialisation its direction mostly follows the gradient (gain 1): it raises every row's loss.
+    assert (informed > blind).all()
+
+    perturber.save_pretrained(tmp_path / "p")
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert "features_and_gradient" in card
+    perturber.detach()
+    loaded = Perturber.from_pretrained(tmp_path / "p").attach(model)
+    assert loaded.config.inputs == "features_and_gradient" and loaded.sees_gradient
+    with torch.no_grad(), loaded.gradients(understanding=gradient):
+        torch.testing.assert_close(interface.understanding_loss(model, inputs), informed, rtol=0, atol=0)
+    # while generating, the generation site has no loss to differentiate: it reads a zero gradient channel
+    with loaded.gradients(understanding=gradient), loaded.recording() as deltas:
+        interface.generate_images(["a red circle"], generator=torch.Generator().manual_seed(0))
+    assert deltas and all(d.norm(dim=-1).gt(0).all() for d in deltas)
+
+
+def test_a_perturber_folder_from_before_the_input_modes_loads_as_features(tmp_path, janus, vqa_inputs):
+    model, processor = janus
+    interface = get_interface(model, processor)
+    inputs = vqa_inputs(interface, 2)
+    perturber = Perturber.for_model(model, eps_max=0.5, eps_init=0.3).attach(model)
+    with torch.no_grad():
+        expected = interface.understanding_loss(model, inputs)
+    perturber.save_pretrained(tmp_path / "old")
+    perturber.detach()
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["inputs"]  # what an older version wrote
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = Perturber.from_pretrained(tmp_path / "old").attach(model)
+    assert loaded.config.inputs == "features" and not loaded.sees_gradient
+    with torch.no_grad():
+        torch.testing.assert_close(interface.understanding_loss(model, inputs), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="inputs"):
+        PerturberConfig(hidden_size=8, inputs="gradient")

@@ -235,3 +235,47 @@ def test_mining_on_the_pretrained_model_keeps_candidates_that_look_like_their_ca
     assert entries and all(e.consistency >= 0.9 for e in entries)
     rescored = judge(torch.stack([e.image for e in entries]), [e.row["prompt"] for e in entries])
     assert (rescored >= 0.9).float().mean() >= 0.9  # the judge, asked again, sees the captioned digit and colour
+
+
+def test_a_gradient_reading_perturber_attacks_fresh_scans_far_harder(pretrained):
+    from trl_unigame import Perturber
+    from trl_unigame.game.adversary import SiteCapture
+
+    model, interface = pretrained
+    rows = digits_vqa_dataset("test", skills=("digit",), max_scans=32)
+    train, fresh = (
+        interface.build_understanding_inputs(part["image"], part["question"], part["answer"])
+        for part in (rows.select(range(16)), rows.select(range(16, 32)))
+    )
+
+    def loss(inputs):
+        return interface.understanding_loss(model, inputs).mean()
+
+    rises = {}
+    for mode in ("features", "features_and_gradient"):
+        torch.manual_seed(0)
+        perturber = Perturber.for_model(
+            model, budget="relative", eps_max=0.1, eps_init=0.05, sites=["understanding"], inputs=mode
+        ).attach(model)
+
+        def gradient(inputs):  # U's loss gradient at the clean visual tokens, as the trainer hands it over
+            with perturber.disabled(), SiteCapture(interface) as capture, capture.recording():
+                return capture.site_gradient(loss(inputs)) if perturber.sees_gradient else None
+
+        optimizer = torch.optim.Adam(perturber.parameters(), lr=1e-2)
+        try:
+            for _ in range(20):  # the perturber alone learns, on the training scans
+                optimizer.zero_grad()
+                with perturber.gradients(understanding=gradient(train)):
+                    (-loss(train)).backward()
+                optimizer.step()
+            with torch.no_grad(), perturber.disabled():
+                clean = loss(fresh).item()
+            g = gradient(fresh)
+            with torch.no_grad(), perturber.gradients(understanding=g):
+                rises[mode] = loss(fresh).item() - clean
+        finally:
+            perturber.detach()
+            model.zero_grad(set_to_none=True)
+    # On scans it never trained on, the per-token perturber barely moves the loss; reading the gradient, it attacks.
+    assert rises["features_and_gradient"] > 3 * max(rises["features"], 0.01), rises

@@ -20,6 +20,8 @@ from .interfaces import get_interface
 
 PERTURBER_SITES = ("understanding", "generation")
 BUDGETS = ("absolute", "relative")
+# What the perturber's MLP reads per token: the token alone (the paper), or the token and U's loss gradient there.
+PERTURBER_INPUTS = ("features", "features_and_gradient")
 # Tokens per call on which the realized perturbation is measured (a cheap sample, not the whole batch).
 MEASURED_TOKENS = 256
 PAPER_URL = "https://arxiv.org/abs/2511.19413"
@@ -61,6 +63,13 @@ class PerturberConfig:
             not named uses `budget`, `eps_min`, `eps_max`. Every site shares the learnable fraction `sigmoid(rho)` of
             its own range `[eps_min, eps_max]`. The sites of a unified model can differ by an order of magnitude in
             token norm (for example, Janus's aligner output versus its generation aligner output).
+        inputs (`str`, *optional*, defaults to `"features"`):
+            What the MLP reads per token. `"features"`: the visual token alone (the paper, the authors' code): the
+            perturber can only learn a perturbation shared by every image. `"features_and_gradient"`: the token and
+            the gradient of U's loss at that token, normalised per token (`concat(z, g / ||g||)`, after "Learning to
+            Defend by Learning to Attack", Jiang et al. 2021): a sample-specific ascent direction within the same
+            budget. Where no gradient is given (the generation site, which has no loss while sampling), the gradient
+            channel is zero.
         base_model_name_or_path (`str`, *optional*):
             The model this perturber was trained on, recorded in the model card.
     """
@@ -74,6 +83,7 @@ class PerturberConfig:
     sites: list[str] = field(default_factory=lambda: list(PERTURBER_SITES))
     budget: str = "absolute"
     site_budgets: dict | None = None
+    inputs: str = "features"
     base_model_name_or_path: str | None = None
 
     def __post_init__(self):
@@ -98,6 +108,8 @@ class PerturberConfig:
             raise ValueError(f"`sites` must be a non-empty subset of {list(PERTURBER_SITES)}, got {self.sites}.")
         if self.budget not in BUDGETS:
             raise ValueError(f"`budget` must be one of {list(BUDGETS)}, got {self.budget!r}.")
+        if self.inputs not in PERTURBER_INPUTS:
+            raise ValueError(f"`inputs` must be one of {list(PERTURBER_INPUTS)}, got {self.inputs!r}.")
         self.site_budgets = {k: dict(v) for k, v in (self.site_budgets or {}).items()} or None
         for site, override in (self.site_budgets or {}).items():
             if site not in PERTURBER_SITES:
@@ -166,7 +178,8 @@ class Perturber(
             config = PerturberConfig(**config)
         self.config = config
         width = config.width
-        dims = [config.hidden_size] + [width] * (config.depth - 1) + [config.hidden_size]
+        reads = 2 if config.inputs == "features_and_gradient" else 1
+        dims = [reads * config.hidden_size] + [width] * (config.depth - 1) + [config.hidden_size]
         layers = []
         for i in range(config.depth):
             last = i == config.depth - 1
@@ -177,6 +190,11 @@ class Perturber(
         nn.init.orthogonal_(self.mlp[-1].weight)
         fraction = (config.eps_init - config.eps_min) / (config.eps_max - config.eps_min)
         self.rho = nn.Parameter(torch.tensor(math.log(fraction / (1 - fraction))))
+        if self.sees_gradient:
+            # The direction starts as the normalised gradient (an L2 fast-gradient step) plus the MLP's output; the
+            # perturber learns how much of each to keep.
+            self.gradient_gain = nn.Parameter(torch.tensor(1.0))
+        self._gradients: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self.enabled = True
         self.record_deltas = False
@@ -203,7 +221,14 @@ class Perturber(
         _, low, high = self.config.site_budget("understanding")
         return min(max(float(self.eps_tensor.detach()), low), high)
 
-    def delta(self, tokens: torch.Tensor, site: str = "understanding") -> torch.Tensor:
+    @property
+    def sees_gradient(self) -> bool:
+        """Whether the MLP reads U's loss gradient beside each token (`config.inputs="features_and_gradient"`)."""
+        return self.config.inputs == "features_and_gradient"
+
+    def delta(
+        self, tokens: torch.Tensor, site: str = "understanding", gradient: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The perturbation (float32) for `tokens` of shape `(..., hidden_size)` at `site`: each token's L2 norm equals
         the site's `eps` (absolute budget) or `eps * ||token||` (relative budget)."""
         if tokens.shape[-1] != self.config.hidden_size:
@@ -212,15 +237,25 @@ class Perturber(
                 f"{tokens.shape[-1]}: build it for this model with `Perturber.for_model(model)`."
             )
         weight = self.mlp[0].weight
-        direction = self.mlp(tokens.to(device=weight.device, dtype=weight.dtype))
+        features = tokens.to(device=weight.device, dtype=weight.dtype)
+        if self.sees_gradient:
+            if gradient is None:  # no loss to differentiate here (the generation site): a zero gradient channel
+                unit = torch.zeros_like(features)
+            else:
+                unit = F.normalize(gradient.detach().to(features), dim=-1, eps=1e-12)
+            direction = self.mlp(torch.cat([features, unit], dim=-1)) + self.gradient_gain * unit
+        else:
+            direction = self.mlp(features)
         scale = self.site_eps_tensor(site)
         if self.config.site_budget(site)[0] == "relative":
             scale = scale * tokens.detach().float().norm(dim=-1, keepdim=True).to(weight.device)
         return scale * F.normalize(direction.float(), dim=-1, eps=1e-12)
 
-    def forward(self, tokens: torch.Tensor, site: str = "understanding") -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, site: str = "understanding", gradient: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Returns `tokens + delta(tokens)`, added in float32 and cast back to the dtype of `tokens`."""
-        delta = self.delta(tokens, site)
+        delta = self.delta(tokens, site, gradient)
         if self.record_deltas:
             self.last_deltas.append(delta)
         perturbed = (tokens.float() + delta.to(tokens.device)).to(tokens.dtype)
@@ -323,14 +358,29 @@ class Perturber(
         if not self.enabled:
             return output
         mask = mask_fn(module, args, output) if mask_fn is not None else None
+        gradient = self._gradients.get(site)
+        if gradient is not None and gradient.shape != output.shape:
+            gradient = None  # given for another call of the site (another batch): this call has none
         if mask is None:
-            return self(output, site)
+            return self(output, site, gradient)
         if not mask.any():
             return output
         # Only the visual-token positions are perturbed (and recorded); the others pass through unchanged.
         perturbed = output.clone()
-        perturbed[mask] = self(output[mask], site)
+        perturbed[mask] = self(output[mask], site, None if gradient is None else gradient[mask])
         return perturbed
+
+    @contextlib.contextmanager
+    def gradients(self, **by_site: torch.Tensor | None):
+        """Context manager that gives a gradient-reading perturber U's loss gradient at a site's output, e.g.
+        `with perturber.gradients(understanding=g):` with `g` shaped like the site's output. A call of the site whose
+        output has another shape reads a zero gradient channel, as does a site given none."""
+        previous = dict(self._gradients)
+        self._gradients.update({site: g for site, g in by_site.items() if g is not None})
+        try:
+            yield self
+        finally:
+            self._gradients = previous
 
     @contextlib.contextmanager
     def active(self, enabled: bool = True):
@@ -354,6 +404,11 @@ class Perturber(
             yield self.last_deltas
         finally:
             self.record_deltas = False
+
+    def _inputs_text(self) -> str:
+        if self.sees_gradient:
+            return 'each visual token and the gradient of the model\'s loss at that token (`inputs="features_and_gradient"`)'
+        return 'each visual token alone (`inputs="features"`, the paper\'s perturber)'
 
     def _budget_text(self) -> str:
         parts = []
@@ -432,7 +487,7 @@ class Perturber(
 A perturber trained with [UniGame]({PAPER_URL}) self-adversarial post-training
 {f"on `{self.config.base_model_name_or_path}`" if self.config.base_model_name_or_path else ""}. It perturbs the
 model's visual tokens at the shared visual-token interface ({self._budget_text()}); {self.num_parameters():,}
-parameters.
+parameters. Its MLP reads {self._inputs_text()}.
 
 ## Usage
 

@@ -51,6 +51,13 @@ class UniGameArguments:
             forward and backward through the model. `"first_order"`: `CE(z + delta) ~ CE(z) + <g, delta>`, with `g`
             the gradient of the clean loss at the visual tokens, taken from the clean backward that U's update needs
             anyway; the perturber's step then costs only its own MLP. Accurate when the perturbation is small.
+        perturber_inputs (`str`, *optional*, defaults to `"features"`):
+            What the perturber reads per visual token. `"features"`: the token alone (the paper; a perturbation that
+            every image shares). `"features_and_gradient"`: the token and U's loss gradient at it (per-token
+            normalised), so the perturber learns a sample-specific ascent direction within the same budget. The
+            gradient comes from the clean backward with `perturber_update="first_order"` (no extra pass); the exact
+            step and `perturbed_weight` take it from a backward to the visual tokens of their own. At the generation
+            site, which has no loss while sampling, the gradient channel is zero.
         perturber_budget (`str`, *optional*, defaults to `"absolute"`):
             `"absolute"`: `perturber_eps_max`/`perturber_eps_init` are per-token L2 norms (the paper). `"relative"`:
             they are fractions of each token's own norm, a budget that means the same at every token scale and that
@@ -186,6 +193,12 @@ class UniGameArguments:
             "help": "exact: a perturbed forward and backward; first_order: <clean gradient, delta>, no extra pass."
         },
     )
+    perturber_inputs: str = field(
+        default="features",
+        metadata={
+            "help": "features: the perturber reads each visual token; features_and_gradient: also U's gradient."
+        },
+    )
     perturber_budget: str = field(
         default="absolute", metadata={"help": "absolute: eps is a per-token L2 norm; relative: a fraction of it."}
     )
@@ -293,6 +306,11 @@ class UniGameArguments:
         )
         check("perturber_update", self.perturber_update in ("exact", "first_order"), "'exact' or 'first_order'")
         check("perturber_budget", self.perturber_budget in ("absolute", "relative"), "'absolute' or 'relative'")
+        check(
+            "perturber_inputs",
+            self.perturber_inputs in ("features", "features_and_gradient"),
+            "'features' or 'features_and_gradient'",
+        )
         check(
             "perturber_generation_budget",
             self.perturber_generation_budget in (None, "absolute", "relative"),

@@ -174,7 +174,7 @@ class UniGameMixin(GameCheckpointing):
             self._separate_stand_in = inputs  # for the buffer step after the optimizer step
         with ExitStack() as stack:
             stack.enter_context(self.perturber.disabled())
-            if self.adversary.first_order:
+            if self.adversary.first_order or (self.perturber.sees_gradient and self.args.perturbed_weight):
                 ctx.capture = stack.enter_context(SiteCapture(self.interface))
             loss = super().training_step(model, {**inputs, STEP_KEY: ctx}, num_items_in_batch)
         if self.adversary.first_order:
@@ -189,11 +189,16 @@ class UniGameMixin(GameCheckpointing):
         """The perturber's ascent on the host loss of the clean batch with the perturbation active
         (`perturber_update="exact"`): its own forward and backward, normalised as the clean loss is."""
 
-        def adversarial_loss():
+        def loss():
             with self.compute_loss_context_manager(), self._host_metrics_paused():
                 return self._host_loss(model, ctx.inputs, num_items_in_batch=ctx.num_items_in_batch)
 
-        self.adversary.exact_step(adversarial_loss, ctx.share, ctx.window, ctx.step)
+        gradient = None
+        if self.perturber.sees_gradient:  # U's gradient at the clean tokens: a pass and a backward to them
+            with self.perturber.disabled(), SiteCapture(self.interface) as capture, capture.recording():
+                gradient = capture.site_gradient(loss())
+        with self.perturber.gradients(understanding=gradient):
+            self.adversary.exact_step(loss, ctx.share, ctx.window, ctx.step)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """U's loss on a micro-batch of the game: the host's loss on the clean batch plus the buffer, perturbed and

@@ -391,12 +391,28 @@ class UniGameEvaluator:
                 ]
                 out[f"corrupt_{name}_{severity}"] = self._answer(corrupted, questions)
         if self.perturber is not None:
-            with self.perturber.active():
+            gradient = None
+            if self.perturber.sees_gradient:
+                gradient = self._answer_gradient(images, questions, references)
+            with self.perturber.active(), self.perturber.gradients(understanding=gradient):
                 out["perturber"] = self._answer(images, questions)
         if self.consistency:
             with self._perturber_off():
                 out.update(self._round_trip(batch, questions, generator))
         return out
+
+    def _answer_gradient(self, images, questions, references) -> torch.Tensor | None:
+        """The gradient of the answer loss (against each row's majority answer) at the understanding site's output, as
+        a gradient-reading perturber sees it in training, with the perturber off."""
+        from ..game.adversary import SiteCapture
+
+        targets = [majority_answer(r) for r in references]
+        inputs = self.interface.build_understanding_inputs(images, questions, targets)
+        inputs = {k: v.to(self.interface.device) for k, v in inputs.items()}
+        with torch.enable_grad(), self.perturber.disabled(), SiteCapture(self.interface) as capture:
+            with capture.recording():
+                loss = self.interface.understanding_loss(self.model, inputs).sum()
+            return capture.site_gradient(loss)
 
     def _perturber_off(self):
         return self.perturber.disabled() if self.perturber is not None else contextlib.nullcontext()

@@ -41,6 +41,7 @@ def build_perturber(model, args):
         sites=args.perturber_sites,
         budget=args.perturber_budget,
         site_budgets=generation_budget(args),
+        inputs=args.perturber_inputs,
     )
 
 
@@ -99,33 +100,35 @@ class SiteCapture:
         self.captured.append(CapturedTokens(leaf, mask))
         return leaf
 
-    def tokens_and_gradients(self, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The captured visual tokens `(n, hidden)` and the gradient at each; `None` when the backward left none.
+    @staticmethod
+    def _clean_rows(t: torch.Tensor, rows: tuple[int, int] | None) -> tuple[torch.Tensor, int | None]:
+        """`t` cut to the clean rows of a merged batch (`rows = (clean, total)`), and where it was cut. A site output
+        with a batch dimension is cut at `clean`; a flattened one (all images' tokens in a row, Emu3) at the same
+        fraction, since rows that share a forward have images of one shape."""
+        if rows is None:
+            return t, None
+        clean, total = rows
+        if t.dim() >= 3 and t.shape[0] == total:
+            keep = clean
+        elif t.dim() == 2 and t.shape[0] % total == 0:
+            keep = t.shape[0] // total * clean
+        else:
+            raise RuntimeError(
+                f"The understanding site's output {tuple(t.shape)} cannot be split into {total} rows, so the clean "
+                "rows of a merged batch cannot be told apart: set `one_pass_update=False`."
+            )
+        return t[:keep], keep
 
-        Args:
-            rows (`tuple[int, int]`, *optional*): `(clean, total)` when the pass ran the clean rows first in a batch
-                of `total` rows (clean + buffer): only the clean rows' tokens are returned. A site output with a batch
-                dimension is cut at `clean`; a flattened one (all images' tokens in a row, Emu3) at the same fraction,
-                since rows that share a forward have images of one shape.
-        """
+    def tokens_and_gradients(self, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The captured visual tokens `(n, hidden)` and the gradient the backward left at each; `None` when it left
+        none. With `rows = (clean, total)` (the clean rows first in a batch of `total`), the clean rows' only."""
         tokens, gradients = [], []
         for call in self.captured:
             if call.tokens.grad is None:
                 return None
-            z, g, mask = call.tokens.detach(), call.tokens.grad.detach(), call.mask
-            if rows is not None:
-                clean, total = rows
-                if z.dim() >= 3 and z.shape[0] == total:
-                    keep = clean
-                elif z.dim() == 2 and z.shape[0] % total == 0:
-                    keep = z.shape[0] // total * clean
-                else:
-                    raise RuntimeError(
-                        f"The understanding site's output {tuple(z.shape)} cannot be split into {total} rows, so the "
-                        "clean rows of a merged batch cannot be told apart: set `one_pass_update=False`."
-                    )
-                z, g = z[:keep], g[:keep]
-                mask = None if mask is None else mask[:keep]
+            z, keep = self._clean_rows(call.tokens.detach(), rows)
+            g = call.tokens.grad.detach()[: z.shape[0]]
+            mask = call.mask if call.mask is None or keep is None else call.mask[:keep]
             if mask is not None:
                 z, g = z[mask], g[mask]
             tokens.append(z.reshape(-1, z.shape[-1]))
@@ -133,6 +136,20 @@ class SiteCapture:
         if not tokens:
             return None
         return torch.cat(tokens), torch.cat(gradients)
+
+    def site_gradient(
+        self, loss: torch.Tensor, rows: tuple[int, int] | None = None, retain_graph: bool = False
+    ) -> torch.Tensor | None:
+        """The gradient of `loss` at the site's output, shaped like the output of its (last) call with visual tokens
+        (cut to the clean rows with `rows`), for [`Perturber.gradients`]; a backward down to the visual tokens only,
+        leaving no `.grad` anywhere. `None` when nothing was captured."""
+        if not self.captured:
+            return None
+        call = self.captured[-1]
+        (gradient,) = torch.autograd.grad(loss, [call.tokens], retain_graph=retain_graph, allow_unused=True)
+        if gradient is None:
+            return None
+        return self._clean_rows(gradient.detach(), rows)[0]
 
 
 class Adversary:
@@ -185,7 +202,7 @@ class Adversary:
             return
         tokens, gradient = found
         with self.perturber.recording() as deltas:
-            delta = self.perturber.delta(tokens, "understanding")
+            delta = self.perturber.delta(tokens, "understanding", gradient if self.perturber.sees_gradient else None)
         gain = (gradient.float().to(delta.device) * delta).sum()
         if self._ascend(gain, deltas, window, step):
             self.metrics.add("unigame/adversarial_gain_estimate", float(gain.detach()) * window)

@@ -104,7 +104,11 @@ class UnderstandingPasses:
                 buffer_loss = self.buffer_pass.loss(self.host.loss_per_sample, model, batch)
         parts = LossParts(clean=clean, buffer=buffer_loss, buffer_weight=batch.weight if batch is not None else 0.0)
         if self.args.perturbed_weight:
-            parts.perturbed = self.perturbed(model, inputs, ctx.num_items_in_batch)
+            gradient = None
+            if self.perturber.sees_gradient and ctx.capture is not None:
+                gradient = ctx.capture.site_gradient(clean, rows=ctx.merged_rows, retain_graph=True)
+            with self.perturber.gradients(understanding=gradient):
+                parts.perturbed = self.perturbed(model, inputs, ctx.num_items_in_batch)
         if self.args.generation_loss_weight and ctx.rows is not None:
             parts.generation = self.generation(model, inputs, ctx.rows)
         return parts, outputs

@@ -51,7 +51,7 @@ def bpe_tokenizer(
     )
 
 
-def seeded_model(model_cls, config, seed: int, tokenizer=None, **generation_kwargs):
+def seeded_model(model_cls, config, seed: int, tokenizer, **generation_kwargs):
     """`model_cls(config)` with the weights of `seed`; a generative model gets the generation config of `tokenizer`
     (`generation_kwargs` are the model's own generation options)."""
     from transformers import GenerationConfig
