@@ -258,7 +258,7 @@ def test_a_gradient_reading_perturber_attacks_fresh_scans_far_harder(pretrained)
             model, budget="relative", eps_max=0.1, eps_init=0.05, sites=["understanding"], inputs=mode
         ).attach(model)
 
-        def gradient(inputs):  # U's loss gradient at the clean visual tokens, as the trainer hands it over
+        def gradient(inputs, perturber=perturber):  # U's loss gradient at the clean tokens, as the trainer gives it
             with perturber.disabled(), SiteCapture(interface) as capture, capture.recording():
                 return capture.site_gradient(loss(inputs)) if perturber.sees_gradient else None
 
