@@ -20,7 +20,7 @@ batch, guidance and token count. `--output_json` keeps it all.
 
 ```bash
 python benchmarks/step_overhead.py --preset compute --variants game_no_mining game_no_mining_first_order \
-    --repeats 3 --skip_mining --steps 10 --warmup 2   # the first-order target, drift-robust, in about 4 minutes
+    game_no_mining_first_order_gradient --repeats 3 --skip_mining --steps 10 --warmup 2   # about 5 minutes
 ```
 """
 
@@ -38,6 +38,7 @@ VARIANTS = {
     "plain": "plain Trainer step (clean loss only)",
     "game_no_mining": "UniGame step without mining (perturber step + clean + buffer)",
     "game_no_mining_first_order": "UniGame step without mining, first-order perturber step",
+    "game_no_mining_first_order_gradient": "UniGame step without mining, first-order step, gradient-reading perturber",
     "game_m1": "UniGame step, mining every step (m = 1, the default)",
     "game_m4": "UniGame step, mining every 4 steps (m = 4)",
     "game_m4_first_order": "UniGame step, mining every 4 steps, first-order perturber step",
@@ -178,7 +179,8 @@ def run_variant(variant, args):
         bf16=args.dtype == "bfloat16" and on_gpu,
         consistency_model=None,
         mining_interval=0 if "no_mining" in variant else 4 if "m4" in variant else 1,
-        perturber_update="first_order" if variant.endswith("first_order") else "exact",
+        perturber_update="first_order" if "first_order" in variant else "exact",
+        perturber_inputs="features_and_gradient" if variant.endswith("gradient") else "features",
         understanding_update="separate" if variant == "authors" else "mixed",
         one_pass_update=not variant.endswith("two_pass"),
         mining_image_size=SMALL_GRID[args.preset] if variant.endswith("small_grid") else None,

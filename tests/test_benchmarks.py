@@ -69,3 +69,18 @@ def test_first_order_fidelity_measures_the_trainers_own_step(tmp_path):
         assert first[0][key] == pytest.approx(exact[0][key], rel=1e-5)
     assert 0.9 < first[0]["cosine"] < 1.0 - 1e-6
     assert first[0]["estimated_gap"] is not None and first[0]["adversarial_loss"] != first[0]["clean_loss"]
+
+
+@pytest.mark.slow
+def test_adversary_strength_quick_mode_writes_every_mode_and_budget(tmp_path):
+    import adversary_strength
+
+    out = tmp_path / "adversary.json"
+    report = adversary_strength.main(["--quick", "--output_dir", str(tmp_path), "--output_json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["modes"] == json.loads(json.dumps(report["modes"]))
+    assert set(saved["modes"]) == {"features", "features_and_gradient"}
+    for rows in saved["modes"].values():
+        assert set(rows) == {"0.05"}
+        assert set(rows["0.05"]) == {"clean", "perturber", "fgsm", "pgd", "strength"}
+        assert all(0 <= rows["0.05"][k] <= 100 for k in ("clean", "perturber", "fgsm", "pgd"))
