@@ -483,3 +483,42 @@ def test_model_card_names_base_model_dataset_tags_config_and_paper():
     assert card.data.datasets == ["HuggingFaceM4/VQAv2"]
     assert {"trl", "unigame", "vqa"} <= set(card.data.tags)
     assert '"selection": "paper"' in card.text and "arXiv:2511.19413" in card.text
+
+
+FSDP_ON_CPU = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_version: 2
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+use_cpu: true
+"""
+
+
+@pytest.mark.slow
+def test_processes_launched_together_that_would_train_apart_are_refused(tmp_path):
+    import socket
+
+    config = tmp_path / "fsdp_cpu.yaml"
+    config.write_text(FSDP_ON_CPU)  # accelerate does not shard on a CPU: each process would train alone
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "run"
+    command = ["accelerate", "launch", "--config_file", str(config), "--main_process_port", port]
+    command.append(os.path.join(ROOT, "examples", "train_janus.py"))
+    result = subprocess.run(
+        command + ["--max_steps", "2", "--output_dir", str(out)],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "2 processes were launched together, but the Trainer runs in each of them alone" in result.stderr
+    assert "accelerate launch --multi_gpu --num_processes 2" in result.stderr
+    assert not (out / "adapter_model.safetensors").exists()  # nothing trained, nothing written as if it had

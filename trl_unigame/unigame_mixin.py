@@ -20,7 +20,7 @@ from .buffer import HardSampleBuffer
 from .consistency import load_consistency_scorer
 from .data import ROWS_KEY
 from .game.adversary import Adversary, SiteCapture, build_perturber
-from .game.agreement import Agreement
+from .game.agreement import Agreement, check_one_run_across_processes
 from .game.buffer_pass import BufferPass
 from .game.checkpoint import GameCheckpointing
 from .game.context import STEP_KEY, StepContext
@@ -60,6 +60,7 @@ class UniGameMixin(GameCheckpointing):
     # ------------------------------------------------------------------------------------------------ set-up
     def _init_game(self, perturber: Perturber | None, consistency_scorer) -> None:
         args: UniGameArguments = self.args
+        check_one_run_across_processes(args)
         base = unwrap_model(self.model)
         for module in self.interface.frozen_eval_modules:
             keep_in_eval(module)  # the Trainer's `model.train()` would otherwise reach the frozen VQ model

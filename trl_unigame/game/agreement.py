@@ -58,3 +58,25 @@ class Agreement:
                 p.grad = None
             return True
         return False
+
+
+def check_one_run_across_processes(args) -> None:
+    """Refuses a run whose processes were launched together but train apart: each would train its own copy of the
+    model and write it to the same `output_dir`, with no error.
+
+    Raises:
+        RuntimeError: naming the process count and the launches that train as one run.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    launched = torch.distributed.get_world_size()
+    if launched > 1 and args.world_size == 1:
+        raise RuntimeError(
+            f"{launched} processes were launched together, but the Trainer runs in each of them alone (parallel mode "
+            f"{args.parallel_mode.value}, world size 1): they would train {launched} separate copies of the model and "
+            "write them to one `output_dir`. This happens with `accelerate launch --config_file` and an FSDP or "
+            "DeepSpeed config with `use_cpu: true`, which accelerate does not shard on a CPU. Launch data-parallel "
+            f"training instead (on a CPU: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes "
+            f"{launched}`, or `torchrun --nproc_per_node {launched}` with `ddp_backend='gloo'`), shard on GPUs, or run "
+            "one process."
+        )
