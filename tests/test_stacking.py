@@ -182,6 +182,36 @@ def test_dpo_with_images_trains_the_game(tmp_path, vqa, explicit_ref):
         assert all(p.grad is None for p in trainer.ref_model.parameters())
 
 
+@pytest.mark.parametrize("update, inputs", [("first_order", "features"), ("exact", "features_and_gradient")])
+def test_dpo_reference_pass_does_not_stand_in_for_the_policys_tokens(tmp_path, vqa, update, inputs):
+    import warnings
+
+    # Without a ref_model, DPO runs its reference forward (adapter off, no gradients) through the same site.
+    model, processor = tiny_janus(seed=0)
+    args = UniGameDPOConfig(
+        output_dir=str(tmp_path), perturber_update=update, perturber_inputs=inputs, perturbed_weight=0.5, **COMMON
+    )
+    trainer = UniGameDPOTrainer(
+        model,
+        args=args,
+        train_dataset=preference(vqa),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8),
+    )
+    perturber_before = snapshot(trainer.perturber)
+    given = []
+    gradients = trainer.perturber.gradients
+    trainer.perturber.gradients = lambda **kw: given.append(kw["understanding"]) or gradients(**kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "update of this step is skipped" in str(w.message)]
+    assert all(log["unigame/skipped_perturber_steps"] == 0 for log in trainer.state.log_history if "loss" in log)
+    assert all(not torch.equal(perturber_before[n], p) for n, p in snapshot(trainer.perturber).items())
+    if inputs == "features_and_gradient":  # the exact step and the perturbed pass each read the policy's gradient
+        assert given and all(g is not None and g.abs().sum() > 0 for g in given)
+
+
 def test_stacked_trainers_reject_datasets_without_images(tmp_path, vqa):
     model, processor = tiny_janus(seed=0)
     data = conversational(vqa).remove_columns("images")

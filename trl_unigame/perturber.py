@@ -376,7 +376,7 @@ class Perturber(
         `with perturber.gradients(understanding=g):` with `g` shaped like the site's output. A call of the site whose
         output has another shape reads a zero gradient channel, as does a site given none."""
         previous = dict(self._gradients)
-        self._gradients.update({site: g for site, g in by_site.items() if g is not None})
+        self._gradients.update(by_site)  # `None` for a site: no gradient there, whatever an outer context gave
         try:
             yield self
         finally:

@@ -87,7 +87,8 @@ class SiteCapture:
             self._recording = False
 
     def _hook(self, module, args, output):
-        if not self._recording or not isinstance(output, torch.Tensor):
+        # A pass without gradients (a DPO reference forward, a host's metrics forward) has no gradient to keep.
+        if not self._recording or not isinstance(output, torch.Tensor) or not torch.is_grad_enabled():
             return None
         mask = self.mask_fn(module, args, output) if self.mask_fn is not None else None
         if mask is not None and not mask.any():
@@ -189,7 +190,8 @@ class Adversary:
             adversarial = loss_fn()
         self.log_realized_perturbation(measured)
         if self._ascend(adversarial * scale, deltas, window, step):
-            self.metrics.add("unigame/adversarial_loss", float(adversarial.detach()))
+            # as a mean over the micro-batch, as `unigame/clean_loss` is, whichever way the host normalises
+            self.metrics.add("unigame/adversarial_loss", float(adversarial.detach()) * scale * window)
 
     def first_order_step(self, capture: SiteCapture, rows: tuple[int, int] | None, window: int, step: int) -> None:
         """Ascent on the first-order change of the clean loss, `<g, delta(z)>`, with `g` the gradient at the visual

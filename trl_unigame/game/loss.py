@@ -87,6 +87,7 @@ def compose_loss(
         loss = loss + perturbed_weight * parts.perturbed
     if parts.generation is not None and generation_weight:
         loss = loss + scale * generation_weight * parts.generation
-    if beta is not None:
-        share = scale * beta * float(parts.buffer.detach()) / max(float(loss.detach()), 1e-12)
+    if beta is not None:  # the buffer's share of the clean + buffer objective, the part the cap bounds
+        weighted = scale * beta * float(parts.buffer.detach())
+        share = weighted / max(float(parts.clean.detach()) + weighted, 1e-12)
     return ComposedLoss(loss=loss, clean=clean_mean, buffer_weight=beta, buffer_share=share)

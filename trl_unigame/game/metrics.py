@@ -31,7 +31,8 @@ class GameMetrics:
 
     def reduce(self) -> dict[str, float]:
         """The period's metrics over every process (a mean of all values recorded anywhere, or a sum for counts), then
-        clears them. Under `torch.distributed` every process must call it together, as the Trainer's `log` does."""
+        clears them. Under `torch.distributed` it is a collective: every process must call it together, as the
+        Trainer's `log` does with its training logs (a training log sent from one process alone would wait forever)."""
         local = {key: (sum(values), len(values)) for key, values in self._values.items() if values}
         self._values.clear()
         parts = [local]

@@ -18,7 +18,10 @@ from .metrics import GameMetrics
 
 def host_normalises_over_window(host, num_items_in_batch) -> bool:
     """Whether the host trainer's loss comes normalised over the accumulation window, so that the Trainer does not
-    divide it by the window (the Trainer's own rule)."""
+    divide it by the window (the Trainer's own rule, `loss_is_scaled_for_ga` first)."""
+    declared = getattr(host, "loss_is_scaled_for_ga", None)
+    if declared is not None:
+        return bool(declared)
     if getattr(host, "compute_loss_func", None) is not None:
         return True
     return num_items_in_batch is not None and bool(getattr(host, "model_accepts_loss_kwargs", False))
@@ -109,6 +112,8 @@ class UnderstandingPasses:
                 gradient = ctx.capture.site_gradient(clean, rows=ctx.merged_rows, retain_graph=True)
             with self.perturber.gradients(understanding=gradient):
                 parts.perturbed = self.perturbed(model, inputs, ctx.num_items_in_batch)
+            # logged as a mean over the micro-batch, as the clean loss is
+            self.metrics.add("unigame/perturbed_loss", float(parts.perturbed.detach()) * ctx.share * ctx.window)
         if self.args.generation_loss_weight and ctx.rows is not None:
             parts.generation = self.generation(model, inputs, ctx.rows)
         return parts, outputs
@@ -144,7 +149,6 @@ class UnderstandingPasses:
         finally:
             for p in trainable:
                 p.requires_grad_(True)
-        self.metrics.add("unigame/perturbed_loss", float(loss.detach()))
         return loss
 
     def generation(self, model, inputs: dict[str, Any], rows: list[dict[str, Any]]) -> torch.Tensor:

@@ -149,6 +149,15 @@ class Emu3Interface(VisualTokenInterface):
         std = torch.tensor(image_processor.image_std, device=pixels.device).view(1, -1, 1, 1)
         return (pixels.float() * std + mean).clamp(0, 1)
 
+    def concatenate_inputs(self, first, second):
+        # Emu3 embeds every image's tokens as one flat run: a merged batch is split back into rows by counting tokens,
+        # which needs one image size throughout (the processor pads `pixel_values` to the largest image, so equal
+        # tensor shapes do not mean equal sizes).
+        sizes = [batch["image_sizes"] for batch in (first, second) if "image_sizes" in batch]
+        if sizes and torch.unique(torch.cat([torch.as_tensor(s).reshape(-1, 2) for s in sizes]), dim=0).shape[0] > 1:
+            return None
+        return super().concatenate_inputs(first, second)
+
     def source_images(self, inputs):
         pixels = inputs.get("pixel_values")
         if pixels is None or self.processor is None:
