@@ -80,6 +80,12 @@ METHODS = {
     "unigame": UNIGAME,
     # The same game with the first-order perturber step (no extra pass through the model for the perturber).
     "unigame-first-order": dict(UNIGAME, perturber_update="first_order"),
+    # A perturber that reads U's loss gradient at each token (from the clean backward: first-order step), without and
+    # with U training on its perturbed tokens too.
+    "unigame-gradient": dict(UNIGAME, perturber_update="first_order", perturber_inputs="features_and_gradient"),
+    "unigame-gradient-perturbed": dict(
+        UNIGAME, perturber_update="first_order", perturber_inputs="features_and_gradient", perturbed_weight=0.5
+    ),
     # Both kinds of samples: decoded hard samples and the perturbed tokens themselves (chosen on validation, see
     # docs/benchmarks.md), with beta 0.25 as for `unigame` or lowered to 0.1.
     "unigame-perturbed": dict(UNIGAME, perturbed_weight=0.5),
