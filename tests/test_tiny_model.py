@@ -279,3 +279,20 @@ def test_a_gradient_reading_perturber_attacks_fresh_scans_far_harder(pretrained)
             model.zero_grad(set_to_none=True)
     # On scans it never trained on, the per-token perturber barely moves the loss; reading the gradient, it attacks.
     assert rises["features_and_gradient"] > 3 * max(rises["features"], 0.01), rises
+
+
+def test_answering_does_not_warn_about_generation_lengths(pretrained, caplog):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model, interface = pretrained
+    rows = digits_vqa_dataset("test", skills=("digit",), max_scans=4)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            answers = interface.answer(model, list(rows["image"]), list(rows["question"]), max_new_tokens=3)
+    finally:
+        hf_logging.disable_propagation()
+    assert not [r for r in caplog.records if "max_new_tokens" in r.getMessage()]
+    assert len(answers) == 4

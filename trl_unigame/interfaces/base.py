@@ -396,6 +396,17 @@ class VisualTokenInterface(ABC):
         """The batch's input images as pixels in `[0, 1]` (for display), or `None` when they cannot be recovered."""
         return None
 
+    def _greedy_answers(self, model: nn.Module, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of left-padded prompts, decoded. The length is given as `max_length` (prompt plus
+        `max_new_tokens`): a model whose generation config sets its own `max_length` warns at every call that is given
+        `max_new_tokens`."""
+        tokenizer = self._require_processor().tokenizer
+        prompt = inputs["input_ids"].shape[1]
+        out = model.generate(
+            **inputs, max_length=prompt + max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        return [t.strip() for t in tokenizer.batch_decode(out[:, prompt:], skip_special_tokens=True)]
+
     def answer(self, model: nn.Module, images, questions: list[str], max_new_tokens: int = 16) -> list[str]:
         """Greedy answers of `model` to `questions` about `images`, batched (for display and evaluation). Forward hooks
         on `understanding_site` (a perturber, an attack) act on the answers."""

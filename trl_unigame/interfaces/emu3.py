@@ -166,15 +166,10 @@ class Emu3Interface(VisualTokenInterface):
 
     @torch.no_grad()
     def answer(self, model, images, questions, max_new_tokens=16):
-        tokenizer = self._require_processor().tokenizer
         inputs = self._encode(images, questions)
         device = self.device
         inputs = {k: v.to(device, self.dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        new = out[:, inputs["input_ids"].shape[1] :]
-        return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return self._greedy_answers(model, inputs, max_new_tokens)
 
     # ----------------------------------------------------------------------------------------------- generation
     @property

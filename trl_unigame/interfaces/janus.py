@@ -193,13 +193,7 @@ class JanusInterface(VisualTokenInterface):
         )
         device = self.device
         inputs = {k: v.to(device, self.dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
-        tokenizer = processor.tokenizer
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        return [
-            t.strip() for t in tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        ]
+        return self._greedy_answers(model, inputs, max_new_tokens)
 
     # ----------------------------------------------------------------------------------------------- generation
     @torch.no_grad()

@@ -98,10 +98,5 @@ class UnderstandingOnlyInterface(VisualTokenInterface):
 
     @torch.no_grad()
     def answer(self, model, images, questions, max_new_tokens=16):
-        tokenizer = self._require_processor().tokenizer
         inputs = {k: v.to(self.device) for k, v in self._model_inputs(self._encode(images, questions)).items()}
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        new = out[:, inputs["input_ids"].shape[1] :]
-        return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return self._greedy_answers(model, inputs, max_new_tokens)
