@@ -4,45 +4,20 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig
 from safetensors import safe_open
+from test_trainer import make_trainer as make_game_trainer  # noqa: E402
 from transformers import TrainerCallback
 
-from trl_unigame import HardSampleBuffer, UniGameConfig, UniGameTrainer
+from trl_unigame import HardSampleBuffer
 from trl_unigame.game.checkpoint import load_buffer, save_buffer
-from trl_unigame.testing import tiny_janus
 
 
 OVERRIDES = dict(max_steps=2, save_strategy="steps", save_steps=2, buffer_capacity=4, hardness_quantile=0.0)
 
 
 def make_trainer(output_dir, vqa, **overrides):
-    model, processor = tiny_janus(seed=0)
-    args = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        per_device_train_batch_size=2,
-        learning_rate=5e-3,
-        perturber_learning_rate=5e-2,
-        logging_steps=1,
-        report_to=[],
-        disable_tqdm=True,
-        num_candidates=2,
-        buffer_batch_size=2,
-        consistency_threshold=-1.0,
-        consistency_model=None,
-        seed=0,
-        dataloader_num_workers=0,
-        **OVERRIDES,
-    )
-    args.update(overrides)
-    return UniGameTrainer(
-        model,
-        UniGameConfig(**args),
-        train_dataset=vqa,
-        processing_class=processor,
-        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05),
-    )
+    """test_trainer's tiny game, checkpointing at its last step into `output_dir`."""
+    return make_game_trainer(output_dir, vqa, **{**OVERRIDES, "output_dir": str(output_dir), **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ in test_trainer.py), and this matrix checks it computes exactly that approximati
 import pytest
 import torch
 from peft import LoraConfig
+from test_stacking import conversational  # noqa: E402
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
@@ -35,20 +36,6 @@ ROWS = 4
 ADVERSARIAL_WEIGHT = 1.0
 BUFFER_WEIGHT = 0.5
 GENERATION_WEIGHT = 0.7
-
-
-def conversational(vqa):
-    def convert(row):
-        return {
-            "messages": [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]},
-                {"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]},
-            ],
-            "images": [row["image"]],
-            "caption": row["caption"],
-        }
-
-    return vqa.map(convert, remove_columns=vqa.column_names)
 
 
 class GradientRecorder(TrainerCallback):
@@ -108,7 +95,7 @@ def build_trainer(tmp_path, vqa, family, host, perturber_update, one_pass, accum
             model, UniGameConfig(**common), train_dataset=rows, processing_class=processor, peft_config=lora
         )
     else:
-        args = UniGameSFTConfig(gradient_checkpointing=False, prompt_column="caption", **common)
+        args = UniGameSFTConfig(gradient_checkpointing=False, **common)
         trainer = UniGameSFTTrainer(
             model, args=args, train_dataset=conversational(rows), processing_class=processor, peft_config=lora
         )
