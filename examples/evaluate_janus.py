@@ -5,11 +5,16 @@ white-box PGD attack at the shared visual-token interface, under a trained pertu
 model's own generated images (round-trip consistency).
 
 With no arguments, evaluates the tiny Janus pretrained on real digit scans (shipped in the package) on 120 held-out
-test scans ("What digit is this?"; shifted and corrupted scans included), on a CPU, in seconds:
+test scans ("What digit is this?"; shifted and corrupted scans included), on a CPU, in seconds, and writes
+`unigame-eval/results.json`:
 
 ```bash
 python examples/evaluate_janus.py
 ```
+
+Without `--model_name_or_path`, the settings of that run are the starting point and each option given replaces only
+its own setting: `--dataset_name imagefolder --dataset_data_files 'pngs/*'` evaluates the digits model on those
+images with every condition, `--attack_eps 0.1` changes only the attack.
 
 `accelerate launch` (or `torchrun`) with several processes splits the rows between them; the main process writes the
 results.
@@ -23,7 +28,7 @@ python examples/evaluate_janus.py \
     --perturber Janus-Pro-1B-UniGame/perturber \
     --dataset_name HuggingFaceM4/VQAv2 --dataset_split validation --max_samples 2000 \
     --attack_eps 0.02 0.05 --corruptions noise_3 blur_3 jpeg_3 contrast_3 \
-    --output_file results.json
+    --output_dir janus-pro-eval
 
 # a YAML file with the same keys works with --config
 ```
@@ -58,15 +63,17 @@ class EvaluationScriptArguments:
     Arguments of the evaluation script.
 
     Args:
-        model_name_or_path (`str`, *optional*): Base model (Hub id or folder); a tiny offline model when not given.
+        model_name_or_path (`str`, *optional*): Base model (Hub id or folder); when not given, the tiny Janus pretrained
+            on digit scans, with the offline default's settings for every option not given.
         adapters (`list[str]`, *optional*): LoRA adapter folders (or Hub ids) trained from the base model; each is
             evaluated as its own row, after the base model.
         perturber (`str`, *optional*): A trained perturber (folder or Hub id), e.g. a UniGame output's `perturber/`.
         dtype (`str`, *optional*, defaults to `"auto"`): `auto`, `float32`, `bfloat16` or `float16`.
         dataset_name (`str`, *optional*): Hub dataset id, or a builder (`parquet`, `json`, `imagefolder`) with
-            `--dataset_data_files`.
+            `--dataset_data_files`; without it (and without a model), 120 held-out digit scans.
         dataset_config (`str`, *optional*): Dataset configuration name.
-        dataset_split (`str`, *optional*, defaults to `"test"`): Split evaluated.
+        dataset_split (`str`, *optional*, defaults to `"test"`): Split evaluated; when not given and the dataset has a
+            single split (e.g. `imagefolder` with one glob), that split.
         dataset_data_files (`str`, *optional*): Local data files.
         image_column, question_column, answer_column (`str`): As in `train_janus.py`; an `answers` list (VQAv2's
             annotators) is kept for the soft VQA accuracy.
@@ -84,8 +91,11 @@ class EvaluationScriptArguments:
         generation_guidance_scale (`float`, *optional*, defaults to `5.0`): Guidance of the round trip's generation.
         generation_temperature (`float`, *optional*, defaults to `1.0`): Temperature of the round trip's generation.
         seed (`int`, *optional*, defaults to `0`): Seed of the corruptions and of image generation.
-        output_file (`str`, *optional*, defaults to `"results.json"`): Where to write the results and the config.
-        predictions_file (`str`, *optional*): Also write the per-row answers and scores (JSON lines).
+        output_dir (`str`, *optional*, defaults to `"unigame-eval"`): Folder of the results (created when missing).
+        output_file (`str`, *optional*, defaults to `"results.json"`): Results and config, as JSON; a relative path is
+            inside `output_dir`, an absolute one is used as it is.
+        predictions_file (`str`, *optional*): Also write the per-row answers and scores (JSON lines); relative paths
+            are inside `output_dir`.
     """
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Base model; tiny offline if not given."})
@@ -113,8 +123,13 @@ class EvaluationScriptArguments:
     generation_guidance_scale: float = field(default=5.0, metadata={"help": "Guidance of the round trip's images."})
     generation_temperature: float = field(default=1.0, metadata={"help": "Temperature of the round trip's images."})
     seed: int = field(default=0, metadata={"help": "Seed of the corruptions and of image generation."})
-    output_file: str = field(default="results.json", metadata={"help": "Results and config, as JSON."})
-    predictions_file: str | None = field(default=None, metadata={"help": "Per-row answers and scores (JSON lines)."})
+    output_dir: str = field(default="unigame-eval", metadata={"help": "Folder of the results."})
+    output_file: str = field(
+        default="results.json", metadata={"help": "Results and config, as JSON (relative: inside output_dir)."}
+    )
+    predictions_file: str | None = field(
+        default=None, metadata={"help": "Per-row answers and scores, JSON lines (relative: inside output_dir)."}
+    )
 
 
 def offline_default_arguments() -> list[str]:
@@ -127,52 +142,70 @@ def offline_default_arguments() -> list[str]:
     ]
 
 
-def offline_model_and_data():
-    """The pretrained tiny digits Janus and 120 scans of its test split, which no training saw."""
-    from trl_unigame.testing import digits_vqa_dataset, pretrained_tiny_janus
-
-    model, processor = pretrained_tiny_janus()
-    return model, processor, digits_vqa_dataset("test", skills=("digit",), seed=1, max_scans=120)
-
-
-def load_model_and_data(args):
+def load_model(args):
+    """The base model and its processor: `--model_name_or_path`, or the pretrained tiny digits Janus."""
     if args.model_name_or_path is None:
-        model, processor, dataset = offline_model_and_data()
-    else:
-        from datasets import load_dataset
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from trl_unigame.testing import pretrained_tiny_janus
 
-        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-        model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-        if args.dataset_name is None:
+        return pretrained_tiny_janus()
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=dtype)
+    return model, AutoProcessor.from_pretrained(args.model_name_or_path)
+
+
+def load_data(args, given: frozenset[str] = frozenset()):
+    """The rows evaluated: `--dataset_name` mapped by `to_vqa_format`, or (without a model) 120 scans of the digits
+    test split, which no training saw. `given` names the options set by the user."""
+    if args.dataset_name is None:
+        if args.model_name_or_path is not None:
             raise ValueError(
                 "Pass --dataset_name (a Hub id, or a builder such as `parquet` with --dataset_data_files)."
             )
-        splits = load_dataset(args.dataset_name, name=args.dataset_config, data_files=args.dataset_data_files)
-        if args.dataset_split not in splits:
-            raise ValueError(
-                f"Split {args.dataset_split!r} not found; the dataset has {list(splits)}. Choose one with "
-                "--dataset_split."
-            )
-        raw = splits[args.dataset_split]
+        from trl_unigame.testing import digits_vqa_dataset
+
+        dataset = digits_vqa_dataset("test", skills=("digit",), seed=1, max_scans=120)
         if args.max_samples:
-            raw = raw.select(range(min(args.max_samples, len(raw))))
-        dataset = to_vqa_format(
-            raw,
-            image_column=args.image_column,
-            question_column=args.question_column,
-            answer_column=args.answer_column,
-            prompt_column=args.caption_column,
+            dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+        return dataset
+    from datasets import load_dataset
+
+    splits = load_dataset(args.dataset_name, name=args.dataset_config, data_files=args.dataset_data_files)
+    split = args.dataset_split
+    if split not in splits and len(splits) == 1 and "dataset_split" not in given:
+        split = next(iter(splits))  # e.g. `imagefolder` with one glob names its only split `train`
+        print(f"Evaluating the dataset's only split, {split!r} (choose another with --dataset_split).")
+    if split not in splits:
+        raise ValueError(
+            f"Split {split!r} not found; the dataset has {list(splits)}. Choose one with --dataset_split."
         )
-        for column in EXTRA_COLUMNS:
-            if column in raw.column_names and column not in dataset.column_names:
-                values = raw[column]
-                dataset = dataset.add_column(
-                    column, [reference_answers(v) for v in values] if column == "answers" else list(values)
-                )
-    if args.max_samples and len(dataset) > args.max_samples:
-        dataset = dataset.select(range(args.max_samples))
+    raw = splits[split]
+    if args.max_samples:
+        raw = raw.select(range(min(args.max_samples, len(raw))))
+    dataset = to_vqa_format(
+        raw,
+        image_column=args.image_column,
+        question_column=args.question_column,
+        answer_column=args.answer_column,
+        prompt_column=args.caption_column,
+    )
+    for column in EXTRA_COLUMNS:
+        if column in raw.column_names and column not in dataset.column_names:
+            values = raw[column]
+            dataset = dataset.add_column(
+                column, [reference_answers(v) for v in values] if column == "answers" else list(values)
+            )
+    if args.consistency and args.caption_column not in dataset.column_names and "consistency" not in given:
+        # The round trip of the offline default needs captions; the user's rows may have none.
+        print(f"No {args.caption_column!r} column: the round trip (--consistency) is skipped.")
+        args.consistency = False
+    return dataset
+
+
+def load_model_and_data(args, given: frozenset[str] = frozenset()):
+    model, processor = load_model(args)
+    dataset = load_data(args, given)
     # Under `accelerate launch` / `torchrun` this is each process's own device, and the evaluator shards the rows.
     return model.to(PartialState().device), processor, dataset
 
@@ -225,22 +258,34 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(args):
+def output_path(args, path: str) -> str:
+    """`path` inside `--output_dir` when relative; as it is when absolute."""
+    return os.path.join(args.output_dir, path)
+
+
+def main(args, given: frozenset[str] = frozenset()):
     # Several processes (`accelerate launch`, `torchrun`) join one process group: each answers a shard of the rows
     # and every process gets the whole set's results; the main process prints and writes them.
     state = PartialState(cpu=not torch.cuda.is_available())
-    model, processor, dataset = load_model_and_data(args)
+    model, processor, dataset = load_model_and_data(args, given)
     results, predictions = evaluate_models(args, model, processor, dataset)
     if not state.is_main_process:
         return results
     table = markdown_table(results)
     print(table)
-    with open(args.output_file, "w") as f:
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = output_path(args, args.output_file)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         json.dump({"config": asdict(args), "num_rows": len(dataset), "results": results}, f, indent=2)
+    print(f"\nResults of {len(dataset)} rows written to {os.path.abspath(path)}")
     if args.predictions_file:
-        with open(args.predictions_file, "w") as f:
+        path = output_path(args, args.predictions_file)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
             for row in predictions:
                 f.write(json.dumps(row) + "\n")
+        print(f"Per-row predictions written to {os.path.abspath(path)}")
     return results
 
 
@@ -248,7 +293,47 @@ def make_parser():
     return TrlParser((EvaluationScriptArguments,))
 
 
+def _options(argv: list[str]) -> list[list[str]]:
+    """Splits a command line into its options, each `--name` with the values that follow it."""
+    groups = []
+    for token in argv:
+        if token.startswith("--") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return groups
+
+
+def _option_name(option: str) -> str:
+    return option[2:].split("=", 1)[0].replace("-", "_")
+
+
+def parse_arguments(argv: list[str]) -> tuple[EvaluationScriptArguments, frozenset[str]]:
+    """Parses the command line; returns the arguments and the names of the options the user set. Without a model
+    (`--model_name_or_path`, on the command line or in `--config`), the offline default's settings are the base, and
+    each option given replaces just its own setting."""
+    parser = make_parser()
+    options = _options(argv)
+    given = {_option_name(group[0]) for group in options if group[0].startswith("--")}
+    for group in options:
+        if _option_name(group[0]) == "config":  # keys set in the YAML file count as given too
+            import yaml
+
+            path = group[1] if len(group) > 1 else group[0].split("=", 1)[1]
+            with open(path) as f:
+                given |= set(yaml.safe_load(f) or {})
+    (args,) = parser.parse_args_and_config(args=argv)
+    if args.model_name_or_path is not None:
+        return args, frozenset(given)
+    defaults = [
+        part
+        for group in _options(offline_default_arguments())
+        if _option_name(group[0]) not in given
+        for part in group
+    ]
+    (args,) = parser.parse_args_and_config(args=defaults + list(argv))
+    return args, frozenset(given)
+
+
 if __name__ == "__main__":
-    argv = sys.argv[1:] or offline_default_arguments()
-    (script_args,) = make_parser().parse_args_and_config(args=argv)
-    main(script_args)
+    main(*parse_arguments(sys.argv[1:]))

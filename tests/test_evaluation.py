@@ -534,7 +534,8 @@ def run_script(cwd, *args):
 def test_script_runs_offline_with_no_arguments(tmp_path):
     out = run_script(tmp_path)
     assert "| model | condition | vqa_accuracy |" in out and "| base | corrupt_noise_3 |" in out
-    with open(tmp_path / "results.json") as f:
+    assert f"written to {tmp_path / 'unigame-eval' / 'results.json'}" in out
+    with open(tmp_path / "unigame-eval" / "results.json") as f:
         results = json.load(f)
     assert results["config"]["consistency"] is True and results["num_rows"] == 120
     base = results["results"]["base"]
@@ -553,10 +554,10 @@ def test_script_under_two_processes_writes_one_result_that_a_single_process_agre
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("| model | condition |") == 1  # only the main process prints
-    with open(tmp_path / "results.json") as f:
+    with open(tmp_path / "unigame-eval" / "results.json") as f:
         sharded = json.load(f)
     run_script(tmp_path, *args, "--output_file", "single.json")
-    with open(tmp_path / "single.json") as f:
+    with open(tmp_path / "unigame-eval" / "single.json") as f:
         single = json.load(f)
     assert sharded["num_rows"] == single["num_rows"] == 10
     assert sharded["results"] == single["results"]
@@ -582,8 +583,9 @@ def test_script_evaluates_a_base_model_and_two_adapters(tmp_path):
         *("--perturber", str(tmp_path / "perturber"), "--dataset_name", "parquet"),
         *("--dataset_data_files", str(tmp_path / "data.parquet"), "--dataset_split", "train"),
         *("--attack_eps", "0.02", "0.1", "--predictions_file", "rows.jsonl", "--output_file", "r.json"),
+        *("--output_dir", "out"),
     )
-    with open(tmp_path / "r.json") as f:
+    with open(tmp_path / "out" / "r.json") as f:
         results = json.load(f)["results"]
     assert list(results) == ["base", "adapter1", "adapter2"]
     for metrics in results.values():
@@ -594,7 +596,7 @@ def test_script_evaluates_a_base_model_and_two_adapters(tmp_path):
             "perturber/vqa_accuracy",
         }
     assert out.count("| adapter2 |") == 4
-    with open(tmp_path / "rows.jsonl") as f:
+    with open(tmp_path / "out" / "rows.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == 18 and rows[0]["references"] == [data[0]["answers"][0]] * 10
     # The adapters change the answers (random LoRA weights): three different models were evaluated.
@@ -612,3 +614,59 @@ def test_every_script_option_is_documented():
         page = f.read()
     missing = [f.name for f in fields(EvaluationScriptArguments) if f"--{f.name}" not in page]
     assert not missing, f"docs/evaluation.md does not list {missing}"
+
+
+def import_script():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import evaluate_janus
+
+    return evaluate_janus
+
+
+def test_script_options_without_a_model_replace_only_their_own_default_setting(tmp_path):
+    script = import_script()
+    args, given = script.parse_arguments(["--adapters", "a", "b"])
+    (default,) = script.make_parser().parse_args_and_config(args=script.offline_default_arguments())
+    assert args.adapters == ["a", "b"] and given == {"adapters"}
+    for name in ("attack_eps", "attack_budget", "corruptions", "consistency", "generation_guidance_scale"):
+        assert getattr(args, name) == getattr(default, name), name
+    args, _ = script.parse_arguments(["--attack_eps", "0.1", "--generation_temperature=0.5"])
+    assert args.attack_eps == [0.1] and args.attack_budget == "relative" and args.generation_temperature == 0.5
+    assert args.corruptions == default.corruptions and args.consistency is True
+    (tmp_path / "eval.yaml").write_text("corruptions: [blur_1]\nconsistency: false\n")
+    args, _ = script.parse_arguments(["--config", str(tmp_path / "eval.yaml")])
+    assert args.corruptions == ["blur_1"] and args.consistency is False and args.attack_eps == [0.02, 0.05]
+    # With a model, the options' own defaults hold.
+    args, _ = script.parse_arguments(["--model_name_or_path", "m", "--adapters", "a"])
+    assert args.attack_budget == "absolute" and args.corruptions == [] and args.consistency is False
+
+
+def test_script_without_a_model_reads_the_given_dataset_and_skips_the_round_trip_without_captions(tmp_path):
+    from trl_unigame.digits import digits_vqa_dataset
+
+    script = import_script()
+    folder = tmp_path / "pngs" / "train"
+    folder.mkdir(parents=True)
+    rows = digits_vqa_dataset("test", skills=("digit",), seed=3, max_scans=5)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for index, row in enumerate(rows):
+            row["image"].save(folder / f"{index}.png")
+            f.write(json.dumps({"file_name": f"{index}.png", "question": row["question"], "answer": row["answer"]}))
+            f.write("\n")
+    args, given = script.parse_arguments(["--dataset_name", "imagefolder", "--dataset_data_files", str(folder / "*")])
+    dataset = script.load_data(args, given)
+    assert len(dataset) == 5 and dataset["answer"] == rows["answer"]  # its only split, `train`, is read
+    assert args.consistency is False  # no `caption` column
+    args, given = script.parse_arguments(["--max_samples", "7"])
+    assert len(script.load_data(args, given)) == 7 and args.consistency is True  # the digit scans
+
+
+@pytest.mark.slow
+def test_script_writes_under_the_output_dir_and_an_absolute_output_file_as_given(tmp_path):
+    args = ("--max_samples", "4", "--attack_steps", "1", "--corruptions", "noise_1", "--consistency", "false")
+    out = run_script(tmp_path, *args, "--output_dir", "eval", "--predictions_file", "rows.jsonl")
+    with open(tmp_path / "eval" / "results.json") as f:
+        assert json.load(f)["num_rows"] == 4
+    assert f"written to {tmp_path / 'eval' / 'results.json'}" in out and (tmp_path / "eval" / "rows.jsonl").exists()
+    out = run_script(tmp_path, *args, "--output_file", str(tmp_path / "abs.json"))
+    assert (tmp_path / "abs.json").exists() and str(tmp_path / "abs.json") in out

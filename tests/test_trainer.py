@@ -929,3 +929,66 @@ def test_generation_check_loads_the_consistency_model_without_mining(tmp_path, v
     assert all("unigame/clean_generation_consistency" in log for log in trainer.state.log_history if "loss" in log)
     with pytest.raises(ValueError, match="generation_check_interval"):
         make_trainer(tmp_path, vqa, mining_interval=0, generation_check_interval=1, consistency_model=None)
+
+
+def save_images(folder, vqa):
+    folder.mkdir()
+    paths = []
+    for index, image in enumerate(vqa["image"]):
+        paths.append(str(folder / f"{index}.png"))
+        image.save(paths[-1])
+    return paths
+
+
+def test_image_paths_in_a_string_column_are_read_as_images(tmp_path, vqa):
+    from datasets import Dataset
+
+    paths = save_images(tmp_path / "images", vqa)
+    rows = Dataset.from_dict({"image": paths, "question": vqa["question"], "answer": vqa["answer"]})
+    trainer = make_trainer(tmp_path, rows, max_steps=1)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_a_corrupt_image_file_is_named_with_its_row_before_training(tmp_path, vqa):
+    from datasets import Dataset, Image
+
+    paths = save_images(tmp_path / "images", vqa)
+    with open(paths[3], "rb") as f:
+        data = f.read()
+    with open(paths[3], "wb") as f:
+        f.write(data[: len(data) // 2])
+    model, processor = tiny_janus(seed=0)
+    for cast in (False, True):  # plain paths, then the `datasets.Image()` feature (decoded on access)
+        rows = Dataset.from_dict({"image": paths, "question": vqa["question"], "answer": vqa["answer"]})
+        if cast:
+            rows = rows.cast_column("image", Image())
+        with pytest.raises(ValueError, match=r"train_dataset` row 3: The `image` file '.*3\.png' cannot be read"):
+            UniGameTrainer(model, make_args(tmp_path), train_dataset=rows, processing_class=processor)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_empty_questions_or_answers_warn_once_with_their_count(tmp_path, vqa):
+    import warnings
+
+    from datasets import Dataset
+
+    rows = vqa.to_list()
+    rows[2]["question"], rows[7]["answer"], rows[9]["answer"] = "", " ", ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, Dataset.from_list(rows, features=vqa.features))
+    empty = [w for w in caught if "empty question or answer" in str(w.message)]
+    assert len(empty) == 1 and "3 row(s)" in str(empty[0].message) and "rows 2, 7, 9" in str(empty[0].message)
+
+
+def test_an_uncached_consistency_model_fails_at_once_when_the_hub_is_offline(tmp_path, vqa, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set after `huggingface_hub` read it, as a script may do
+    model, processor = tiny_janus(seed=0)
+    args = make_args(tmp_path, consistency_model="openai/clip-vit-base-patch16")
+    start = time.perf_counter()
+    with pytest.raises(OSError, match=r"(?s)Hub is offline.*local folder.*consistency_model=None"):
+        UniGameTrainer(model, args, train_dataset=vqa, processing_class=processor)
+    assert time.perf_counter() - start < 10  # no retries

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .interfaces import to_pil_images
@@ -31,8 +33,11 @@ class CLIPConsistencyScorer:
         from transformers import CLIPModel, CLIPProcessor
 
         if model is None:
-            model = CLIPModel.from_pretrained(model_name_or_path)
-            processor = CLIPProcessor.from_pretrained(model_name_or_path)
+            # Offline, the Hub is never asked: a model missing from the local cache fails at once instead of after a
+            # minute of retries.
+            local_only = hub_offline() and not os.path.isdir(model_name_or_path)
+            model = CLIPModel.from_pretrained(model_name_or_path, local_files_only=local_only)
+            processor = CLIPProcessor.from_pretrained(model_name_or_path, local_files_only=local_only)
         elif processor is None:
             raise ValueError("Pass the CLIP `processor` together with `model`.")
         self.model = model.eval().requires_grad_(False)
@@ -54,6 +59,15 @@ class CLIPConsistencyScorer:
         return (image * text).sum(-1).cpu()
 
 
+def hub_offline() -> bool:
+    """Whether the Hub is off: `huggingface_hub`'s offline mode, or `HF_HUB_OFFLINE` / `TRANSFORMERS_OFFLINE` set
+    after `huggingface_hub` was imported (which reads them only once)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.is_offline_mode() or any(f and f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
 def load_consistency_scorer(args, scorer=None, can_mine: bool = True):
     """The trainer's consistency scorer: `scorer` when given, else a [`CLIPConsistencyScorer`] loaded from
     `args.consistency_model` (none when that is `None`, neither mining nor the generation check is on, or the model
@@ -70,9 +84,10 @@ def load_consistency_scorer(args, scorer=None, can_mine: bool = True):
     try:
         return CLIPConsistencyScorer(args.consistency_model, device=args.device)
     except OSError as error:
+        offline = " (the Hub is offline and it is not in the local cache)" if hub_offline() else ""
         raise OSError(
             f"The consistency model {args.consistency_model!r} (`consistency_model`, used to score mined candidates) "
-            f"could not be loaded: {error}. Without a connection to the Hub, pass a local folder holding a CLIP model "
+            f"could not be loaded{offline}: {error}. Without a connection to the Hub, pass a local folder holding a CLIP model "
             "and its processor (`consistency_model=/path/to/clip`), pass your own `consistency_scorer`, or turn the "
             "filter off with `consistency_model=None`."
         ) from error

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import warnings
 from typing import Any, Callable
 
 
@@ -48,9 +50,44 @@ def as_text(value, column: str = "text"):
     return value if isinstance(value, str) else str(value)
 
 
+def load_image(value, column: str = "image"):
+    """An image value as a decoded PIL image, read as `datasets.Image()` reads it: a PIL image, a file path (`str` or
+    `os.PathLike`, relative to the working directory) or an undecoded `{"path", "bytes"}` dict. Raises a `ValueError`
+    naming the file when it is missing or cannot be decoded (truncated or corrupt)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    if value is None:
+        raise ValueError(f"The `{column}` value is None: every row needs an image.")
+    source = None
+    try:
+        if isinstance(value, Image.Image):
+            image, source = value, getattr(value, "filename", None)
+        elif isinstance(value, (str, os.PathLike)):
+            source = os.fspath(value)
+            image = Image.open(source)
+        elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
+            source = value.get("path")
+            image = Image.open(BytesIO(value["bytes"]) if value.get("bytes") is not None else source)
+        else:
+            raise ValueError(
+                f"The `{column}` value is a {type(value).__name__}, not an image or an image path: cast the column "
+                "with `dataset.cast_column(column, datasets.Image())`."
+            )
+        image.load()  # PIL decodes lazily: a truncated file fails here, not in the image processor
+    except OSError as error:
+        what = f"file {source!r}" if source else "image (in-memory bytes)"
+        raise ValueError(
+            f"The `{column}` {what} cannot be read ({error}): replace the file or drop the row."
+        ) from error
+    return image
+
+
 def check_rows(dataset, name: str = "train_dataset", columns=("image", "question", "answer")) -> None:
     """Reads up to `ROWS_CHECKED` rows spread over `dataset` and raises a `ValueError` naming the column and the row
-    index of the first missing image or text, before any training starts."""
+    index of the first missing image or text, or of an image file that cannot be read, before any training starts.
+    Warns once when rows have an empty question or answer (all rows are counted)."""
     if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "select"):
         return
     n = len(dataset)
@@ -59,16 +96,40 @@ def check_rows(dataset, name: str = "train_dataset", columns=("image", "question
     else:
         indices = sorted({round(i * (n - 1) / (ROWS_CHECKED - 1)) for i in range(ROWS_CHECKED)})
     present = [c for c in columns if c in dataset.column_names]
-    for index, row in zip(indices, dataset.select(indices).select_columns(present)):
+    checked = dataset.select(indices).select_columns(present)
+    if "image" in present and hasattr(checked, "cast_column"):
+        from datasets import Image
+
+        try:  # undecoded, so a file that cannot be decoded is named with its row instead of failing in `datasets`
+            checked = checked.cast_column("image", Image(decode=False))
+        except (TypeError, ValueError):  # not castable (e.g. a list of images): checked decoded
+            pass
+    for index, row in zip(indices, checked):
         for column in present:
             try:
                 if column == "image":
-                    if row[column] is None:
-                        raise ValueError("The `image` value is None: every row needs an image.")
+                    load_image(row[column], column)
                 else:
                     as_text(row[column], column)
             except ValueError as error:
                 raise ValueError(f"`{name}` row {index}: {error}") from None
+    texts = [dataset[c] for c in ("question", "answer") if c in present]  # columns only: no image is decoded
+    empty = [index for index, values in enumerate(zip(*texts)) if any(_is_empty_text(v) for v in values)]
+    if empty:
+        shown = ", ".join(str(i) for i in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        warnings.warn(
+            f"`{name}` has {len(empty)} row(s) with an empty question or answer (rows {shown}): the model learns to "
+            "answer nothing, or without being asked. Filter them out, e.g. `dataset.filter(lambda r: r['question'] "
+            "and r['answer'])`.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _is_empty_text(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else ""
+    return isinstance(value, str) and not value.strip()
 
 
 class UniGameDataCollator:
@@ -88,19 +149,19 @@ class UniGameDataCollator:
         self.prompt_column = prompt_column
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        texts = []
+        texts, images = [], []
         for position, r in enumerate(rows):
             try:
-                if r.get("image") is None:
-                    raise ValueError("The `image` value is None: every row needs an image.")
+                image = load_image(r.get("image"))
                 question, answer = as_text(r["question"], "question"), as_text(r["answer"], "answer")
                 prompt = r.get(self.prompt_column)
                 prompt = as_text(prompt, self.prompt_column) if prompt not in (None, "", []) else question
             except ValueError as error:
                 raise ValueError(f"Row {position} of the batch (question {r.get('question')!r}): {error}") from None
             texts.append({"question": question, "answer": answer, "prompt": prompt})
+            images.append(image)
         batch = self.interface.build_understanding_inputs(
-            [r["image"] for r in rows], [t["question"] for t in texts], [t["answer"] for t in texts]
+            images, [t["question"] for t in texts], [t["answer"] for t in texts]
         )
         batch[ROWS_KEY] = texts
         return batch
