@@ -47,6 +47,10 @@ from trl_unigame.data import to_vqa_format
 from trl_unigame.evaluation import DEFAULT_ATTACK_EPS, UniGameEvaluator, reference_answers
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_janus import _option_name, _options  # noqa: E402  (the same command-line rule as the training script)
+
+
 # Columns kept beside `to_vqa_format`'s image/question/answer: all annotators' answers and the group keys.
 EXTRA_COLUMNS = ("answers", "group_id", "question_id", "image_id")
 # The script's arguments that `UniGameEvaluator` takes under the same name. Not `image_column`/`question_column`:
@@ -291,21 +295,6 @@ def main(args, given: frozenset[str] = frozenset()):
 
 def make_parser():
     return TrlParser((EvaluationScriptArguments,))
-
-
-def _options(argv: list[str]) -> list[list[str]]:
-    """Splits a command line into its options, each `--name` with the values that follow it."""
-    groups = []
-    for token in argv:
-        if token.startswith("--") or not groups:
-            groups.append([token])
-        else:
-            groups[-1].append(token)
-    return groups
-
-
-def _option_name(option: str) -> str:
-    return option[2:].split("=", 1)[0].replace("-", "_")
 
 
 def parse_arguments(argv: list[str]) -> tuple[EvaluationScriptArguments, frozenset[str]]:
