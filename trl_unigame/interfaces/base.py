@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import types
 from abc import ABC, abstractmethod
 from typing import Any, Callable
@@ -11,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+from .generation import ImageTokenLoop
 
 
 class UnsupportedModelError(ValueError):
@@ -52,25 +53,7 @@ def to_pil_images(images: Any) -> list[Image.Image]:
     return out
 
 
-def _kv_cache_keyword(language_model: nn.Module) -> str:
-    """The keyword under which `language_model.forward` reads its KV cache: `cache` from transformers 5.24 on,
-    `past_key_values` before.
-
-    Raises:
-        TypeError: when the forward takes neither; its `**kwargs` would swallow the cache, and generation would
-            silently run without one.
-    """
-    parameters = inspect.signature(language_model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in parameters:
-            return name
-    raise TypeError(
-        f"{type(language_model).__name__}.forward takes neither `cache` nor `past_key_values`: no KV cache can be "
-        "passed to it."
-    )
-
-
-class VisualTokenInterface(ABC):
+class VisualTokenInterface(ImageTokenLoop, ABC):
     """The two sites where the understanding and generation paths of a unified model meet the LLM, and the few
     operations the game needs on them.
 
@@ -96,164 +79,6 @@ class VisualTokenInterface(ABC):
         self._compiled_steps: dict[Any, Callable] = {}
         # Static KV caches kept between compiled generation calls, one per batch: (cache length, cache).
         self._generation_caches: dict[Any, tuple[int, Any]] = {}
-
-    def _token_loop(
-        self, language_model: nn.Module, attention_mask: torch.Tensor, new_tokens: int, compile_config=None
-    ):
-        """What an image-generation loop of `new_tokens` steps after a prompt with `attention_mask` needs: a
-        `transformers.StaticCache`, one mask over the whole cache (future positions 0; the loop sets position
-        `prompt_length + i` to 1 after step `i`), the eager step for the prompt, and the step for one new token
-        (compiled with `compile_config`). The mask spans the whole cache so the one-token step's shapes never change.
-
-        When compiling, the cache length is rounded up to a multiple of 64 so prompts of similar length share a graph,
-        and the cache is kept and reset (not rebuilt) by the next call with the same batch, cache length, dtype and
-        device: the compiled step then sees the very same tensors, which CUDA graphs replay instead of recording
-        again. One cache is kept per batch size (a new cache length replaces it); `clear_generation_caches` frees them.
-        """
-        from transformers import StaticCache
-
-        rows, prompt_length = attention_mask.shape
-        cache_length = prompt_length + new_tokens
-        if compile_config is None:
-            # Nothing to gain from keeping it: the eager step does not care which tensors it gets.
-            cache = StaticCache(config=language_model.config, max_cache_len=cache_length)
-        else:
-            cache_length = -(-cache_length // 64) * 64
-            device = attention_mask.device
-            # The cache's tensors take the dtype of the keys and values, which autocast decides when it is on.
-            autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-            dtype = next(p.dtype for p in language_model.parameters() if p.is_floating_point())
-            key = (id(language_model), rows, dtype, autocast, device)
-            kept_length, cache = self._generation_caches.get(key, (None, None))
-            if kept_length == cache_length:
-                cache.reset()
-            else:
-                cache = StaticCache(config=language_model.config, max_cache_len=cache_length)
-                self._generation_caches[key] = (cache_length, cache)
-        full_mask = attention_mask.new_zeros((rows, cache_length))
-        full_mask[:, :prompt_length] = attention_mask
-        prompt_step = self._token_step(language_model)
-        step = prompt_step if compile_config is None else self._token_step(language_model, compile_config)
-        return cache, full_mask, prompt_step, step
-
-    def _token_step(self, language_model: nn.Module, compile_config=None) -> Callable:
-        """The one-token step of an image-generation loop: `step(embeds, attention_mask, position_ids, cache)` runs the
-        LLM on one new position per row against a `transformers.StaticCache` and returns the last hidden states,
-        `(batch, hidden)`. With a `transformers.CompileConfig`, the step is compiled once per interface and config;
-        `torch.compile` traces one graph for the first shapes it sees, and one more for each batch size or cache
-        length that it then makes dynamic (see `mining_compile` in docs/method.md)."""
-        cache_keyword = _kv_cache_keyword(language_model)
-
-        def step(embeds, attention_mask, position_ids, cache):
-            out = language_model(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **{cache_keyword: cache},
-            )
-            return out.last_hidden_state[:, -1]
-
-        if compile_config is None:
-            return step
-        options = compile_config.to_dict()
-        key = (id(language_model), repr(sorted(options.items())))
-        if key not in self._compiled_steps:
-            self._compiled_steps[key] = torch.compile(step, **options)
-        return self._compiled_steps[key]
-
-    def _generate_image_tokens(
-        self,
-        language_model: nn.Module,
-        prompt: tuple[torch.Tensor, torch.Tensor],
-        unconditional_prompt: tuple[torch.Tensor, torch.Tensor],
-        num_images: int,
-        num_tokens: int,
-        image_scores: Callable[[torch.Tensor], torch.Tensor],
-        embed_image_tokens: Callable[[torch.Tensor], torch.Tensor],
-        guidance_scale: float,
-        temperature: float,
-        generator: torch.Generator | None = None,
-        compile_config=None,
-        candidate_ids: torch.Tensor | None = None,
-        forced_token: Callable[[int], int | None] | None = None,
-    ) -> torch.Tensor:
-        """The image-generation loop of the unified families: samples `num_tokens` tokens for each of `num_images`
-        images per prompt, with classifier-free guidance, on a `transformers.StaticCache` (see
-        [`~VisualTokenInterface._token_loop`]).
-
-        The batch is doubled: each prompt's row `num_images` times, then as many unconditional rows. The prompt is
-        embedded by the model's input embeddings and runs eagerly; every later step feeds the token sampled for a row
-        back to that row and to its unconditional twin through `embed_image_tokens`, and runs the LLM on that one
-        position (compiled with `compile_config`).
-
-        Args:
-            language_model (`torch.nn.Module`):
-                The LLM without its head (its output has `last_hidden_state`).
-            prompt (`tuple[torch.Tensor, torch.Tensor]`):
-                Left-padded token ids and attention mask of the prompts, `(num_prompts, length)`.
-            unconditional_prompt (`tuple[torch.Tensor, torch.Tensor]`):
-                The same for the unconditional branch, at the same length: one row per prompt, or one row for all.
-            num_images (`int`): Images per prompt.
-            num_tokens (`int`): Tokens to generate per image.
-            image_scores (`Callable`):
-                Last hidden states `(2 * batch, hidden)` to scores over the candidate tokens `(2 * batch, candidates)`.
-            embed_image_tokens (`Callable`):
-                Token ids `(2 * batch, 1)` to the embeddings fed back: through the generation site, so that a
-                perturber's hook sees every sampled token.
-            guidance_scale (`float`): `uncond + guidance_scale * (cond - uncond)` on the scores.
-            temperature (`float`): Sampling temperature; `0` takes the argmax.
-            generator (`torch.Generator`, *optional*): Seeds the sampling.
-            compile_config (`transformers.CompileConfig`, *optional*): Compiles the one-token step.
-            candidate_ids (`torch.Tensor`, *optional*):
-                The token id of each column of `image_scores`; `None` when the column is the id.
-            forced_token (`Callable`, *optional*):
-                Step index to a token id that every row takes at that step without sampling, or `None` to sample.
-
-        Returns:
-            `torch.Tensor`: The tokens, `(num_prompts * num_images, num_tokens)`, grouped by prompt.
-        """
-        ids, mask = (t.repeat_interleave(num_images, dim=0) for t in prompt)
-        batch = ids.shape[0]
-        uncond_ids, uncond_mask = (
-            t.expand(batch, -1) if t.shape[0] == 1 else t.repeat_interleave(num_images, dim=0)
-            for t in unconditional_prompt
-        )
-        input_ids = torch.cat([ids, uncond_ids])
-        attention_mask = torch.cat([mask, uncond_mask])
-        prompt_length = input_ids.shape[1]
-        cache, full_mask, prompt_step, step = self._token_loop(
-            language_model, attention_mask, num_tokens, compile_config
-        )
-        embeds = self.base_model.get_input_embeddings()(input_ids)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        tokens = torch.empty((batch, num_tokens), dtype=torch.long, device=input_ids.device)
-        for i in range(num_tokens):
-            hidden = (prompt_step if i == 0 else step)(embeds, full_mask, position_ids, cache)
-            forced = forced_token(i) if forced_token is not None else None
-            if forced is not None:
-                next_token = tokens.new_full((batch,), forced)
-            else:
-                scores = image_scores(hidden).float()
-                cond, uncond = scores[:batch], scores[batch:]
-                logits = uncond + guidance_scale * (cond - uncond)
-                if temperature > 0:
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-                else:
-                    next_token = logits.argmax(-1)
-                if candidate_ids is not None:
-                    next_token = candidate_ids[next_token]
-            tokens[:, i] = next_token
-            embeds = embed_image_tokens(torch.cat([next_token, next_token]).unsqueeze(-1))
-            full_mask[:, prompt_length + i] = 1
-            position_ids = position_ids[:, -1:] + 1
-        return tokens
-
-    def clear_generation_caches(self) -> None:
-        """Frees the KV caches that image generation with a `compile_config` keeps between calls. The compiled steps
-        stay; the next call builds its cache again (and CUDA graphs record again)."""
-        self._generation_caches.clear()
 
     def _require_processor(self):
         """The processor, or a clear error for the operations that need it (building inputs, generating)."""
