@@ -38,6 +38,7 @@ def make_trainer_class():
     from trl_unigame.data import ROWS_KEY
     from trl_unigame.game.context import StepContext
     from trl_unigame.game.metrics import GameMetrics
+    from trl_unigame.game.understanding import host_normalises_over_window
 
     class ProbedTrainer(UniGameTrainer):
         """A `UniGameTrainer` that compares, every `probe_every` steps, the gradient its step gives the perturber with
@@ -93,7 +94,7 @@ def make_trainer_class():
                     step=self.state.global_step,
                     window=self.current_gradient_accumulation_steps,
                     last_micro_batch=False,
-                    normalised_over_window=self._host_normalises_over_window(num_items_in_batch),
+                    normalised_over_window=host_normalises_over_window(self, num_items_in_batch),
                     num_items_in_batch=num_items_in_batch,
                 )
                 self._exact_perturber_step(unwrapped, ctx)
