@@ -84,7 +84,7 @@ def offline_default_arguments(output_dir: str = "unigame-janus-tiny") -> list[st
         "per_device_train_batch_size": "8",
         "learning_rate": "1e-3",
         "lr_scheduler_type": "constant",
-        "logging_steps": "25",
+        "logging_steps": "0.1",  # a tenth of the run (Trainer's ratio): ten logs whatever `--max_steps`
         "save_steps": "100",
         "report_to": "none",
         "bf16": "false",

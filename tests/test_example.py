@@ -120,10 +120,14 @@ def test_options_without_a_model_adjust_the_offline_default(tmp_path):
 def test_closing_message_says_what_was_saved(tmp_path, capsys):
     from train_janus import parse_arguments
 
-    common = ["--output_dir", str(tmp_path / "full"), "--max_steps", "1", "--picture_steps", "0"]
-    main(*parse_arguments(common + ["--use_peft", "false", "--disable_tqdm", "true", "--compare_scans", "0"]))
+    common = ["--output_dir", str(tmp_path / "full"), "--max_steps", "2", "--picture_steps", "0"]
+    trainer = main(
+        *parse_arguments(common + ["--use_peft", "false", "--disable_tqdm", "true", "--compare_scans", "0"])
+    )
     printed = capsys.readouterr().out
     assert "Saved the full model" in printed and "LoRA" not in printed
+    # the offline default logs a tenth of the run: a short run still logs (every step here)
+    assert [log["step"] for log in trainer.state.log_history if "loss" in log] == [1, 2]
     assert (tmp_path / "full" / "model.safetensors").is_file()
 
 
