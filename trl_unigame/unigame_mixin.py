@@ -1,9 +1,10 @@
 """The UniGame mixin: the two-player training step on top of a `transformers.Trainer` host ([`UniGameTrainer`], or
 TRL's trainers through the stacking classes).
 
-The mixin orchestrates; the game's parts live in `trl_unigame.game`: the adversary's step (`adversary`), mining
-(`mining`), the buffer pass (`buffer_pass`), the composition of U's loss (`loss`), agreement between processes
-(`agreement`), checkpoint files (`checkpoint`) and metrics (`metrics`).
+The mixin orchestrates; the game's parts live in `trl_unigame.game`: the per-step context (`context`), the
+adversary's step (`adversary`), mining (`mining`), the buffer pass (`buffer_pass`), U's passes (`understanding`) and
+the composition of its loss (`loss`), agreement between processes (`agreement`), checkpoints (`checkpoint`) and
+metrics (`metrics`).
 """
 
 from __future__ import annotations
