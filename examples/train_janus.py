@@ -277,7 +277,27 @@ def main(script_args, training_args, model_args):
 
 
 def make_parser():
-    return TrlParser((UniGameScriptArguments, UniGameConfig, ModelConfig))
+    return TrlParser(
+        (UniGameScriptArguments, UniGameConfig, ModelConfig),
+        description=(
+            "UniGame post-training. Without --model_name_or_path the offline default runs, and its settings differ "
+            "from the defaults listed below: "
+            + " ".join(offline_default_arguments("unigame-janus-tiny"))
+            + ". Options given on the command line replace the offline default's one by one."
+        ),
+    )
+
+
+def effective_settings(argv: list[str], training_args, model_args) -> str:
+    """The settings the offline default runs with after the command line's options: one line, printed at start."""
+    names = {_option_name(group[0]) for group in _options(offline_default_arguments("x") + list(argv))}
+    values = []
+    for name in sorted(names - {"config"}):
+        for source in (training_args, model_args):
+            if hasattr(source, name):
+                values.append(f"{name}={getattr(source, name)}")
+                break
+    return "Offline default (the tiny digits Janus, the digit judge as consistency scorer): " + ", ".join(values)
 
 
 def _options(argv: list[str]) -> list[list[str]]:
@@ -321,4 +341,7 @@ def parse_arguments(argv: list[str]):
 
 
 if __name__ == "__main__":
-    main(*parse_arguments(sys.argv[1:]))
+    arguments = parse_arguments(sys.argv[1:])
+    if arguments[2].model_name_or_path is None and arguments[1].process_index == 0:
+        print(effective_settings(sys.argv[1:], arguments[1], arguments[2]), flush=True)
+    main(*arguments)

@@ -526,3 +526,20 @@ def test_processes_launched_together_that_would_train_apart_are_refused(tmp_path
     assert "2 processes were launched together, but the Trainer runs in each of them alone" in result.stderr
     assert "accelerate launch --multi_gpu --num_processes 2" in result.stderr
     assert not (out / "adapter_model.safetensors").exists()  # nothing trained, nothing written as if it had
+
+
+def test_help_and_start_name_the_offline_defaults_settings():
+    from train_janus import effective_settings, parse_arguments
+
+    shown = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "train_janus.py"), "--help"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    shown = " ".join(shown.split())  # argparse wraps the description
+    assert "the offline default runs" in shown and "--learning_rate 1e-3" in shown  # not only the generic 2e-05
+    _, training_args, model_args = parse_arguments(["--max_steps", "7"])
+    line = effective_settings(["--max_steps", "7"], training_args, model_args)
+    assert "max_steps=7" in line and "learning_rate=0.001" in line and "perturber_budget=relative" in line
