@@ -48,7 +48,7 @@ from trl_unigame.evaluation import DEFAULT_ATTACK_EPS, UniGameEvaluator, referen
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_janus import _option_name, _options  # noqa: E402  (the same command-line rule as the training script)
+from train_janus import given_options, with_defaults  # noqa: E402  (the same command-line rule as the training script)
 
 
 # Columns kept beside `to_vqa_format`'s image/question/answer: all annotators' answers and the group keys.
@@ -302,25 +302,11 @@ def parse_arguments(argv: list[str]) -> tuple[EvaluationScriptArguments, frozens
     (`--model_name_or_path`, on the command line or in `--config`), the offline default's settings are the base, and
     each option given replaces just its own setting."""
     parser = make_parser()
-    options = _options(argv)
-    given = {_option_name(group[0]) for group in options if group[0].startswith("--")}
-    for group in options:
-        if _option_name(group[0]) == "config":  # keys set in the YAML file count as given too
-            import yaml
-
-            path = group[1] if len(group) > 1 else group[0].split("=", 1)[1]
-            with open(path) as f:
-                given |= set(yaml.safe_load(f) or {})
+    given = given_options(argv)
     (args,) = parser.parse_args_and_config(args=argv)
     if args.model_name_or_path is not None:
         return args, frozenset(given)
-    defaults = [
-        part
-        for group in _options(offline_default_arguments())
-        if _option_name(group[0]) not in given
-        for part in group
-    ]
-    (args,) = parser.parse_args_and_config(args=defaults + list(argv))
+    (args,) = parser.parse_args_and_config(args=with_defaults(argv, offline_default_arguments(), given))
     return args, frozenset(given)
 
 

@@ -315,13 +315,8 @@ def _option_name(option: str) -> str:
     return option[2:].split("=", 1)[0].replace("-", "_")
 
 
-def parse_arguments(argv: list[str]):
-    """Parses the command line. Without a model (`--model_name_or_path`, on the command line or in `--config`), the
-    offline default's settings are the base, and each option given replaces just its own setting."""
-    parser = make_parser()
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    if model_args.model_name_or_path is not None:
-        return script_args, training_args, model_args
+def given_options(argv: list[str]) -> set[str]:
+    """The names of the options set on the command line, and of the keys of its `--config` YAML file."""
     options = _options(argv)
     given = {_option_name(group[0]) for group in options if group[0].startswith("--")}
     for group in options:
@@ -331,13 +326,23 @@ def parse_arguments(argv: list[str]):
             path = group[1] if len(group) > 1 else group[0].split("=", 1)[1]
             with open(path) as f:
                 given |= set(yaml.safe_load(f) or {})
-    defaults = [
-        part
-        for group in _options(offline_default_arguments())
-        if _option_name(group[0]) not in given
-        for part in group
-    ]
-    return parser.parse_args_and_config(args=defaults + list(argv))
+    return given
+
+
+def with_defaults(argv: list[str], default_argv: list[str], given: set[str]) -> list[str]:
+    """`argv` after the default options it does not set: each option given replaces just its own default."""
+    kept = [part for group in _options(default_argv) if _option_name(group[0]) not in given for part in group]
+    return kept + list(argv)
+
+
+def parse_arguments(argv: list[str]):
+    """Parses the command line. Without a model (`--model_name_or_path`, on the command line or in `--config`), the
+    offline default's settings are the base, and each option given replaces just its own setting."""
+    parser = make_parser()
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    if model_args.model_name_or_path is not None:
+        return script_args, training_args, model_args
+    return parser.parse_args_and_config(args=with_defaults(argv, offline_default_arguments(), given_options(argv)))
 
 
 if __name__ == "__main__":
