@@ -86,6 +86,28 @@ METHODS = {
     "unigame-gradient-perturbed": dict(
         UNIGAME, perturber_update="first_order", perturber_inputs="features_and_gradient", perturbed_weight=0.5
     ),
+    # The validation sweep to buy back clean accuracy (docs/benchmarks.md): the perturbed tokens weighted 0.25, a
+    # 5% understanding budget (half the game's), and the 5% budget with beta 0.1.
+    "unigame-gradient-perturbed-w0.25": dict(
+        UNIGAME, perturber_update="first_order", perturber_inputs="features_and_gradient", perturbed_weight=0.25
+    ),
+    "unigame-gradient-perturbed-eps0.05": dict(
+        UNIGAME,
+        perturber_update="first_order",
+        perturber_inputs="features_and_gradient",
+        perturbed_weight=0.5,
+        perturber_eps_max=0.05,
+        perturber_eps_init=0.025,
+    ),
+    "unigame-gradient-perturbed-eps0.05-beta0.1": dict(
+        UNIGAME,
+        perturber_update="first_order",
+        perturber_inputs="features_and_gradient",
+        perturbed_weight=0.5,
+        perturber_eps_max=0.05,
+        perturber_eps_init=0.025,
+        buffer_weight=0.1,
+    ),
     # Both kinds of samples: decoded hard samples and the perturbed tokens themselves (chosen on validation, see
     # docs/benchmarks.md), with beta 0.25 as for `unigame` or lowered to 0.1.
     "unigame-perturbed": dict(UNIGAME, perturbed_weight=0.5),
@@ -195,6 +217,44 @@ def summarize(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, tu
     return table
 
 
+def paired_differences(runs: dict[str, list[dict[str, float]]], seeds: list[int], baseline: str = "sft") -> dict:
+    """Each method minus `baseline`, seed by seed (same seed, same rows, same order): for every metric the list of
+    differences, their mean, standard error of the mean and the count of seeds above 0."""
+    if baseline not in runs:
+        return {}
+    out = {}
+    for method, results in runs.items():
+        if method in (baseline, "base"):
+            continue
+        per_metric = {}
+        for key in results[0]:
+            if not all(key in r for r in results + runs[baseline]):
+                continue
+            diffs = [r[key] - b[key] for r, b in zip(results, runs[baseline])]
+            stderr = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+            per_metric[key] = {
+                "by_seed": dict(zip(map(str, seeds), diffs)),
+                "mean": statistics.mean(diffs),
+                "stderr": stderr,
+                "seeds_above_zero": sum(d > 0 for d in diffs),
+            }
+        out[method] = per_metric
+    return out
+
+
+def paired_markdown(paired: dict, columns: list[str], num_seeds: int) -> str:
+    lines = ["| − `sft` | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method, values in paired.items():
+        cells = [
+            f"{100 * values[c]['mean']:+.1f} ± {100 * values[c]['stderr']:.1f} ({values[c]['seeds_above_zero']}/{num_seeds})"
+            if c in values
+            else "–"
+            for c in columns
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(table, columns: list[str]) -> str:
     lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, values in table.items():
@@ -267,6 +327,12 @@ def parse_args(argv=None):
         "--split", default="test", choices=["test", "validation"], help="Evaluate here (tune on validation)."
     )
     parser.add_argument("--eval_scans", type=int, default=None, help="Evaluate on the first N scans of the split.")
+    parser.add_argument(
+        "--eval_colors",
+        default="every",
+        choices=["every", "one"],
+        help="Evaluate each scan in every ink colour (4 rows a scan) or in one seeded colour (the earlier tables).",
+    )
     parser.add_argument("--attack_eps", nargs="+", type=float, default=None, help="Relative attack budgets.")
     parser.add_argument("--attack_steps", type=int, default=5)
     parser.add_argument(
@@ -295,7 +361,7 @@ def main(argv=None):
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     judge = DigitJudge()
     train = digits_vqa_dataset("train", skills=TRAIN_SKILLS, seed=0).shuffle(seed=0)
-    scans = dict(max_scans=args.eval_scans)
+    scans = dict(max_scans=args.eval_scans, every_color=args.eval_colors == "every")
     datasets = {
         "skill": digits_vqa_dataset(args.split, skills=(FINE_TUNED_SKILL,), seed=1, **scans),
         "shifted": digits_vqa_dataset(args.split, skills=(FINE_TUNED_SKILL,), seed=1, shift=2, **scans),
@@ -344,6 +410,7 @@ def main(argv=None):
         f"digit/attack_rel{args.attack_eps[0]:g}/vqa_accuracy",
     ]
     columns = [c for c in columns if any(c in values for values in table.values())]
+    paired = paired_differences(runs, args.seeds)
     report = {
         "config": {
             "common": COMMON,
@@ -365,6 +432,7 @@ def main(argv=None):
         "minutes": (time.time() - started) / 60,
         "runs": runs,
         "summary": {m: {k: list(v) for k, v in values.items()} for m, values in table.items()},
+        "paired_to_sft": paired,
         "same_rows_in_same_order": True,
     }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
@@ -373,6 +441,11 @@ def main(argv=None):
         f"Accuracy (%) on the {args.split} split, mean ± std over seeds {args.seeds}; {args.max_steps} steps; "
         f"attack budgets relative to the token norm.\n\n" + markdown(table, columns) + "\n"
     )
+    if paired:
+        text += (
+            "\nDifference to `sft` seed by seed (same seed, rows and order), in points: mean ± standard error "
+            "(seeds above 0).\n\n" + paired_markdown(paired, columns, len(args.seeds)) + "\n"
+        )
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text)
     bar_chart(table, columns, os.path.join(args.output_dir, "results.png"))

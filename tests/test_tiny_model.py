@@ -72,6 +72,23 @@ def test_dataset_columns_determinism_and_answers():
     assert set(PRETRAINING_SKILLS).isdisjoint(FINE_TUNING_SKILLS)
 
 
+def test_every_color_renders_each_scan_once_per_ink(judge):
+    one = digits_vqa_dataset("test", skills=("digit", "after"), seed=1, max_scans=6)
+    every = digits_vqa_dataset("test", skills=("digit", "after"), seed=1, max_scans=6, every_color=True)
+    assert len(every) == 4 * len(one)
+    scans = split_scan_indices("test")[:6].tolist()
+    # Each scan once per colour and skill, scans in split order, colours in INK_COLORS order.
+    assert every["scan_index"][::2] == [s for s in scans for _ in INK_COLORS]
+    assert every["color"][::2] == list(INK_COLORS) * 6
+    assert every["caption"][::2] == [caption(d, c) for d, c in zip(every["digit"][::2], every["color"][::2])]
+    # The colour really is the ink: the judge reads it back.
+    assert judge.predict(every["image"][::2])[1] == every["color"][::2]
+    # Every render of a scan in colour c equals the seeded row that drew colour c for it.
+    for row in one.select(range(0, len(one), 2)):
+        k = 2 * (4 * scans.index(row["scan_index"]) + list(INK_COLORS).index(row["color"]))
+        assert np.array_equal(np.asarray(every[k]["image"]), np.asarray(row["image"]))
+
+
 def test_render_downsamples_to_the_scan_and_shift_moves_pixels():
     scans, _ = load_digit_scans()
     scan = scans[split_scan_indices("test")[0]]

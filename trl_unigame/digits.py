@@ -145,6 +145,7 @@ def digits_vqa_dataset(
     background: str | tuple = "white",
     colors: tuple[str, ...] | list[str] | None = None,
     max_scans: int | None = None,
+    every_color: bool = False,
 ):
     r"""
     Returns a `datasets.Dataset` of the digit scans of one fixed split, rendered 16x16 in colour, as VQA rows.
@@ -168,6 +169,10 @@ def digits_vqa_dataset(
             Ink colours to draw from (names of `INK_COLORS`); all four by default.
         max_scans (`int`, *optional*):
             Keep only the first `max_scans` scans of the split.
+        every_color (`bool`, *optional*, defaults to `False`):
+            Render every scan once in each ink colour of `colors` (in that order) instead of once in a colour drawn
+            with `seed`: four times the rows, for evaluations that should not depend on which colour a scan got.
+            Shift directions are still drawn with `seed`, one per row.
     """
     from datasets import Dataset, Features, Value
     from datasets import Image as ImageFeature
@@ -181,7 +186,11 @@ def digits_vqa_dataset(
     scans, digits = load_digit_scans()
     indices = split_scan_indices(split)[:max_scans]
     rng = np.random.default_rng(seed)
-    color_ids = rng.integers(len(palette), size=len(indices))
+    if every_color:
+        color_ids = np.tile(np.arange(len(palette)), len(indices))
+        indices = np.repeat(indices, len(palette))
+    else:
+        color_ids = rng.integers(len(palette), size=len(indices))
     directions = rng.integers(len(_SHIFT_DIRECTIONS), size=len(indices))
     rows = {
         k: [] for k in ("image", "question", "answer", "caption", "digit", "color", "scan_index", "skill", "shift")
