@@ -24,11 +24,24 @@ def test_effect_benchmark_quick_mode_trains_every_method_on_the_same_rows(tmp_pa
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["summary"].keys() == report["summary"].keys() and saved["git_revision"]
     table = (tmp_path / "results.md").read_text()
-    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == [
+    accuracy, paired_table = table.split("Difference to `sft` seed by seed")
+    assert [line.split("|")[1].strip() for line in paired_table.splitlines() if line.startswith("| ")][1:] == [
+        "unigame",
+        "embedding",
+    ]
+    assert [line.split("|")[1].strip() for line in accuracy.splitlines() if line.startswith("| ")][1:] == [
         "base",
         *methods,
     ]
     assert (tmp_path / "results.png").is_file()
+    # Paired differences to sft, seed by seed, for every other method and metric.
+    assert set(report["paired_to_sft"]) == {"unigame", "embedding"} and report["recommended"] in effect.METHODS
+    for method in ("unigame", "embedding"):
+        for key, paired in report["paired_to_sft"][method].items():
+            assert paired["by_seed"]["0"] == pytest.approx(
+                report["runs"][method][0][key] - report["runs"]["sft"][0][key], nan_ok=True
+            )
+            assert paired["seeds_above_zero"] == int(paired["mean"] > 0)
     for method in methods:
         run = tmp_path / f"{method}-seed0"
         base, _ = pretrained_tiny_janus()
