@@ -44,6 +44,7 @@ VARIANTS = {
     "game_m4_first_order": "UniGame step, mining every 4 steps, first-order perturber step",
     "game_m4_two_pass": "UniGame step, mining every 4 steps, clean and buffer as two passes (one_pass_update=False)",
     "game_m1_small_grid": "UniGame step, mining every step on the smaller grid (mining_image_size)",
+    "game_generation_adversary": "UniGame step, mining every step, with the generation-side adversary (REINFORCE)",
     "authors": "the authors' structure: separate buffer step, mining every step",
 }
 # Candidates on a smaller token grid for the `small_grid` variant, per model: about 2/3 of the side (Janus-Pro: 256 px,
@@ -184,6 +185,7 @@ def run_variant(variant, args):
         understanding_update="separate" if variant == "authors" else "mixed",
         one_pass_update=not variant.endswith("two_pass"),
         mining_image_size=SMALL_GRID[args.preset] if variant.endswith("small_grid") else None,
+        generation_adversary="reinforce" if variant == "game_generation_adversary" else "none",
         num_candidates=args.num_candidates,
         buffer_batch_size=args.batch_size,
         hardness_quantile=0.0,
@@ -218,8 +220,17 @@ def run_variant(variant, args):
 
         trainer = PlainTrainer(model, config, train_dataset=data, data_collator=collator, callbacks=[Timer()])
     else:
+        # The generation-side adversary needs a consistency scorer: one that passes every candidate and costs nothing,
+        # so the variant's extra time is the adversary's teacher-forced pass and its backward alone.
+        scorer = (lambda images, texts: torch.ones(len(texts))) if variant == "game_generation_adversary" else None
         trainer = UniGameTrainer(
-            model, config, train_dataset=data, processing_class=processor, peft_config=lora, callbacks=[Timer()]
+            model,
+            config,
+            train_dataset=data,
+            processing_class=processor,
+            peft_config=lora,
+            callbacks=[Timer()],
+            consistency_scorer=scorer,
         )
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()

@@ -92,8 +92,10 @@ class EvaluationScriptArguments:
         corruptions (`list[str]`, *optional*): e.g. `noise_3 blur_3 jpeg_3 contrast_3` (`noise` alone: severities 1, 3
             and 5).
         consistency (`bool`, *optional*, defaults to `False`): Round trip caption -> own image -> own answer.
-        generation_guidance_scale (`float`, *optional*, defaults to `5.0`): Guidance of the round trip's generation.
-        generation_temperature (`float`, *optional*, defaults to `1.0`): Temperature of the round trip's generation.
+        generation_guidance_scale (`float`, *optional*): Guidance of the round trip's generation; the model's own
+            (`generation_config.guidance_scale`, else 5.0) when not given.
+        generation_temperature (`float`, *optional*): Temperature of the round trip's generation; the model's own
+            (`generation_config.temperature`, else 1.0) when not given.
         seed (`int`, *optional*, defaults to `0`): Seed of the corruptions and of image generation.
         output_dir (`str`, *optional*, defaults to `"unigame-eval"`): Folder of the results (created when missing).
         output_file (`str`, *optional*, defaults to `"results.json"`): Results and config, as JSON; a relative path is
@@ -124,8 +126,12 @@ class EvaluationScriptArguments:
     attack_steps: int = field(default=5, metadata={"help": "PGD steps."})
     corruptions: list[str] = field(default_factory=list, metadata={"help": "e.g. noise_3 blur_3 jpeg_3 contrast_3."})
     consistency: bool = field(default=False, metadata={"help": "Round trip caption -> own image -> own answer."})
-    generation_guidance_scale: float = field(default=5.0, metadata={"help": "Guidance of the round trip's images."})
-    generation_temperature: float = field(default=1.0, metadata={"help": "Temperature of the round trip's images."})
+    generation_guidance_scale: float | None = field(
+        default=None, metadata={"help": "Guidance of the round trip's images (None: the model's)."}
+    )
+    generation_temperature: float | None = field(
+        default=None, metadata={"help": "Temperature of the round trip's images (None: the model's)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the corruptions and of image generation."})
     output_dir: str = field(default="unigame-eval", metadata={"help": "Folder of the results."})
     output_file: str = field(

@@ -8,9 +8,13 @@ a skill it never learned ("What digit is after this?"), offline on a CPU in a fe
 on held-out scans before and after (clean, under attack, round trip); any option replaces just that setting:
 
 ```bash
-accelerate launch examples/train_janus.py
-accelerate launch examples/train_janus.py --max_steps 50 --output_dir quick-run
+accelerate launch --config_file examples/accelerate_configs/single_process.yaml examples/train_janus.py
+accelerate launch --config_file examples/accelerate_configs/single_process.yaml examples/train_janus.py \
+    --max_steps 50 --output_dir quick-run
 ```
+
+(`single_process.yaml` gives accelerate every value it would otherwise fill in and print; `--load_in_4bit` quantizes
+the shipped model too.)
 
 On a real model and dataset (one GPU; add an accelerate config from examples/accelerate_configs for several):
 
@@ -158,11 +162,35 @@ def write_hard_sample_gallery(trainer, path: str, count: int = 8) -> None:
     hard_sample_gallery(entries, predictions).save(path)
 
 
+def quantization_kwargs(model_args, model_path: str) -> dict:
+    """`from_pretrained` keyword arguments for `--load_in_4bit` / `--load_in_8bit` (bitsandbytes), or `{}`: the model
+    family's small projections and VQ model stay out of the quantization (see docs/models.md), and on a GPU each
+    process loads onto its own device."""
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is None:
+        return {}
+    from accelerate import PartialState
+
+    from trl_unigame.interfaces import quantization_skip_modules_for
+
+    quantization_config.llm_int8_skip_modules = quantization_skip_modules_for(
+        model_path, revision=model_args.model_revision
+    )
+    device_map = {"": PartialState().local_process_index} if torch.cuda.is_available() else None
+    return {"quantization_config": quantization_config, "device_map": device_map}
+
+
 def load_model_and_data(script_args, training_args, model_args):
     if model_args.model_name_or_path is None:  # embedded offline default
-        from trl_unigame.testing import DigitJudge, digits_vqa_dataset, pretrained_tiny_janus
+        from trl_unigame.testing import (
+            DigitJudge,
+            digits_vqa_dataset,
+            pretrained_tiny_janus,
+            pretrained_tiny_janus_path,
+        )
 
-        model, processor = pretrained_tiny_janus()
+        # Every layer the shipped model quantizes is at least 64 wide, as bitsandbytes' CPU kernels need.
+        model, processor = pretrained_tiny_janus(**quantization_kwargs(model_args, pretrained_tiny_janus_path()))
         # The new skill mixed with a pretrained one, so fine-tuning keeps what the model knew.
         train = digits_vqa_dataset("train", skills=("after", "digit"), seed=0).shuffle(seed=training_args.seed)
         if script_args.max_train_samples:
@@ -171,24 +199,13 @@ def load_model_and_data(script_args, training_args, model_args):
 
     from datasets import load_dataset
 
-    quantization_config = get_quantization_config(model_args)
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
     model_kwargs = dict(
         revision=model_args.model_revision,
         attn_implementation=model_args.attn_implementation,
         dtype=dtype,
+        **quantization_kwargs(model_args, model_args.model_name_or_path),
     )
-    if quantization_config is not None:
-        from trl_unigame.interfaces import quantization_skip_modules_for
-
-        # Keep the model family's small projections and VQ model out of 4-bit (see docs/models.md).
-        quantization_config.llm_int8_skip_modules = quantization_skip_modules_for(
-            model_args.model_name_or_path, revision=model_args.model_revision
-        )
-        model_kwargs["quantization_config"] = quantization_config
-        from accelerate import PartialState
-
-        model_kwargs["device_map"] = {"": PartialState().local_process_index} if torch.cuda.is_available() else None
     model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **model_kwargs)
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     if script_args.dataset_name is None:
@@ -257,21 +274,20 @@ def main(script_args, training_args, model_args):
             for key in before:
                 print(f"| {key} | {100 * before[key]:.1f}% | {100 * after[key]:.1f}% |")
             print(f"\nHard samples the game found: {out}/hard_samples.png")
+        from textwrap import indent
+
         from peft import PeftModel
 
-        if isinstance(trainer.model, PeftModel):
-            saved, load = "the LoRA adapter", f"    model = PeftModel.from_pretrained(base_model, {out!r})\n"
-            imports = "    from peft import PeftModel\n"
-        else:
-            saved, load = "the full model", f"    model = AutoModelForImageTextToText.from_pretrained({out!r})\n"
-            imports = "    from transformers import AutoModelForImageTextToText\n"
+        from trl_unigame.interfaces import unwrap_model
+        from trl_unigame.model_card import base_model_reference, load_snippet
+
+        adapter = isinstance(trainer.model, PeftModel)
+        saved = "the LoRA adapter" if adapter else "the full model"
+        # The same code as the model card's: the base model by what actually loads it (the shipped model's function).
+        base_code = base_model_reference(getattr(unwrap_model(trainer.model).config, "_name_or_path", None))[1]
         print(
             f"\nSaved {saved}, the perturber ({out}/perturber) and the processor to {out}.\n"
-            "Load them with:\n\n"
-            f"{imports}"
-            "    from trl_unigame import Perturber\n"
-            f"{load}"
-            f"    perturber = Perturber.from_pretrained({out + '/perturber'!r}).attach(model)\n"
+            "Load them with:\n\n" + indent(load_snippet(out, base_code, adapter=adapter), "    ") + "\n"
         )
     return trainer
 

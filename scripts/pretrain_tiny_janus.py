@@ -322,6 +322,10 @@ def main(args: PretrainArguments) -> dict:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         generation_kwargs={"boi_token_id": tokenizer.convert_tokens_to_ids(processor.image_start_token)},
+        # How this model draws best (docs/tiny_model.md): image generation reads these when the caller gives none.
+        do_sample=True,
+        guidance_scale=3.0,
+        temperature=0.7,
     )
     interface = JanusInterface(model, processor)
     data = render_training_set()

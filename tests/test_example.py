@@ -33,13 +33,32 @@ def digits_inputs(interface, n=3):
     return interface.build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
 
 
-def test_offline_default_saves_what_loads_back(tmp_path):
+def usage_snippet(card: str) -> str:
+    """The Python code block of a model card (its usage section)."""
+    import re
+
+    return re.search(r"```python\n(.*?)```", card, flags=re.DOTALL).group(1)
+
+
+def test_offline_default_saves_what_loads_back(tmp_path, capsys):
     from trl_unigame.testing import pretrained_tiny_janus
 
     trainer = run_example(
         tmp_path / "run", "--max_steps", "6", "--picture_steps", "3", "--save_steps", "3", "--logging_steps", "1"
     )
     out = tmp_path / "run"
+    # The console shows one short line per log (disable_tqdm: the printer); the trainer's logs keep every key.
+    printed = capsys.readouterr().out
+    for step in range(1, 7):
+        assert f"step {step}/6 | loss " in printed
+    assert "| clean loss " in printed and "| buffer " in printed and "| kept " in printed and "| eps " in printed
+    assert "unigame/" not in printed and "grad_norm" not in printed
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 6
+    assert all(
+        {"grad_norm", "unigame/eps", "unigame/clean_loss", "unigame/buffer_size", "unigame/token_norm"} <= set(log)
+        for log in logs
+    )
     files = set(os.listdir(out))
     assert {
         "adapter_model.safetensors",
@@ -51,6 +70,18 @@ def test_offline_default_saves_what_loads_back(tmp_path):
     assert {"curves.png", "hard_samples_step6.png"} <= set(os.listdir(out / "pictures"))
     card = (out / "README.md").read_text()
     assert "unigame" in card and "arXiv:2511.19413" in card and '"buffer_weight": 0.25' in card
+    # The card names what made the run and loads what it names: the shipped base model by the code that loads it,
+    # the scorer that filtered the candidates (the digit judge, not the CLIP default).
+    assert 'from_pretrained("None")' not in card and "pretrained_tiny_janus()" in card
+    assert '"consistency_scorer": "trl_unigame.digit_judge.DigitJudge"' in card and '"consistency_model": null' in card
+    assert '"generation_guidance_scale": 3.0' in card and '"generation_temperature": 0.7' in card
+    for folder in (out, out / "checkpoint-3", out / "checkpoint-6"):
+        card = (folder / "README.md").read_text()
+        assert "More Information Needed" not in card and '"buffer_weight": 0.25' in card  # not PEFT's template
+        assert f'PeftModel.from_pretrained(base, "{folder}")' in card
+        loaded = {}
+        exec(usage_snippet(card), loaded)  # the card's own usage code runs
+        assert isinstance(loaded["model"], PeftModel) and loaded["perturber"].config.hidden_size == 128
     assert (out / "hard_samples.png").is_file() == bool(trainer.buffer.entries)
 
     base, processor = pretrained_tiny_janus()
@@ -129,6 +160,73 @@ def test_closing_message_says_what_was_saved(tmp_path, capsys):
     # the offline default logs a tenth of the run: a short run still logs (every step here)
     assert [log["step"] for log in trainer.state.log_history if "loss" in log] == [1, 2]
     assert (tmp_path / "full" / "model.safetensors").is_file()
+
+
+def test_console_line_is_short_beside_the_progress_bar_too(tmp_path, capsys):
+    trainer = main(
+        *make_parser().parse_args_and_config(
+            args=offline_default_arguments(str(tmp_path / "run"))
+            + ["--disable_tqdm", "false", "--compare_scans", "0", "--max_steps", "2", "--picture_steps", "0"]
+        )
+    )
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "step 1/2 | loss " in printed and "step 2/2 | loss " in printed
+    assert "unigame/" not in printed and "'grad_norm'" not in printed
+    assert all("unigame/realized_delta_norm" in log for log in trainer.state.log_history if "loss" in log)
+
+
+def test_load_in_4bit_quantizes_the_shipped_model(tmp_path):
+    import bitsandbytes as bnb
+
+    trainer = run_example(tmp_path / "run", "--load_in_4bit", "--max_steps", "2", "--picture_steps", "0")
+    base = trainer.model.get_base_model()
+    assert base.is_loaded_in_4bit
+    quantized = [name for name, module in base.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert any(".language_model." in name for name in quantized) and any("vision_model" in name for name in quantized)
+    # the family's small projections, the VQ model and the head stay unquantized (bitsandbytes' CPU kernels)
+    assert not any(name.startswith(("model.generation_", "model.vqmodel", "lm_head")) for name in quantized)
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # it trained
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+# Warnings the main job used to print (one of them 21 times); none of them may come back.
+KNOWN_WARNINGS = (
+    "Both `max_new_tokens`",
+    "Passing `generation_config` together with",
+    "`is_gradient_checkpointing` is deprecated",
+    "'pin_memory' argument is set as true",
+    "were not passed to `accelerate launch`",
+    "The following generation flags are not valid",
+)
+
+
+def test_main_job_prints_no_repeated_or_known_warning(tmp_path):
+    import collections
+    import re
+
+    config = os.path.join(ROOT, "examples", "accelerate_configs", "single_process.yaml")
+    command = ["accelerate", "launch", "--config_file", config, os.path.join(ROOT, "examples", "train_janus.py")]
+    options = ["--max_steps", "3", "--save_steps", "2", "--compare_scans", "8", "--output_dir", str(tmp_path / "run")]
+    # Every emission of a user-visible Python warning is printed, not only the first of each place.
+    result = subprocess.run(
+        command + options,
+        cwd=tmp_path,
+        env={**env(), "PYTHONWARNINGS": "always::UserWarning,always::FutureWarning"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for known in KNOWN_WARNINGS:
+        assert known not in output, known
+    progress = re.compile(r"\d+%\||it/s\]|s/it\]")  # tqdm's bars redraw the same text
+    lines = [line.strip() for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not progress.search(line)]
+    repeated = {line: n for line, n in collections.Counter(lines).items() if n > 1}
+    assert not repeated, repeated
+    assert "step 3/3 | loss " in result.stdout and "unigame/" not in result.stdout
 
 
 @pytest.mark.slow
@@ -345,6 +443,7 @@ def test_push_to_hub_uploads_adapter_perturber_and_card(tmp_path, offline_hub):
     assert not any(f.startswith("checkpoint-") for f in files)
     card = ModelCard.load(uploaded / "README.md")
     assert {"trl", "unigame"} <= set(card.data.tags)
+    assert 'PeftModel.from_pretrained(base, "someone/tiny-unigame")' in card.text  # where it is loaded from now
     assert "@article" in card.text and '"num_candidates": 3' in card.text
     assert Perturber.from_pretrained(uploaded / "perturber").config.hidden_size == 128  # the digits model's LLM width
 
@@ -448,6 +547,10 @@ def test_real_path_loads_a_checkpoint_folder_and_a_local_dataset(tmp_path):
     )  # fmt: skip
     assert trainer.consistency_scorer is not None
     assert any(log.get("unigame/consistency") is not None for log in trainer.state.log_history)
+    card = (out / "README.md").read_text()  # a local base model is named by its folder, which exists
+    assert f'AutoModelForImageTextToText.from_pretrained("{model_dir}")' in card and os.path.isdir(model_dir)
+    assert f'"consistency_scorer": "CLIP {tmp_path / "clip"}"' in card
+    assert f'"consistency_model": "{tmp_path / "clip"}"' in card
     assert trainer.train_dataset.column_names == ["image", "question", "answer"]
     assert set(trainer.train_dataset["answer"]) <= set(rows["answer"])
     assert (out / "perturber" / "model.safetensors").is_file() and (out / "adapter_config.json").is_file()
@@ -487,6 +590,8 @@ def test_model_card_names_base_model_dataset_tags_config_and_paper():
     assert card.data.datasets == ["HuggingFaceM4/VQAv2"]
     assert {"trl", "unigame", "vqa"} <= set(card.data.tags)
     assert '"selection": "paper"' in card.text and "arXiv:2511.19413" in card.text
+    assert 'AutoModelForImageTextToText.from_pretrained("deepseek-community/Janus-Pro-1B")' in card.text
+    assert 'PeftModel.from_pretrained(base, "Janus-Pro-1B-UniGame")' in card.text
 
 
 FSDP_ON_CPU = """compute_environment: LOCAL_MACHINE

@@ -1,10 +1,81 @@
-"""Callbacks that show what the game does: hard-sample grids and curves of eps and the losses."""
+"""Callbacks that show what the game does: a short console line per log, hard-sample grids and curves of eps and the
+losses."""
 
 from __future__ import annotations
 
 import os
 
-from transformers import TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+
+
+#: The training-log keys the console line shows, with their labels and formats.
+CONSOLE_KEYS = (
+    ("loss", "loss", "{:.4g}"),
+    ("unigame/clean_loss", "clean loss", "{:.4g}"),
+    ("unigame/buffer_size", "buffer", "{:.0f}"),
+    ("unigame/kept_fraction", "kept", "{:.0%}"),
+    ("unigame/eps", "eps", "{:.4g}"),
+)
+
+
+def console_line(logs: dict, state) -> str | None:
+    r"""
+    The short console line of a training log of the game: step, loss, clean loss, buffer size, the fraction of mined
+    candidates kept and eps (the keys of `CONSOLE_KEYS` the log has). `None` for any other log (evaluation, the
+    end-of-training summary), which is shown as transformers shows it.
+
+    Args:
+        logs (`dict`): The logs passed to `TrainerCallback.on_log`.
+        state (`transformers.TrainerState`): The trainer's state.
+    """
+    if not logs or "loss" not in logs or not any(key.startswith("unigame/") for key in logs):
+        return None
+    parts = [f"step {state.global_step}/{state.max_steps}"]
+    for key, label, form in CONSOLE_KEYS:
+        value = logs.get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{label} {form.format(value)}")
+    return " | ".join(parts)
+
+
+class UniGameProgressCallback(ProgressCallback):
+    r"""
+    `transformers.ProgressCallback` that writes each training log of the game as one short line ([`console_line`])
+    above the progress bar, instead of the whole dictionary of metrics. The trainer's logs are unchanged: trackers
+    (`report_to`) and `trainer.state.log_history` keep every key.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        line = console_line(logs, state)
+        if line is None:
+            return super().on_log(args, state, control, logs=logs, **kwargs)
+        if state.is_world_process_zero and self.training_bar is not None:
+            self.training_bar.write(line)
+
+
+class UniGamePrinterCallback(PrinterCallback):
+    r"""
+    `transformers.PrinterCallback` (the console output when `disable_tqdm=True`) that prints each training log of the
+    game as one short line ([`console_line`]) instead of the whole dictionary; other logs print as before.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        line = console_line(logs, state)
+        if line is None:
+            return super().on_log(args, state, control, logs=logs, **kwargs)
+        if state.is_local_process_zero:
+            print(line)
+
+
+def use_short_console_logs(trainer) -> None:
+    """Replaces the trainer's `ProgressCallback` (or, with `disable_tqdm`, its `PrinterCallback`) by the UniGame one
+    that prints a short line per training log. Other progress callbacks (a notebook's) are left as they are."""
+    callbacks = trainer.callback_handler.callbacks
+    for index, callback in enumerate(callbacks):
+        if type(callback) is ProgressCallback:
+            callbacks[index] = UniGameProgressCallback(max_str_len=callback.max_str_len)
+        elif type(callback) is PrinterCallback:
+            callbacks[index] = UniGamePrinterCallback()
 
 
 def _require_matplotlib():

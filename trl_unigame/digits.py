@@ -223,3 +223,22 @@ def digits_vqa_dataset(
         }
     )
     return Dataset.from_dict(rows, features=features)
+
+
+def ink_statistics(scans) -> tuple[np.ndarray, np.ndarray]:
+    """Where the ink of each scan lies and how far it spreads: `(centroids, spreads)`, the ink-weighted mean position
+    `(row, column)` in scan pixels `(N, 2)`, and the ink-weighted root-mean-square distance from it `(N,)`.
+
+    Args:
+        scans: Ink maps `(N, h, w)` (the 8x8 scans of [`load_digit_scans`], or [`DigitJudge.read`] of images), as a
+            NumPy array or a tensor; a scan without ink gets the centre of the frame and spread 0.
+    """
+    ink = np.asarray(scans.detach().cpu() if hasattr(scans, "detach") else scans, dtype=np.float64)
+    n, h, w = ink.shape
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    total = ink.sum(axis=(1, 2))
+    weight = np.where(total[:, None, None] > 0, ink / np.maximum(total, 1e-12)[:, None, None], 1.0 / (h * w))
+    centroids = np.stack([(weight * rows).sum(axis=(1, 2)), (weight * cols).sum(axis=(1, 2))], axis=1)
+    squared = (rows[None] - centroids[:, 0, None, None]) ** 2 + (cols[None] - centroids[:, 1, None, None]) ** 2
+    spreads = np.sqrt((weight * squared).sum(axis=(1, 2)))
+    return centroids, np.where(total > 0, spreads, 0.0)

@@ -1,12 +1,101 @@
-"""Model card of a UniGame run: base model, dataset, tags, the game's configuration and the paper's citation."""
+"""Model card of a UniGame run: base model (and the code that loads it), dataset, tags, the consistency scorer, the
+game's configuration and the paper's citation."""
 
 from __future__ import annotations
 
 import json
+import os
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from .perturber import CITATION, PAPER_URL
+
+
+#: The code that loads the tiny digits Janus shipped in the package, as a card's usage snippet shows it.
+SHIPPED_TINY_JANUS_CODE = (
+    "from trl_unigame.testing import pretrained_tiny_janus\n\n"
+    "base, _ = pretrained_tiny_janus()  # the tiny digits Janus shipped with trl-unigame"
+)
+
+
+def base_model_reference(name_or_path: str | None) -> tuple[str | None, str | None]:
+    r"""
+    How a card names a base model: its Hub id (for the card's metadata) and the Python code that loads it as `base`.
+
+    Args:
+        name_or_path (`str` or `None`):
+            The base model's `config._name_or_path`: a Hub id, a local folder, or empty for a model built in code.
+
+    Returns:
+        `tuple[str | None, str | None]`: `(hub_id, code)`. A Hub id is loaded with
+        `AutoModelForImageTextToText.from_pretrained`; the tiny digits Janus shipped in the package by
+        `trl_unigame.testing.pretrained_tiny_janus()` (no Hub id); another local folder by its absolute path (no Hub
+        id); a model with no name gives `(None, None)`: nothing can load it.
+    """
+    if not name_or_path:
+        return None, None
+    if os.path.isdir(name_or_path):
+        from .testing.digits_janus import pretrained_tiny_janus_path
+
+        if os.path.realpath(name_or_path) == os.path.realpath(pretrained_tiny_janus_path()):
+            return None, SHIPPED_TINY_JANUS_CODE
+        path = os.path.abspath(name_or_path)
+        return None, f"base = AutoModelForImageTextToText.from_pretrained({json.dumps(path)})  # a local folder"
+    return name_or_path, f"base = AutoModelForImageTextToText.from_pretrained({json.dumps(name_or_path)})"
+
+
+def describe_consistency_scorer(scorer) -> str | None:
+    r"""
+    Names the consistency scorer a run used: the CLIP checkpoint of a [`CLIPConsistencyScorer`], else the import path
+    of the scorer's class (or function), e.g. `trl_unigame.digit_judge.DigitJudge`; `None` when there was none.
+
+    Args:
+        scorer (`Callable` or `None`): The trainer's `consistency_scorer`.
+    """
+    if scorer is None:
+        return None
+    from .consistency import CLIPConsistencyScorer
+
+    if isinstance(scorer, CLIPConsistencyScorer):
+        return f"CLIP {getattr(scorer.model, 'name_or_path', None) or '(a model built in code)'}"
+    named = scorer if hasattr(scorer, "__qualname__") else type(scorer)
+    return f"{named.__module__}.{named.__qualname__}"
+
+
+def load_snippet(model_path: str, base_model_code: str | None, adapter: bool = True) -> str:
+    r"""
+    The Python code that loads a saved UniGame folder: the base model and the LoRA adapter (or the full model), the
+    processor and the perturber.
+
+    Args:
+        model_path (`str`): Hub id or folder of the saved model.
+        base_model_code (`str` or `None`): Code that loads the base model as `base` ([`base_model_reference`]).
+        adapter (`bool`, *optional*, defaults to `True`): Whether the folder holds a LoRA adapter (else a full model).
+    """
+    base_lines = [] if base_model_code is None else [line for line in base_model_code.splitlines() if line.strip()]
+    base_imports = [line for line in base_lines if line.startswith(("from ", "import "))]
+    base_body = [line for line in base_lines if line not in base_imports]
+    lines = ["from peft import PeftModel"] if adapter else []
+    needs_auto_model = not adapter or any("AutoModelForImageTextToText" in line for line in base_body)
+    lines.append(
+        "from transformers import AutoModelForImageTextToText, AutoProcessor"
+        if needs_auto_model
+        else "from transformers import AutoProcessor"
+    )
+    lines += ["from trl_unigame import Perturber", *base_imports, ""]
+    if adapter:
+        lines += base_body or [
+            "base = ...  # the base model this adapter was trained on: it was built in code, not saved"
+        ]
+        lines.append(f"model = PeftModel.from_pretrained(base, {json.dumps(model_path)})")
+    else:
+        lines.append(f"model = AutoModelForImageTextToText.from_pretrained({json.dumps(model_path)})")
+    lines += [
+        f"processor = AutoProcessor.from_pretrained({json.dumps(model_path)})",
+        "# Optional: the adversary, e.g. to probe robustness",
+        f'perturber = Perturber.from_pretrained({json.dumps(model_path)}, subfolder="perturber").attach(model)',
+    ]
+    return "\n".join(lines)
 
 
 def unigame_model_card(
@@ -16,18 +105,53 @@ def unigame_model_card(
     tags: list[str],
     unigame_config: dict,
     trainer_name: str = "UniGame",
+    base_model_code: str | None = None,
+    model_path: str | None = None,
+    consistency_scorer: str | None = None,
+    adapter: bool = True,
 ) -> ModelCard:
-    """Builds the model card of a model post-trained with UniGame (LoRA adapter + `perturber/`)."""
+    r"""
+    Builds the model card of a model post-trained with UniGame (LoRA adapter or full model, and `perturber/`).
+
+    Args:
+        model_name (`str`): The card's title.
+        base_model (`str` or `None`): Hub id of the base model (the card's metadata); `None` when it has none.
+        dataset_name (`str` or `None`): Hub id of the training dataset.
+        tags (`list[str]`): Tags; `trl` and `unigame` are always added.
+        unigame_config (`dict`): The game's configuration, shown as JSON.
+        trainer_name (`str`, *optional*, defaults to `"UniGame"`): The trainer class that trained the model.
+        base_model_code (`str`, *optional*):
+            Python code that loads the base model as `base`; defaults to `from_pretrained(base_model)` when
+            `base_model` is given (see [`base_model_reference`]).
+        model_path (`str`, *optional*): Hub id or folder the usage snippet loads from; defaults to `model_name`.
+        consistency_scorer (`str`, *optional*):
+            What scored the mined candidates ([`describe_consistency_scorer`]); `None` when nothing did.
+        adapter (`bool`, *optional*, defaults to `True`): Whether the folder holds a LoRA adapter (else a full model).
+    """
+    if base_model_code is None and base_model:
+        base_model_code = base_model_reference(base_model)[1]
+    model_path = model_path or model_name
     data = ModelCardData(
-        library_name="peft",
+        library_name="peft" if adapter else "transformers",
         base_model=base_model,
         datasets=[dataset_name] if dataset_name else None,
         tags=sorted(set(tags) | {"trl", "unigame"}),
         license="apache-2.0",
         model_name=model_name,
     )
-    base = f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else "a unified multimodal model"
+    if base_model:
+        base = f"[`{base_model}`](https://huggingface.co/{base_model})"
+    elif base_model_code == SHIPPED_TINY_JANUS_CODE:
+        base = "the tiny digits Janus shipped with trl-unigame (`trl_unigame.testing.pretrained_tiny_janus()`)"
+    else:
+        base = "a unified multimodal model"
     dataset = f" on [`{dataset_name}`](https://huggingface.co/datasets/{dataset_name})" if dataset_name else ""
+    holds = "the LoRA adapter of the understanding player" if adapter else "the post-trained model"
+    scorer = (
+        f"Mined candidates were scored for consistency with their prompt by `{consistency_scorer}`."
+        if consistency_scorer
+        else "No consistency scorer filtered the mined candidates."
+    )
     content = f"""---
 {data.to_yaml()}
 ---
@@ -35,21 +159,13 @@ def unigame_model_card(
 # {model_name}
 
 This is {base} post-trained with [UniGame]({PAPER_URL}) self-adversarial post-training{dataset}, with
-{trainer_name} from [trl-unigame](https://github.com/trl-unigame/trl-unigame). The folder holds the LoRA adapter
-of the understanding player and, in `perturber/`, the perturber that played against it.
+{trainer_name} from [trl-unigame](https://github.com/trl-unigame/trl-unigame). The folder holds {holds} and, in
+`perturber/`, the perturber that played against it. {scorer}
 
 ## Usage
 
 ```python
-from peft import PeftModel
-from transformers import AutoModelForImageTextToText, AutoProcessor
-from trl_unigame import Perturber
-
-base = AutoModelForImageTextToText.from_pretrained("{base_model}")
-model = PeftModel.from_pretrained(base, "{model_name}")
-processor = AutoProcessor.from_pretrained("{model_name}")
-# Optional: the adversary, e.g. to probe robustness
-perturber = Perturber.from_pretrained("{model_name}", subfolder="perturber").attach(model)
+{load_snippet(model_path, base_model_code, adapter=adapter)}
 ```
 
 ## UniGame configuration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -11,6 +12,7 @@ from .selection import SELECTION_RULES
 
 
 UNDERSTANDING_UPDATES = ("mixed", "separate")
+GENERATION_ADVERSARIES = ("none", "reinforce")
 
 
 @dataclass
@@ -90,10 +92,12 @@ class UniGameArguments:
         selection (`str`, *optional*, defaults to `"paper"`):
             `"paper"`: keep `s >= tau_clip` and `H >=` quantile; `"reference"`: the authors' code, `H >=` quantile
             or `s <= tau_clip`.
-        generation_guidance_scale (`float`, *optional*, defaults to `5.0`):
-            Classifier-free guidance scale when generating candidates.
-        generation_temperature (`float`, *optional*, defaults to `1.0`):
-            Sampling temperature of image tokens; `0` is greedy.
+        generation_guidance_scale (`float`, *optional*):
+            Classifier-free guidance scale when generating candidates. `None` takes the model's own, the
+            `guidance_scale` of its `generation_config` (the shipped digits model: 3.0), or 5.0 when it sets none.
+        generation_temperature (`float`, *optional*):
+            Sampling temperature of image tokens; `0` is greedy. `None` takes the model's own, the `temperature` of
+            its `generation_config` (the shipped digits model: 0.7), or 1.0 when it sets none.
         mining_image_size (`int`, *optional*):
             Side in pixels of the generated candidates: smaller than the model's own generation size, the generator
             samples a smaller token grid (Janus-Pro: `256` is 16 x 16 = 256 tokens instead of 24 x 24 = 576 at 384
@@ -116,6 +120,32 @@ class UniGameArguments:
             Runs once per optimizer step, on the last micro-batch of the accumulation window. `0` never checks.
         prompt_column (`str`, *optional*, defaults to `"caption"`):
             Dataset column used as the generation prompt when present; otherwise the question is used.
+
+    > Parameters that control the generation-side adversary
+
+    Args:
+        generation_adversary (`str`, *optional*, defaults to `"none"`):
+            How the perturber learns at the generation site. `"none"` (the paper): it learns only from U's loss at the
+            understanding site and acts at the generation site as it is. `"reinforce"`: once per mining round, the
+            perturber also takes a score-function (REINFORCE) step on that round's own candidates: each candidate's
+            reward is its hardness `H` when its consistency reaches `consistency_threshold` (faithful), else
+            `generation_adversary_penalty`; the baseline is the mean reward of the `num_candidates` candidates of
+            the same prompt, and the loss is `-mean(advantage * log p(candidate's image tokens))`, the
+            log-probability from one teacher-forced pass with the perturbation active, the same guidance and
+            temperature. No gradient goes through sampling or the VQ decoder, and only the perturber's parameters
+            get one. Needs mining, a consistency scorer, `num_candidates >= 2`, a positive
+            `generation_temperature` and the perturber's generation site. Not in the paper.
+        generation_adversary_learning_rate (`float`, *optional*, defaults to `5e-3`):
+            Learning rate of the generation-side adversary's own AdamW over the perturber's parameters (its moments
+            are kept apart from those of the understanding-site step; weight decay `perturber_weight_decay`).
+        generation_adversary_penalty (`float`, *optional*, defaults to `-1.0`):
+            Reward of a candidate below `consistency_threshold` (unfaithful). At most 0: the hardness of a faithful
+            candidate is a cross-entropy (at least 0), so an unfaithful candidate never earns more than a faithful
+            one; below 0 it earns less than the easiest faithful one, which steers the perturber away from breaking
+            the drawing.
+        generation_adversary_normalize (`bool`, *optional*, defaults to `True`):
+            Divide the advantages of a round by their standard deviation (over the round's candidates on each
+            process), so the step's size does not follow the scale of the losses.
 
     > Parameters that control the buffer and the understanding update (player U)
 
@@ -223,8 +253,14 @@ class UniGameArguments:
     selection: str = field(
         default="paper", metadata={"help": "Selection rule: paper (AND) or reference (the authors' OR)."}
     )
-    generation_guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})
-    generation_temperature: float = field(default=1.0, metadata={"help": "Image-token sampling temperature."})
+    generation_guidance_scale: float | None = field(
+        default=None,
+        metadata={"help": "Classifier-free guidance scale (None: the model's generation_config, else 5)."},
+    )
+    generation_temperature: float | None = field(
+        default=None,
+        metadata={"help": "Image-token sampling temperature (None: the model's generation_config, else 1)."},
+    )
     mining_image_size: int | None = field(
         default=None,
         metadata={"help": "Side (px) of generated candidates, on a smaller token grid; None: the model's own size."},
@@ -242,6 +278,22 @@ class UniGameArguments:
     )
     prompt_column: str = field(
         default="caption", metadata={"help": "Column used as generation prompt when present, else the question."}
+    )
+    generation_adversary: str = field(
+        default="none",
+        metadata={
+            "help": "none: the perturber learns only at the understanding site; reinforce: also a REINFORCE step on "
+            "each mining round's candidates (reward: hardness if faithful, else the penalty)."
+        },
+    )
+    generation_adversary_learning_rate: float = field(
+        default=5e-3, metadata={"help": "AdamW learning rate of the generation-side adversary's step."}
+    )
+    generation_adversary_penalty: float = field(
+        default=-1.0, metadata={"help": "Reward of an unfaithful candidate (consistency below the threshold); <= 0."}
+    )
+    generation_adversary_normalize: bool = field(
+        default=True, metadata={"help": "Divide a round's advantages by their standard deviation."}
     )
     buffer_weight: float = field(default=0.5, metadata={"help": "beta: weight of the buffer loss."})
     buffer_max_loss_ratio: float | None = field(
@@ -333,8 +385,16 @@ class UniGameArguments:
         check("consistency_threshold", -1 <= self.consistency_threshold <= 1, "in [-1, 1] (a cosine similarity)")
         check("hardness_quantile", 0 <= self.hardness_quantile <= 1, "in [0, 1]")
         check("selection", self.selection in SELECTION_RULES, f"one of {list(SELECTION_RULES)}")
-        check("generation_guidance_scale", self.generation_guidance_scale >= 1, ">= 1")
-        check("generation_temperature", self.generation_temperature >= 0, ">= 0 (0 is greedy)")
+        check(
+            "generation_guidance_scale",
+            self.generation_guidance_scale is None or self.generation_guidance_scale >= 1,
+            "None (the model's) or >= 1",
+        )
+        check(
+            "generation_temperature",
+            self.generation_temperature is None or self.generation_temperature >= 0,
+            "None (the model's) or >= 0 (0 is greedy)",
+        )
         check(
             "understanding_update",
             self.understanding_update in UNDERSTANDING_UPDATES,
@@ -350,6 +410,7 @@ class UniGameArguments:
             "None or > 0",
         )
         check("buffer_max_age", self.buffer_max_age is None or self.buffer_max_age >= 0, "None or >= 0")
+        self._validate_generation_adversary()
         if self.buffer_max_loss_ratio is not None and self.understanding_update == "separate":
             raise ValueError(
                 "`buffer_max_loss_ratio` caps the buffer's share of the mixed objective, but "
@@ -367,6 +428,46 @@ class UniGameArguments:
                 ) from None
         if self.mining_compile_kwargs is not None:
             self.mining_compile_config()  # an unknown argument fails here, not in the first mining round
+
+    def _validate_generation_adversary(self) -> None:
+        if self.generation_adversary not in GENERATION_ADVERSARIES:
+            raise ValueError(
+                f"`generation_adversary` must be one of {list(GENERATION_ADVERSARIES)}, got "
+                f"{self.generation_adversary!r}."
+            )
+        if not self.generation_adversary_learning_rate > 0:
+            raise ValueError(
+                f"`generation_adversary_learning_rate` must be > 0, got {self.generation_adversary_learning_rate!r}."
+            )
+        if not (math.isfinite(self.generation_adversary_penalty) and self.generation_adversary_penalty <= 0):
+            raise ValueError(
+                "`generation_adversary_penalty` must be a finite number <= 0 (an unfaithful candidate must not earn "
+                f"more than a faithful one), got {self.generation_adversary_penalty!r}."
+            )
+        if self.generation_adversary == "none":
+            return
+        needs = [
+            (self.mining_interval == 0, "mining (its rounds are its data): set `mining_interval` >= 1"),
+            (
+                self.num_candidates < 2,
+                "`num_candidates` >= 2 (the baseline is the mean reward of a prompt's candidates: with one, every "
+                "advantage is 0)",
+            ),
+            (
+                self.generation_temperature == 0,
+                "a positive `generation_temperature` (greedy tokens have no log-probability to follow)",
+            ),
+            (
+                "generation" not in self.perturber_sites,
+                "the perturber's generation site: add 'generation' to `perturber_sites`",
+            ),
+        ]
+        missing = [what for failed, what in needs if failed]
+        if missing:
+            raise ValueError(
+                f"`generation_adversary={self.generation_adversary!r}` needs {'; and '.join(missing)}. Or set "
+                "`generation_adversary='none'`."
+            )
 
     def mining_compile_config(self):
         """The `transformers.CompileConfig` for candidate generation, or `None` when `mining_compile` is off.
@@ -402,6 +503,9 @@ class UniGameConfig(TrainingArguments, UniGameArguments):
             Kept `False`: the collator needs the image and text columns.
         logging_steps (`float`, *optional*, defaults to `10`):
             Log every `logging_steps` optimizer steps.
+        dataloader_pin_memory (`bool`, *optional*, defaults to `True`):
+            Pin the data loader's memory; turned off on a machine with no accelerator (as `use_cpu=True` turns it off),
+            where pinning does nothing and torch warns about it.
     """
 
     learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of the understanding player."})
@@ -412,4 +516,16 @@ class UniGameConfig(TrainingArguments, UniGameArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dataloader_pin_memory and not _accelerator_available():
+            self.dataloader_pin_memory = False  # nothing to pin for; torch's data loader would warn
         self._validate_unigame()
+
+
+def _accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, MPS, ...): pinned memory only helps copies to one."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return accelerator.is_available()
+    return torch.cuda.is_available()

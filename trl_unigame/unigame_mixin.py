@@ -25,6 +25,7 @@ from .game.agreement import Agreement, check_one_run_across_processes
 from .game.buffer_pass import BufferPass
 from .game.checkpoint import GameCheckpointing
 from .game.context import STEP_KEY, StepContext
+from .game.generation_adversary import GenerationAdversary
 from .game.metrics import GameMetrics
 from .game.mining import Miner
 from .game.understanding import HostHooks, UnderstandingPasses, host_metrics_paused, host_normalises_over_window
@@ -89,9 +90,15 @@ class UniGameMixin(GameCheckpointing):
             args, consistency_scorer, can_mine=bool(self.mining_interval or check)
         )
         _check_game_options(args, self.interface, self.consistency_scorer, check)
+        _check_generation_adversary(args, self.interface, self.consistency_scorer, self.perturber)
         self.game_metrics = GameMetrics()
         agreement = Agreement(self.accelerator, args.device)
         self.adversary = Adversary(self.perturber, args, self.game_metrics, agreement)
+        self.generation_adversary = (
+            GenerationAdversary(self.perturber, self.interface, args, self.game_metrics, agreement)
+            if args.generation_adversary == "reinforce"
+            else None
+        )
         self.miner = Miner(
             self.interface,
             self.adversary,
@@ -102,6 +109,7 @@ class UniGameMixin(GameCheckpointing):
             interval=self.mining_interval,
             # One config object for the run: the interface keeps the compiled step per config.
             compile_config=args.mining_compile_config() if self.interface.can_generate else None,
+            generation_adversary=self.generation_adversary,
         )
         self.buffer_pass = BufferPass(self.buffer, args, self.game_metrics, agreement, self._hard_sample_inputs)
         hooks = HostHooks(  # looked up at each call, so a subclass (or a test) may replace a host method later
@@ -114,11 +122,12 @@ class UniGameMixin(GameCheckpointing):
             hooks, self.interface, self.perturber, self.buffer_pass, args, self.game_metrics
         )
         self._separate_stand_in = None  # the last clean batch, for the separate step's stand-in
-        from .callbacks import HardSamplePicturesCallback
+        from .callbacks import HardSamplePicturesCallback, use_short_console_logs
 
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, HardSamplePicturesCallback):
                 callback.trainer = self  # it draws from the buffer and asks the model for predictions
+        use_short_console_logs(self)  # one short line per log on the console; trackers get every key
         if args.understanding_update == "separate":
             self.add_callback(_SeparateBufferStep(self))
 
@@ -126,6 +135,12 @@ class UniGameMixin(GameCheckpointing):
     def perturber_optimizer(self) -> torch.optim.Optimizer:
         """The perturber's own optimizer (AdamW at `perturber_learning_rate`), outside the host's."""
         return self.adversary.optimizer
+
+    @property
+    def generation_adversary_optimizer(self) -> torch.optim.Optimizer | None:
+        """The generation-side adversary's own optimizer (AdamW at `generation_adversary_learning_rate`), or `None`
+        when `generation_adversary="none"`."""
+        return None if self.generation_adversary is None else self.generation_adversary.optimizer
 
     def _describe_row(self, row: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -320,6 +335,42 @@ def _check_game_options(args, interface, scorer, check_interval: int) -> None:
         raise ValueError(
             f"`generation_loss_weight` needs the model's image-generation loss, which {type(interface).__name__} does "
             "not provide: set `generation_loss_weight=0`."
+        )
+
+
+def _check_generation_adversary(args, interface, scorer, perturber) -> None:
+    """`generation_adversary` needs what this model or run lacks: a clear error before any training."""
+    if args.generation_adversary == "none":
+        return
+    option = f"`generation_adversary={args.generation_adversary!r}`"
+    model_name = type(interface.base_model).__name__
+    if not interface.can_generate:
+        raise ValueError(
+            f"{option} trains the perturber on decoded candidates, but {model_name} cannot generate images: set "
+            "`generation_adversary='none'` (a unified model such as Janus-Pro or Emu3 can generate)."
+        )
+    _, temperature = interface.generation_settings(args.generation_guidance_scale, args.generation_temperature)
+    if temperature <= 0:
+        raise ValueError(
+            f"{option} follows the log-probability of the sampled image tokens, but generation is greedy (temperature "
+            f"{temperature}, from the model's generation config): set a positive `generation_temperature`, or "
+            "`generation_adversary='none'`."
+        )
+    if type(interface).image_token_log_probs is VisualTokenInterface.image_token_log_probs:
+        raise ValueError(
+            f"{option} needs the log-probability of sampled image tokens, which {type(interface).__name__} does not "
+            "provide (`image_token_log_probs`): set `generation_adversary='none'`."
+        )
+    if scorer is None:
+        raise ValueError(
+            f"{option} rewards only faithful candidates, judged by the consistency scorer, but there is none: pass a "
+            "`consistency_scorer` (e.g. a task judge) or a `consistency_model`, or set `generation_adversary='none'`."
+        )
+    if "generation" not in perturber.config.sites:
+        raise ValueError(
+            f"{option} trains the perturber at the generation site, but this perturber acts only at "
+            f"{perturber.config.sites}: build it with `sites=['understanding', 'generation']` (or pass none and let "
+            "the trainer build one from `perturber_sites`), or set `generation_adversary='none'`."
         )
 
 

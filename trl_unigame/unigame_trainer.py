@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from transformers import Trainer
@@ -139,29 +140,76 @@ class UniGameTrainer(UniGameMixin, Trainer):
         tags: str | list[str] | None = None,
         **kwargs,
     ) -> None:
-        """Writes `README.md` in the output directory: base model, dataset, tags (`trl`, `unigame`), the game's
-        configuration and the paper's citation."""
-        if not self.is_world_process_zero():
-            return
+        """Writes `README.md` in the output directory: the base model and the code that loads it, the dataset, tags
+        (`trl`, `unigame`), the consistency scorer that filtered mined candidates, the game's configuration and the
+        paper's citation. The arguments are kept: every later save (checkpoints included) writes the same card.
+
+        Args:
+            model_name (`str`, *optional*): The card's title; the output directory's name by default.
+            dataset_name (`str`, *optional*): Hub id of the training dataset.
+            tags (`str` or `list[str]`, *optional*): Tags added to `trl` and `unigame`.
+        """
+        self._model_card_arguments = dict(
+            model_name=model_name, dataset_name=dataset_name or kwargs.get("dataset"), tags=tags
+        )
+        if self.is_world_process_zero():
+            self._write_model_card(self.args.output_dir)
+
+    def _write_model_card(self, folder: str) -> None:
+        """Writes the UniGame model card to `folder/README.md` (over PEFT's template when PEFT wrote one there)."""
         from dataclasses import fields
 
-        from .model_card import unigame_model_card
+        from peft import PeftModel
 
-        base = unwrap_model(self.model)
-        base_model = getattr(base.config, "_name_or_path", None) or None
-        if base_model and os.path.isdir(base_model):
-            base_model = None  # a local path means nothing on the Hub
+        from .model_card import base_model_reference, describe_consistency_scorer, unigame_model_card
+
+        arguments = getattr(self, "_model_card_arguments", {})
+        tags = arguments.get("tags")
         tags = [tags] if isinstance(tags, str) else list(tags or [])
+        base_model, base_model_code = base_model_reference(
+            getattr(unwrap_model(self.model).config, "_name_or_path", None)
+        )
+        same_folder = os.path.abspath(folder) == os.path.abspath(self.args.output_dir)
+        hub_model_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+        # Loaded from the Hub once pushed; a checkpoint or a local run from its folder.
+        model_path = hub_model_id if same_folder and self.args.push_to_hub and hub_model_id else folder
         game = {f.name: getattr(self.args, f.name) for f in fields(UniGameArguments)}
+        scorer = getattr(self, "consistency_scorer", None)
+        from .consistency import CLIPConsistencyScorer
+
+        game["consistency_model"] = (
+            getattr(scorer.model, "name_or_path", None) if isinstance(scorer, CLIPConsistencyScorer) else None
+        )
+        game["consistency_scorer"] = describe_consistency_scorer(scorer)
+        guidance, temperature = self.interface.generation_settings(
+            self.args.generation_guidance_scale, self.args.generation_temperature
+        )  # what generation used: the model's own where the configuration left them `None`
+        game["generation_guidance_scale"], game["generation_temperature"] = guidance, temperature
+        name = arguments.get("model_name") or os.path.basename(os.path.normpath(self.args.output_dir))
+        if not same_folder:
+            name = f"{name} ({os.path.basename(os.path.normpath(folder))})"
         card = unigame_model_card(
-            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            model_name=name,
             base_model=base_model,
-            dataset_name=dataset_name or kwargs.get("dataset"),
+            dataset_name=arguments.get("dataset_name"),
             tags=tags + list(self._tag_names),
             unigame_config=game,
             trainer_name=type(self).__name__,
+            base_model_code=base_model_code,
+            model_path=model_path,
+            consistency_scorer=game["consistency_scorer"],
+            adapter=isinstance(self.model, PeftModel),
         )
-        card.save(os.path.join(self.args.output_dir, "README.md"))
+        os.makedirs(folder, exist_ok=True)
+        card.save(os.path.join(folder, "README.md"))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Saves the model (LoRA adapter or full model), the processor and `perturber/` as `transformers.Trainer`
+        does, then writes the UniGame model card in the folder, over PEFT's template: the final folder and every
+        checkpoint describe the run that made them and how to load them."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            self._write_model_card(output_dir if output_dir is not None else self.args.output_dir)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop(ROWS_KEY, None)
@@ -192,7 +240,11 @@ def prepare_understanding_player(model, interface, peft_config=None):
         if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model.requires_grad_(False)
-        model = get_peft_model(model, peft_config)
+        with warnings.catch_warnings():
+            # PEFT reads `model.is_gradient_checkpointing`, which transformers 5 deprecates (FutureWarning) in favour of
+            # `is_activation_checkpointing`; the read is PEFT's own.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, peft_config)
     elif not isinstance(model, PeftModel):
         for name, param in model.named_parameters():
             param.requires_grad_(interface.is_understanding_parameter(name))

@@ -90,10 +90,12 @@ class UniGameEvaluator:
         judge (`Callable`, *optional*):
             `(images, captions) -> scores` (images as `[0, 1]` tensors `(B, 3, H, W)`), e.g. a
             [`CLIPConsistencyScorer`]; its mean over the generated images is `consistency/judge_score`.
-        generation_guidance_scale (`float`, *optional*, defaults to `5.0`):
-            Classifier-free guidance of the round trip's image generation.
-        generation_temperature (`float`, *optional*, defaults to `1.0`):
-            Sampling temperature of the round trip's image tokens (`0` is greedy).
+        generation_guidance_scale (`float`, *optional*):
+            Classifier-free guidance of the round trip's image generation; `None` takes the model's
+            (`generation_config.guidance_scale`, else 5.0).
+        generation_temperature (`float`, *optional*):
+            Sampling temperature of the round trip's image tokens (`0` is greedy); `None` takes the model's
+            (`generation_config.temperature`, else 1.0).
         seed (`int`, *optional*, defaults to `0`):
             Seed of the corruptions' noise and of image generation.
         show_progress (`bool`, *optional*, defaults to `True`):
@@ -130,8 +132,8 @@ class UniGameEvaluator:
         corruptions: list[str] | None = None,
         consistency: bool = False,
         judge: Callable | None = None,
-        generation_guidance_scale: float = 5.0,
-        generation_temperature: float = 1.0,
+        generation_guidance_scale: float | None = None,
+        generation_temperature: float | None = None,
         seed: int = 0,
         show_progress: bool = True,
         interface: VisualTokenInterface | None = None,

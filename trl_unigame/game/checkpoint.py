@@ -6,6 +6,8 @@ complete), each to a temporary file renamed into place:
 
 - `perturber/`: the perturber (`save_pretrained`, safetensors), written with the model.
 - `perturber_optimizer.pt`: its optimizer's `state_dict` (tensors and numbers only, read with `weights_only=True`).
+- `generation_adversary_optimizer.pt`: with `generation_adversary` on, the generation-side adversary's optimizer, the
+  same way.
 - `unigame_buffer_rank{N}.safetensors`: the buffer of process `N`, one file: the images, tensor extras (e.g. the
   `source` thumbnail) and the random generator's state as tensors, and everything else (rows, scores, steps, settings)
   as JSON in the file's metadata. Nothing in it is executable: it is read without unpickling.
@@ -32,6 +34,7 @@ from ..buffer import HardSampleBuffer
 
 PERTURBER_DIR = "perturber"
 PERTURBER_OPTIMIZER_NAME = "perturber_optimizer.pt"
+GENERATION_ADVERSARY_OPTIMIZER_NAME = "generation_adversary_optimizer.pt"
 BUFFER_NAME = "unigame_buffer_rank{rank}.safetensors"
 LEGACY_BUFFER_NAME = "unigame_buffer_rank{rank}.pt"
 GAME_STATE_NAME = "unigame_state.json"
@@ -50,12 +53,19 @@ def save_game_state(
     num_processes: int,
     should_save: bool,
     wait_for_everyone: Callable[[], None],
+    generation_adversary_optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """Writes the perturber's optimizer and the process count (where `should_save`) and this process's buffer into
-    `output_dir`, then waits for every process: the caller writes the trainer state only once all of it is on disk."""
+    """Writes the perturber's optimizer (and the generation-side adversary's, when given) and the process count
+    (where `should_save`) and this process's buffer into `output_dir`, then waits for every process: the caller writes
+    the trainer state only once all of it is on disk."""
     os.makedirs(output_dir, exist_ok=True)
     if should_save:
         _atomic_save(perturber_optimizer.state_dict(), os.path.join(output_dir, PERTURBER_OPTIMIZER_NAME))
+        if generation_adversary_optimizer is not None:
+            _atomic_save(
+                generation_adversary_optimizer.state_dict(),
+                os.path.join(output_dir, GENERATION_ADVERSARY_OPTIMIZER_NAME),
+            )
         record = {"format_version": FORMAT_VERSION, "world_size": num_processes}
         _atomic_write_text(json.dumps(record, indent=2) + "\n", os.path.join(output_dir, GAME_STATE_NAME))
     save_buffer(buffer, os.path.join(output_dir, BUFFER_NAME.format(rank=process_index)))
@@ -70,8 +80,10 @@ def load_game_state(
     buffer: HardSampleBuffer,
     process_index: int,
     num_processes: int,
+    generation_adversary_optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """Restores the perturber, its optimizer and this process's buffer from `checkpoint`.
+    """Restores the perturber, its optimizer (and the generation-side adversary's, when given) and this process's
+    buffer from `checkpoint`.
 
     Raises:
         `FileNotFoundError`: the checkpoint was not written by a UniGame trainer, or lacks part of the game's state.
@@ -100,6 +112,13 @@ def load_game_state(
     if not os.path.isfile(buffer_file):
         legacy = os.path.join(checkpoint, LEGACY_BUFFER_NAME.format(rank=process_index))
         buffer_file = legacy if os.path.isfile(legacy) else buffer_file
+    adversary_file = os.path.join(checkpoint, GENERATION_ADVERSARY_OPTIMIZER_NAME)
+    if generation_adversary_optimizer is not None and not os.path.isfile(adversary_file):
+        raise FileNotFoundError(
+            f"{checkpoint} has no {GENERATION_ADVERSARY_OPTIMIZER_NAME}: it was written by a run without "
+            "`generation_adversary` (or cut short while being written), so this run, which has it on, would not "
+            "continue it. Resume with the setting that wrote the checkpoint, or start a new run from its weights."
+        )
     missing = [os.path.basename(f) for f in (optimizer_file, buffer_file) if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(
@@ -110,12 +129,15 @@ def load_game_state(
     buffer_state = read_buffer_state(buffer_file)
     perturber_weights = load_file(weights)
     optimizer_state = _load_plain_pickle(optimizer_file)
+    adversary_state = None if generation_adversary_optimizer is None else _load_plain_pickle(adversary_file)
     try:
         buffer.load_state_dict(buffer_state)  # checked whole first: a malformed state leaves the buffer as it was
     except ValueError as err:
         raise ValueError(f"{buffer_file} is not a valid buffer file: {err}") from None
     perturber.load_state_dict(perturber_weights)  # copied onto the perturber's device in place
     perturber_optimizer.load_state_dict(optimizer_state)
+    if adversary_state is not None:
+        generation_adversary_optimizer.load_state_dict(adversary_state)
 
 
 def checkpoint_world_size(checkpoint: str) -> int | None:
@@ -311,7 +333,7 @@ class GameCheckpointing:
     """The `transformers.Trainer` checkpoint hooks the game overrides, kept in this one place: the perturber saves
     beside the model (`_save`), and the game's state is written with the optimizer's and read back with it
     (`_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler`, private hooks of the Trainer). The host has
-    `perturber`, `perturber_optimizer` and `buffer`.
+    `perturber`, `perturber_optimizer`, `generation_adversary_optimizer` (`None` when off) and `buffer`.
     """
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -331,6 +353,7 @@ class GameCheckpointing:
             num_processes=self.args.world_size,
             should_save=self.args.should_save,
             wait_for_everyone=self.accelerator.wait_for_everyone,
+            generation_adversary_optimizer=self.generation_adversary_optimizer,
         )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -344,4 +367,5 @@ class GameCheckpointing:
             buffer=self.buffer,
             process_index=self.args.process_index,
             num_processes=self.args.world_size,
+            generation_adversary_optimizer=self.generation_adversary_optimizer,
         )

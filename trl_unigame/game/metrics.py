@@ -9,7 +9,11 @@ import torch
 
 
 # Counts: logged as their sum over the period and the processes (0 when nothing happened); the rest as means.
-COUNTED = ("unigame/skipped_perturber_steps", "unigame/skipped_understanding_steps")
+COUNTED = (
+    "unigame/skipped_perturber_steps",
+    "unigame/skipped_understanding_steps",
+    "unigame/skipped_generation_adversary_steps",
+)
 
 
 class GameMetrics:

@@ -13,6 +13,7 @@ from ..interfaces.base import to_uint8
 from ..selection import hardness as hardness_score
 from ..selection import select_hard_candidates
 from .adversary import Adversary
+from .generation_adversary import GenerationAdversary
 from .metrics import GameMetrics
 
 
@@ -53,6 +54,7 @@ class Miner:
         scorer (`Callable`, *optional*): `(images, texts) -> scores`, the consistency filter.
         interval (`int`): Optimizer steps between rounds (0: no mining).
         compile_config (`transformers.CompileConfig`, *optional*): Compiles the one-token step of the loop.
+        generation_adversary ([`GenerationAdversary`], *optional*): Steps the perturber on each round's candidates.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class Miner:
         scorer: Callable | None,
         interval: int,
         compile_config=None,
+        generation_adversary: GenerationAdversary | None = None,
     ):
         self.interface = interface
         self.adversary = adversary
@@ -76,6 +79,7 @@ class Miner:
         self.interval = interval
         self.check_interval = args.generation_check_interval if interface.can_generate and scorer is not None else 0
         self.compile_config = compile_config
+        self.generation_adversary = generation_adversary
         self._empty_rounds = 0
         self._warned_empty = False
 
@@ -85,7 +89,9 @@ class Miner:
     def check_due(self, step: int, last_micro_batch: bool) -> bool:
         return bool(self.check_interval) and last_micro_batch and step % self.check_interval == 0
 
-    def _generate(self, prompts: list[str], num_images: int, seed: int, compiled: bool = True) -> torch.Tensor:
+    def _generate(
+        self, prompts: list[str], num_images: int, seed: int, compiled: bool = True, return_tokens: bool = False
+    ):
         generator = torch.Generator(device=self.interface.device)
         generator.manual_seed(seed)
         return self.interface.generate_images(
@@ -96,6 +102,7 @@ class Miner:
             generator=generator,
             image_size=self.args.mining_image_size,
             compile_config=self.compile_config if compiled else None,
+            **({"return_tokens": True} if return_tokens else {}),
         )
 
     @torch.no_grad()
@@ -123,8 +130,13 @@ class Miner:
         model.eval()
         try:
             prompts = [r["prompt"] for r in rows]
+            tokens = None
             with self.perturber.active(), self.perturber.measuring() as measured:
-                pixels = self._generate(prompts, args.num_candidates, mining_seed(args.seed, step, process_index))
+                seed = mining_seed(args.seed, step, process_index)
+                if self.generation_adversary is not None:
+                    pixels, tokens = self._generate(prompts, args.num_candidates, seed, return_tokens=True)
+                else:
+                    pixels = self._generate(prompts, args.num_candidates, seed)
             self.adversary.log_realized_perturbation(measured)
             source = torch.arange(len(rows)).repeat_interleave(args.num_candidates)
             consistency = None
@@ -161,6 +173,9 @@ class Miner:
                 )
             if args.buffer_max_age is not None:
                 self.buffer.evict_older_than(step - args.buffer_max_age)
+            if self.generation_adversary is not None:
+                # In eval mode, as it sampled: the teacher-forced pass sees the distribution the tokens came from.
+                self.generation_adversary.step(prompts, tokens, h, consistency, step)
         finally:
             model.train(was_training)
         self.metrics.add("unigame/mined", len(source))
@@ -172,6 +187,10 @@ class Miner:
         self.metrics.add("unigame/candidate_loss", float(ce.mean()))
         if consistency is not None:
             self.metrics.add("unigame/consistency", float(consistency.mean()))
+            faithful = (consistency >= args.consistency_threshold).float()
+            self.metrics.add("unigame/faithful_fraction", float(faithful.mean()))
+        if len(keep):
+            self.metrics.add("unigame/kept_hardness", float(h[keep].mean()))
         self._note_empty_round(kept=len(keep), consistency=consistency, step=step)
 
     @torch.no_grad()

@@ -167,21 +167,63 @@ class VisualTokenInterface(ImageTokenLoop, ABC):
         self,
         prompts: list[str],
         num_images: int = 1,
-        guidance_scale: float = 5.0,
-        temperature: float = 1.0,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
         generator: torch.Generator | None = None,
         image_size: int | None = None,
         compile_config=None,
-    ) -> torch.Tensor:
+        return_tokens: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generates `num_images` images per prompt; returns pixels in `[0, 1]`, `(len(prompts) * num_images, 3, H, W)`,
         at the size the understanding side expects, grouped by prompt. `image_size` (pixels per side) generates on a
         smaller token grid than the model's own (see [`~VisualTokenInterface.generation_grid`]), then resizes.
         `compile_config` (a `transformers.CompileConfig`) compiles the one-token step of the loop with
         `torch.compile`; the first call pays the compilation, and later calls with the same batch and 64-token cache
-        bucket reuse its graph and its KV cache (a new batch size or bucket compiles one more graph).
+        bucket reuse its graph and its KV cache (a new batch size or bucket compiles one more graph). With
+        `return_tokens=True`, returns `(pixels, tokens)`: the sampled image tokens too, `(len(prompts) * num_images,
+        num_tokens)`, as [`~VisualTokenInterface.image_token_log_probs`] takes them.
+
+        `guidance_scale` (classifier-free guidance) and `temperature` (`0` is greedy) left `None` take the model's
+        own, from its `generation_config` (`guidance_scale`, `temperature`), else 5.0 and 1.0 (see
+        [`~VisualTokenInterface.generation_settings`]).
 
         Raises:
             NotImplementedError: for a model that cannot generate images (`can_generate` is `False`).
+        """
+        raise NotImplementedError(f"{type(self.base_model).__name__} cannot generate images.")
+
+    def image_token_log_probs(
+        self,
+        prompts: list[str],
+        tokens: torch.Tensor,
+        num_images: int = 1,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
+        image_size: int | None = None,
+    ) -> torch.Tensor:
+        """The log-probability of each sampled image token under the distribution
+        [`~VisualTokenInterface.generate_images`] samples it from, in one teacher-forced pass: the prompts and the
+        tokens fed back through the generation site (a perturber active there acts as it did while sampling), with
+        the same classifier-free guidance and temperature (`log_softmax((uncond + s * (cond - uncond)) / T)` at each
+        token). Differentiable: it runs under the caller's grad mode, with the model in whatever mode it is in (use
+        `eval()`, as sampling does, so that dropout does not change the distribution).
+
+        Args:
+            prompts (`list[str]`): The prompts the tokens were generated from.
+            tokens (`torch.Tensor`): `(len(prompts) * num_images, num_tokens)`, from `generate_images(...,
+                return_tokens=True)`, grouped by prompt.
+            num_images (`int`, *optional*, defaults to `1`): Images per prompt.
+            guidance_scale (`float`, *optional*): The guidance scale of the sampling; `None` takes the model's (see
+                [`~VisualTokenInterface.generation_settings`]).
+            temperature (`float`, *optional*): The sampling temperature, positive; `None` takes the model's.
+            image_size (`int`, *optional*): The `image_size` of the sampling.
+
+        Returns:
+            `torch.Tensor`: float32, `(len(prompts) * num_images, num_tokens)`; 0 at tokens the grammar forces (Emu3's
+            end of line). Their sum over a row is the log-probability of that image's tokens.
+
+        Raises:
+            NotImplementedError: for a model that cannot generate images.
         """
         raise NotImplementedError(f"{type(self.base_model).__name__} cannot generate images.")
 
@@ -227,10 +269,15 @@ class VisualTokenInterface(ImageTokenLoop, ABC):
         `max_new_tokens`."""
         tokenizer = self._require_processor().tokenizer
         prompt = inputs["input_ids"].shape[1]
-        out = model.generate(
+        out = self._text_generate(model)(
             **inputs, max_length=prompt + max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
         return [t.strip() for t in tokenizer.batch_decode(out[:, prompt:], skip_special_tokens=True)]
+
+    def _text_generate(self, model: nn.Module) -> Callable:
+        """The `generate` that [`~VisualTokenInterface.answer`] calls for text: `model.generate` unless the family
+        needs another way in."""
+        return model.generate
 
     def answer(self, model: nn.Module, images, questions: list[str], max_new_tokens: int = 16) -> list[str]:
         """Greedy answers of `model` to `questions` about `images`, batched (for display and evaluation). Forward hooks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 
@@ -184,23 +185,57 @@ class Emu3Interface(VisualTokenInterface):
         self,
         prompts,
         num_images=1,
-        guidance_scale=5.0,
-        temperature=1.0,
+        guidance_scale=None,
+        temperature=None,
         generator=None,
         image_size=None,
         compile_config=None,
+        return_tokens=False,
     ):
         """Samples `num_images` images per prompt with classifier-free guidance (the unconditional branch sees an
         empty prompt) and a forced grammar: `w` visual tokens then an end-of-line token, for each of `h` rows. The
         codes are decoded by the VQ decoder; pixels come back in `[0, 1]` at the generation size (`generation_area`,
-        or `image_size` squared, which the understanding path accepts as it is)."""
+        or `image_size` squared, which the understanding path accepts as it is). With `return_tokens`, also the
+        sampled tokens (vocabulary ids, end-of-line tokens included), `(pixels, tokens)`."""
+        processor = self._require_processor()
+        tokenizer = processor.tokenizer
+        model = self.base_model
+        loop, (height, width) = self._generation_loop(prompts, image_size)
+        with self._generating():
+            tokens = self._generate_image_tokens(
+                **loop,
+                num_images=num_images,
+                guidance_scale=guidance_scale,
+                temperature=temperature,
+                generator=generator,
+                compile_config=compile_config,
+            )
+        batch = tokens.shape[0]
+        # `decode_image_tokens` drops the three closing tokens (end of frame, end of image, EOS) that `generate` emits.
+        closing = [processor.eof_token, processor.image_end_token, tokenizer.eos_token]
+        tail = torch.tensor(tokenizer.convert_tokens_to_ids(closing), device=self.device).expand(batch, -1)
+        pixels = model.decode_image_tokens(image_tokens=torch.cat([tokens, tail], dim=1), height=height, width=width)
+        pixels = self._to_unit_range(pixels)
+        return (pixels, tokens) if return_tokens else pixels
+
+    @contextlib.contextmanager
+    def _generating(self):
+        """Inside it, `embed_tokens` is the generation site (see [`~Emu3Interface.site_mask`])."""
+        _GENERATING.add(self.base_model)
+        try:
+            yield
+        finally:
+            _GENERATING.discard(self.base_model)
+
+    def _generation_loop(self, prompts: list[str], image_size: int | None) -> tuple[dict, tuple[int, int]]:
+        """The arguments of the image-token loop (and of its teacher-forced pass) for `prompts`, and the token grid
+        `(height, width)`: the prompts with an empty unconditional one, the visual-token scores, the fed-back
+        embeddings through `embed_tokens`, and the forced end-of-line token after each row."""
         processor = self._require_processor()
         self.generation_grid(image_size)  # a clear error for a size the processor cannot make
         area = self.generation_area if image_size is None else image_size * image_size
-        tokenizer = processor.tokenizer
         model = self.base_model
         device = self.device
-
         texts = list(prompts) + [""]  # the last row is the unconditional prompt
         enc = processor(
             text=texts,
@@ -215,32 +250,27 @@ class Emu3Interface(VisualTokenInterface):
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         visual = self.visual_token_ids(device)
         eol_id = self.mapping.eol_token_id
-        _GENERATING.add(model)
-        try:
-            tokens = self._generate_image_tokens(
-                model.model.text_model,
-                (ids[:-1], mask[:-1]),
-                (ids[-1:], mask[-1:]),
-                num_images=num_images,
-                num_tokens=height * (width + 1),
-                image_scores=lambda hidden: model.lm_head(hidden)[:, visual],
-                # Through `embed_tokens`, so that the generation site's hook sees each sampled token.
-                embed_image_tokens=self.embed_tokens,
-                guidance_scale=guidance_scale,
-                temperature=temperature,
-                generator=generator,
-                compile_config=compile_config,
-                candidate_ids=visual,
-                forced_token=lambda i: eol_id if i % (width + 1) == width else None,
+        loop = dict(
+            language_model=model.model.text_model,
+            prompt=(ids[:-1], mask[:-1]),
+            unconditional_prompt=(ids[-1:], mask[-1:]),
+            num_tokens=height * (width + 1),
+            image_scores=lambda hidden: model.lm_head(hidden)[:, visual],
+            # Through `embed_tokens`, so that the generation site's hook sees each sampled token.
+            embed_image_tokens=self.embed_tokens,
+            candidate_ids=visual,
+            forced_token=lambda i: eol_id if i % (width + 1) == width else None,
+        )
+        return loop, (height, width)
+
+    def image_token_log_probs(
+        self, prompts, tokens, num_images=1, guidance_scale=None, temperature=None, image_size=None
+    ):
+        loop, _ = self._generation_loop(prompts, image_size)
+        with self._generating():
+            return self._image_token_log_probs(
+                **loop, tokens=tokens, num_images=num_images, guidance_scale=guidance_scale, temperature=temperature
             )
-        finally:
-            _GENERATING.discard(model)
-        batch = tokens.shape[0]
-        # `decode_image_tokens` drops the three closing tokens (end of frame, end of image, EOS) that `generate` emits.
-        closing = [processor.eof_token, processor.image_end_token, tokenizer.eos_token]
-        tail = torch.tensor(tokenizer.convert_tokens_to_ids(closing), device=device).expand(batch, -1)
-        pixels = model.decode_image_tokens(image_tokens=torch.cat([tokens, tail], dim=1), height=height, width=width)
-        return self._to_unit_range(pixels)
 
     def generation_grid(self, image_size: int | None = None) -> int:
         """Side of the visual-token grid of square generated images of `image_size` pixels (of `generation_area` when

@@ -10,6 +10,12 @@ import torch
 from torch import nn
 
 
+#: Guidance scale of image generation when neither the caller nor the model's `generation_config` sets one.
+DEFAULT_GUIDANCE_SCALE = 5.0
+#: Sampling temperature of image tokens when neither the caller nor the model's `generation_config` sets one.
+DEFAULT_TEMPERATURE = 1.0
+
+
 def _kv_cache_keyword(language_model: nn.Module) -> str:
     """The keyword under which `language_model.forward` reads its KV cache: `cache` from transformers 5.24 on,
     `past_key_values` before.
@@ -33,6 +39,29 @@ class ImageTokenLoop:
 
     The interface's `__init__` sets `_compiled_steps` (the compiled one-token steps, per language model and compile
     config) and `_generation_caches` (the static KV caches kept between compiled calls)."""
+
+    def generation_settings(
+        self, guidance_scale: float | None = None, temperature: float | None = None
+    ) -> tuple[float, float]:
+        """The guidance scale and temperature image generation uses: each argument given as it is, and each `None`
+        read from the model's `generation_config` (`guidance_scale`, and `temperature`, the transformers names), or
+        `DEFAULT_GUIDANCE_SCALE` (5.0) and `DEFAULT_TEMPERATURE` (1.0) when the model's config does not set it.
+
+        Args:
+            guidance_scale (`float`, *optional*): Classifier-free guidance scale; `None` takes the model's.
+            temperature (`float`, *optional*): Sampling temperature (`0` is greedy); `None` takes the model's.
+
+        Returns:
+            `tuple[float, float]`: `(guidance_scale, temperature)`.
+        """
+        config = getattr(self.base_model, "generation_config", None)
+        if guidance_scale is None:
+            guidance_scale = getattr(config, "guidance_scale", None)
+            guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        if temperature is None:
+            temperature = getattr(config, "temperature", None)
+            temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+        return float(guidance_scale), float(temperature)
 
     def _token_loop(
         self, language_model: nn.Module, attention_mask: torch.Tensor, new_tokens: int, compile_config=None
@@ -108,8 +137,8 @@ class ImageTokenLoop:
         num_tokens: int,
         image_scores: Callable[[torch.Tensor], torch.Tensor],
         embed_image_tokens: Callable[[torch.Tensor], torch.Tensor],
-        guidance_scale: float,
-        temperature: float,
+        guidance_scale: float | None,
+        temperature: float | None,
         generator: torch.Generator | None = None,
         compile_config=None,
         candidate_ids: torch.Tensor | None = None,
@@ -138,8 +167,9 @@ class ImageTokenLoop:
             embed_image_tokens (`Callable`):
                 Token ids `(2 * batch, 1)` to the embeddings fed back: through the generation site, so that a
                 perturber's hook sees every sampled token.
-            guidance_scale (`float`): `uncond + guidance_scale * (cond - uncond)` on the scores.
-            temperature (`float`): Sampling temperature; `0` takes the argmax.
+            guidance_scale (`float`): `uncond + guidance_scale * (cond - uncond)` on the scores; `None` takes the
+                model's (see [`~ImageTokenLoop.generation_settings`]).
+            temperature (`float`): Sampling temperature; `0` takes the argmax; `None` takes the model's.
             generator (`torch.Generator`, *optional*): Seeds the sampling.
             compile_config (`transformers.CompileConfig`, *optional*): Compiles the one-token step.
             candidate_ids (`torch.Tensor`, *optional*):
@@ -150,6 +180,7 @@ class ImageTokenLoop:
         Returns:
             `torch.Tensor`: The tokens, `(num_prompts * num_images, num_tokens)`, grouped by prompt.
         """
+        guidance_scale, temperature = self.generation_settings(guidance_scale, temperature)
         ids, mask = (t.repeat_interleave(num_images, dim=0) for t in prompt)
         batch = ids.shape[0]
         uncond_ids, uncond_mask = (
@@ -186,6 +217,82 @@ class ImageTokenLoop:
             full_mask[:, prompt_length + i] = 1
             position_ids = position_ids[:, -1:] + 1
         return tokens
+
+    def _image_token_log_probs(
+        self,
+        language_model: nn.Module,
+        prompt: tuple[torch.Tensor, torch.Tensor],
+        unconditional_prompt: tuple[torch.Tensor, torch.Tensor],
+        tokens: torch.Tensor,
+        num_images: int,
+        image_scores: Callable[[torch.Tensor], torch.Tensor],
+        embed_image_tokens: Callable[[torch.Tensor], torch.Tensor],
+        guidance_scale: float | None,
+        temperature: float | None,
+        candidate_ids: torch.Tensor | None = None,
+        forced_token: Callable[[int], int | None] | None = None,
+        num_tokens: int | None = None,
+    ) -> torch.Tensor:
+        """The log-probability of each of `tokens` under the distribution [`_generate_image_tokens`] samples from,
+        teacher-forced: one pass of the LLM over the prompts followed by the tokens (fed back through
+        `embed_image_tokens`, so a perturber at the generation site acts as it did while sampling), for the
+        conditional and unconditional rows, then `log_softmax((uncond + guidance_scale * (cond - uncond)) /
+        temperature)` at each sampled token. Differentiable (it runs under the caller's grad mode).
+
+        Args:
+            tokens (`torch.Tensor`):
+                The sampled tokens, `(num_prompts * num_images, num_tokens)`, grouped by prompt, as
+                [`_generate_image_tokens`] returns them (vocabulary ids where `candidate_ids` is given).
+            num_tokens (`int`, *optional*): Checked against `tokens` when given.
+            The other arguments: as for [`_generate_image_tokens`] (`None` guidance or temperature takes the model's,
+            as there); the temperature must be positive.
+
+        Returns:
+            `torch.Tensor`: float32 log-probabilities `(num_prompts * num_images, num_tokens)`; 0 at forced steps
+            (nothing was sampled there).
+        """
+        guidance_scale, temperature = self.generation_settings(guidance_scale, temperature)
+        if temperature <= 0:
+            raise ValueError(
+                f"Greedy generation (temperature {temperature}) samples nothing: its tokens have no log-probability."
+            )
+        ids, mask = (t.repeat_interleave(num_images, dim=0) for t in prompt)
+        batch, length = tokens.shape
+        if ids.shape[0] != batch or (num_tokens is not None and num_tokens != length):
+            raise ValueError(
+                f"Got {batch} token rows of {length} tokens for {prompt[0].shape[0]} prompts x {num_images} images "
+                f"of {num_tokens if num_tokens is not None else length} tokens: they must match."
+            )
+        uncond_ids, uncond_mask = (
+            t.expand(batch, -1) if t.shape[0] == 1 else t.repeat_interleave(num_images, dim=0)
+            for t in unconditional_prompt
+        )
+        input_ids = torch.cat([ids, uncond_ids])
+        prompt_length = input_ids.shape[1]
+        tokens = tokens.to(input_ids.device)
+        fed = torch.cat([tokens, tokens])[:, :-1]  # the last token is never fed back
+        embeds = torch.cat([self.base_model.get_input_embeddings()(input_ids), embed_image_tokens(fed)], dim=1)
+        attention_mask = torch.cat([mask, uncond_mask])
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(fed.shape)], dim=1)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state[:, prompt_length - 1 :]  # position prompt_length - 1 + i predicts token i
+        scores = image_scores(hidden.reshape(-1, hidden.shape[-1])).float().view(2 * batch, length, -1)
+        cond, uncond = scores[:batch], scores[batch:]
+        log_probs = torch.log_softmax((uncond + guidance_scale * (cond - uncond)) / temperature, dim=-1)
+        columns = tokens
+        if candidate_ids is not None:
+            lookup = torch.full((int(candidate_ids.max()) + 1,), -1, dtype=torch.long, device=tokens.device)
+            lookup[candidate_ids.to(tokens.device)] = torch.arange(len(candidate_ids), device=tokens.device)
+            columns = lookup[tokens.clamp(max=len(lookup) - 1)]
+        forced = torch.tensor(
+            [forced_token is not None and forced_token(i) is not None for i in range(length)], device=tokens.device
+        ).expand(batch, -1)
+        if bool(((columns < 0) & ~forced).any()):
+            raise ValueError("A sampled position holds a token that is not one of the image-token candidates.")
+        chosen = log_probs.gather(-1, columns.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return chosen.masked_fill(forced, 0.0)
 
     def clear_generation_caches(self) -> None:
         """Frees the KV caches that image generation with a `compile_config` keeps between calls. The compiled steps

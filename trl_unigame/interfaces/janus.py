@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import VisualTokenInterface, register_interface, to_pil_images
+from .base import VisualTokenInterface, register_interface, to_pil_images, unwrap_model
 
 
 _LLM_PROJECTIONS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
@@ -182,6 +184,17 @@ class JanusInterface(VisualTokenInterface):
         std = torch.tensor(image_processor.image_std, device=pixels.device).view(1, -1, 1, 1)
         return (pixels.float() * std + mean).clamp(0, 1)
 
+    def _text_generate(self, model):
+        """`JanusForConditionalGeneration.generate` hands text generation to `GenerationMixin.generate` with a
+        generation config and `guidance_scale=None` (so that image guidance does not act on text) together, which
+        transformers warns is deprecated. The same call made directly, every argument explicit and no config object,
+        gives the same tokens without the warning; LoRA layers and forward hooks live in the modules, so they act
+        the same."""
+        from transformers import GenerationMixin
+
+        base = unwrap_model(model)
+        return functools.partial(GenerationMixin.generate, base, guidance_scale=None)
+
     @torch.no_grad()
     def answer(self, model, images, questions, max_new_tokens=16):
         """Greedy answers, batched; a forward hook on `understanding_site` (a perturber, an attack) acts on them."""
@@ -201,32 +214,17 @@ class JanusInterface(VisualTokenInterface):
         self,
         prompts,
         num_images=1,
-        guidance_scale=5.0,
-        temperature=1.0,
+        guidance_scale=None,
+        temperature=None,
         generator=None,
         image_size=None,
         compile_config=None,
+        return_tokens=False,
     ):
-        processor = self._require_processor()
         grid = self.generation_grid(image_size)
-        model = self.base_model
-        tokenizer = processor.tokenizer
-        gen_config = model.generation_config
-        pad_id = gen_config.pad_token_id if gen_config.pad_token_id is not None else tokenizer.pad_token_id
-        bos_id = gen_config.bos_token_id if gen_config.bos_token_id is not None else tokenizer.bos_token_id
-        boi_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
-
-        ids, mask = self._generation_prompt(prompts)
-        # Classifier-free guidance: the unconditional prompt keeps only BOS and BOI.
-        uncond_ids = ids.masked_fill((ids != bos_id) & (ids != boi_id), pad_id)
         tokens = self._generate_image_tokens(
-            model.model.language_model,
-            (ids, mask),
-            (uncond_ids, mask),
+            **self._generation_loop(prompts, grid),
             num_images=num_images,
-            num_tokens=grid * grid,
-            image_scores=model.model.generation_head,
-            embed_image_tokens=model.prepare_embeddings_for_image_generation,
             guidance_scale=guidance_scale,
             temperature=temperature,
             generator=generator,
@@ -236,7 +234,43 @@ class JanusInterface(VisualTokenInterface):
         pixels = ((pixels + 1) / 2).clamp(0, 1)
         if pixels.shape[-1] != self.image_size:
             pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
-        return pixels.clamp(0, 1)
+        pixels = pixels.clamp(0, 1)
+        return (pixels, tokens) if return_tokens else pixels
+
+    def _generation_loop(self, prompts: list[str], grid: int) -> dict:
+        """The arguments of the image-token loop (and of its teacher-forced pass) for `prompts` on a `grid` x `grid`
+        token grid: the prompts, their unconditional twins (only BOS and BOI kept), the head and the fed-back
+        embeddings."""
+        processor = self._require_processor()
+        model = self.base_model
+        tokenizer = processor.tokenizer
+        gen_config = model.generation_config
+        pad_id = gen_config.pad_token_id if gen_config.pad_token_id is not None else tokenizer.pad_token_id
+        bos_id = gen_config.bos_token_id if gen_config.bos_token_id is not None else tokenizer.bos_token_id
+        boi_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
+        ids, mask = self._generation_prompt(prompts)
+        # Classifier-free guidance: the unconditional prompt keeps only BOS and BOI.
+        uncond_ids = ids.masked_fill((ids != bos_id) & (ids != boi_id), pad_id)
+        return dict(
+            language_model=model.model.language_model,
+            prompt=(ids, mask),
+            unconditional_prompt=(uncond_ids, mask),
+            num_tokens=grid * grid,
+            image_scores=model.model.generation_head,
+            embed_image_tokens=model.prepare_embeddings_for_image_generation,
+        )
+
+    def image_token_log_probs(
+        self, prompts, tokens, num_images=1, guidance_scale=None, temperature=None, image_size=None
+    ):
+        grid = self.generation_grid(image_size)
+        return self._image_token_log_probs(
+            **self._generation_loop(prompts, grid),
+            tokens=tokens,
+            num_images=num_images,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+        )
 
     @property
     def _vq_downsample(self) -> int:

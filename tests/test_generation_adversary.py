@@ -1,0 +1,320 @@
+"""The generation-side adversary (`generation_adversary="reinforce"`): its teacher-forced log-probability, its update,
+its place in the trainer (Janus and Emu3, logs, exact resume) and the options it refuses."""
+
+import os
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from trl_unigame import Perturber, UniGameConfig, UniGameTrainer, get_interface
+from trl_unigame.game.generation_adversary import candidate_advantages, candidate_rewards
+from trl_unigame.testing import tiny_emu3, tiny_janus, tiny_llava
+
+
+BUILDERS = {"janus": tiny_janus, "emu3": tiny_emu3}
+GUIDANCE, TEMPERATURE = 3.0, 0.7
+NEW_METRICS = (
+    "unigame/generation_adversary_loss",
+    "unigame/generation_reward_mean",
+    "unigame/generation_reward_std",
+    "unigame/generation_eps",
+    "unigame/generation_realized_delta_norm",
+    "unigame/faithful_fraction",
+    "unigame/kept_hardness",
+    "unigame/skipped_generation_adversary_steps",
+)
+
+
+def game_args(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=5e-3,
+        perturber_learning_rate=5e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        num_candidates=2,
+        buffer_batch_size=2,
+        buffer_capacity=4,
+        hardness_quantile=0.0,
+        consistency_threshold=-1.0,
+        consistency_model=None,
+        seed=0,
+        dataloader_num_workers=0,
+        generation_adversary="reinforce",
+        generation_adversary_learning_rate=5e-2,
+        generation_temperature=TEMPERATURE,
+        generation_guidance_scale=GUIDANCE,
+    )
+    settings.update(overrides)
+    return UniGameConfig(**settings)
+
+
+def game_trainer(family, tmp_path, vqa, scorer, perturber=None, **overrides):
+    model, processor = BUILDERS[family](seed=0)
+    return UniGameTrainer(
+        model,
+        game_args(tmp_path, **overrides),
+        train_dataset=vqa.select(range(8)),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05),
+        consistency_scorer=scorer,
+        perturber=perturber,
+    )
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def sampled_with_log_probs(interface, prompts, num_images, seed=0):
+    """Samples through the interface's own loop, recording the scores it sampled each token from; returns the tokens
+    and the log-probability of each under that recorded distribution (0 at forced tokens)."""
+    if hasattr(interface, "_generating"):  # Emu3: the grid is part of the loop's arguments
+        loop, _ = interface._generation_loop(prompts, None)
+        context = interface._generating()
+    else:
+        loop = interface._generation_loop(prompts, interface.generation_grid())
+        context = torch.no_grad()
+    recorded, scores = [], loop["image_scores"]
+
+    def recording(hidden):
+        out = scores(hidden)
+        recorded.append(out.float())
+        return out
+
+    with context, torch.no_grad():
+        tokens = interface._generate_image_tokens(
+            **{**loop, "image_scores": recording},
+            num_images=num_images,
+            guidance_scale=GUIDANCE,
+            temperature=TEMPERATURE,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    batch, forced = tokens.shape[0], loop.get("forced_token")
+    candidates = loop.get("candidate_ids")
+    expected = torch.zeros(tokens.shape)
+    steps = iter(recorded)
+    for i in range(tokens.shape[1]):
+        if forced is not None and forced(i) is not None:
+            continue
+        s = next(steps)
+        log_probs = torch.log_softmax((s[batch:] + GUIDANCE * (s[:batch] - s[batch:])) / TEMPERATURE, dim=-1)
+        columns = tokens[:, i] if candidates is None else torch.searchsorted(candidates, tokens[:, i].contiguous())
+        expected[:, i] = log_probs.gather(-1, columns[:, None])[:, 0]
+    return tokens, expected
+
+
+@pytest.mark.parametrize("family", ["janus", "emu3"])
+def test_teacher_forced_log_probs_equal_the_sampling_distribution(family):
+    model, processor = BUILDERS[family](seed=0)
+    model.eval()
+    interface = get_interface(model, processor)
+    perturber = Perturber.for_model(model, sites=["generation"], eps_max=0.5, eps_init=0.4).attach(model)
+    prompts = ["A red circle.", "A small blue square on the left."]  # different lengths: left padding
+    kwargs = dict(num_images=2, guidance_scale=GUIDANCE, temperature=TEMPERATURE)
+    with perturber.active():
+        tokens, expected = sampled_with_log_probs(interface, prompts, num_images=2)
+        generator = torch.Generator().manual_seed(0)
+        _, returned = interface.generate_images(prompts, **kwargs, generator=generator, return_tokens=True)
+        teacher_forced = interface.image_token_log_probs(prompts, tokens, **kwargs)
+    assert torch.equal(returned, tokens)  # the sampling path returns the tokens it decoded
+    torch.testing.assert_close(teacher_forced, expected, rtol=0, atol=1e-4)
+    assert teacher_forced.requires_grad and (teacher_forced <= 0).all()
+    with perturber.disabled():  # the pass goes through the generation site: the perturber's tokens are its own
+        clean = interface.image_token_log_probs(prompts, tokens, **kwargs)
+    assert (clean - teacher_forced).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="Greedy"):
+        interface.image_token_log_probs(prompts, tokens, num_images=2, temperature=0.0)
+
+
+def test_rewards_gate_hardness_by_faithfulness_and_advantages_centre_per_prompt():
+    rewards, faithful = candidate_rewards(
+        torch.tensor([2.0, 1.0, 5.0, 0.5]), torch.tensor([0.9, 0.95, 0.2, 0.9]), threshold=0.5, penalty=-1.0
+    )
+    assert rewards.tolist() == [2.0, 1.0, -1.0, 0.5] and faithful.tolist() == [True, True, False, True]
+    advantages = candidate_advantages(rewards, num_candidates=2, normalize=False)
+    assert advantages.tolist() == [0.5, -0.5, -0.75, 0.75]
+    normalised = candidate_advantages(rewards, num_candidates=2, normalize=True)
+    assert normalised.std(unbiased=False) == pytest.approx(1.0, abs=1e-5)
+    assert candidate_advantages(torch.full((4,), -1.0), 2, normalize=True).abs().max() == 0
+
+
+def test_one_update_follows_the_advantages_and_touches_only_the_perturber(tmp_path, vqa, clip_scorer):
+    trainer = game_trainer(
+        "janus",
+        tmp_path,
+        vqa,
+        clip_scorer,
+        num_candidates=2,
+        consistency_threshold=0.0,
+        generation_adversary_learning_rate=1e-3,  # a small step: the first-order effect of the gradient shows
+    )
+    trainer.model.eval()  # as in mining: no dropout between the two measurements
+    adversary, interface = trainer.generation_adversary, trainer.interface
+    prompts = ["A red circle."]
+    with torch.no_grad(), trainer.perturber.active():
+        _, tokens = interface.generate_images(
+            prompts,
+            num_images=2,
+            guidance_scale=GUIDANCE,
+            temperature=TEMPERATURE,
+            generator=torch.Generator().manual_seed(0),
+            return_tokens=True,
+        )
+        before = adversary.log_probs(prompts, tokens)
+    # U's accumulated gradients and the understanding-site step's, as they are mid-window
+    for p in list(trainer.model.parameters()) + list(trainer.perturber.parameters()):
+        if p.requires_grad:
+            p.grad = torch.full_like(p, 0.125)
+    model_before, perturber_before = snapshot(trainer.model), snapshot(trainer.perturber)
+    grads_before = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    # the first candidate is hard and faithful (advantage > 0), the second unfaithful (advantage < 0)
+    adversary.step(prompts, tokens, torch.tensor([3.0, 3.0]), torch.tensor([1.0, -1.0]), step=0)
+    with torch.no_grad():
+        after = adversary.log_probs(prompts, tokens)
+    assert after[0] > before[0] and after[1] < before[1], (before, after)
+    assert after[0] - after[1] > before[0] - before[1]
+    model_after = snapshot(trainer.model)
+    assert all(torch.equal(model_before[n], model_after[n]) for n in model_before)
+    assert grads_before and all(
+        torch.equal(p.grad, grads_before[n]) for n, p in trainer.model.named_parameters() if n in grads_before
+    )
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.125)) for p in trainer.perturber.parameters())
+    assert any(not torch.equal(perturber_before[n], p) for n, p in trainer.perturber.named_parameters())
+    assert adversary.optimizer.state and not trainer.perturber_optimizer.state  # moments kept apart
+    logged = trainer.game_metrics.reduce()
+    assert logged["unigame/generation_reward_mean"] == pytest.approx(1.0)  # (3 + -1) / 2
+    assert logged["unigame/skipped_generation_adversary_steps"] == 0
+
+
+def test_a_non_finite_loss_skips_the_update(tmp_path, vqa, clip_scorer):
+    trainer = game_trainer("janus", tmp_path, vqa, clip_scorer)
+    trainer.model.eval()
+    prompts = ["A red circle."]
+    with torch.no_grad():
+        _, tokens = trainer.interface.generate_images(prompts, num_images=2, return_tokens=True)
+    before = snapshot(trainer.perturber)
+    with pytest.warns(UserWarning, match="generation adversary's loss is not finite"):
+        trainer.generation_adversary.step(
+            prompts, tokens, torch.tensor([float("nan"), 1.0]), torch.tensor([1.0, 1.0]), step=0
+        )
+    assert all(torch.equal(before[n], p) for n, p in trainer.perturber.named_parameters())
+    assert not trainer.generation_adversary.optimizer.state
+    assert trainer.game_metrics.reduce()["unigame/skipped_generation_adversary_steps"] == 1
+
+
+@pytest.mark.parametrize("family", ["janus", "emu3"])
+def test_trainer_trains_the_perturber_from_mining_logs_and_resumes_exactly(family, tmp_path, vqa, clip_scorer):
+    overrides = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    full = game_trainer(family, tmp_path / "full", vqa, clip_scorer, **overrides)
+    before = snapshot(full.model)
+    steps = []
+    step = full.generation_adversary.step
+    full.generation_adversary.step = lambda *a, **k: steps.append(a[-1]) or step(*a, **k)
+    full.train()
+    assert steps == [0, 1, 2, 3]  # once per mining round
+    moved = [n for n, p in full.model.named_parameters() if not torch.equal(before[n], p)]
+    assert moved and all("lora_" in n for n in moved)
+    logs = [log for log in full.state.log_history if "loss" in log]
+    for key in NEW_METRICS:
+        assert all(key in log for log in logs), key
+    assert all(log["unigame/faithful_fraction"] == 1.0 for log in logs)  # threshold -1: every candidate is faithful
+    checkpoint = os.path.join(full.args.output_dir, "checkpoint-2")
+    assert "generation_adversary_optimizer.pt" in os.listdir(checkpoint)
+
+    resumed = game_trainer(family, tmp_path / "resumed", vqa, clip_scorer, **overrides)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    for a, b in ((full.model, resumed.model), (full.perturber, resumed.perturber)):
+        sa, sb = snapshot(a), snapshot(b)
+        for name in sa:
+            torch.testing.assert_close(sb[name], sa[name], rtol=0, atol=1e-6, msg=name)
+    state_a, state_b = (t.generation_adversary_optimizer.state_dict()["state"] for t in (full, resumed))
+    for index, values in state_a.items():
+        for key, value in values.items():
+            torch.testing.assert_close(state_b[index][key], value, rtol=0, atol=1e-6)
+
+    def late(trainer):
+        return [
+            (log["step"], log["unigame/generation_adversary_loss"], log["unigame/generation_reward_mean"])
+            for log in trainer.state.log_history
+            if "loss" in log and log["step"] > 2
+        ]
+
+    assert len(late(full)) == 2
+    for (s1, l1, r1), (s2, l2, r2) in zip(late(full), late(resumed)):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-6) and r1 == pytest.approx(r2, abs=1e-6)
+
+
+def test_resume_with_the_option_from_a_checkpoint_without_it_is_refused(tmp_path, vqa, clip_scorer):
+    first = game_trainer(
+        "janus", tmp_path / "first", vqa, clip_scorer, generation_adversary="none", save_strategy="steps", save_steps=2
+    )
+    first.train()
+    resumed = game_trainer("janus", tmp_path / "again", vqa, clip_scorer, max_steps=4)
+    before = snapshot(resumed.perturber)
+    with pytest.raises(FileNotFoundError, match="no generation_adversary_optimizer.pt"):
+        resumed.train(resume_from_checkpoint=os.path.join(first.args.output_dir, "checkpoint-2"))
+    assert all(torch.equal(before[n], p) for n, p in resumed.perturber.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(generation_adversary="ppo"), r"`generation_adversary` must be one of \['none', 'reinforce'\]"),
+        (dict(mining_interval=0), r"needs mining.*`mining_interval` >= 1.*generation_adversary='none'"),
+        (dict(num_candidates=1, candidates_kept_per_sample=1), r"`num_candidates` >= 2"),
+        (dict(generation_temperature=0.0), r"positive `generation_temperature`"),
+        (dict(perturber_sites=["understanding"]), r"add 'generation' to `perturber_sites`"),
+        (dict(generation_adversary_learning_rate=0.0), r"`generation_adversary_learning_rate` must be > 0"),
+        (dict(generation_adversary_penalty=0.5), r"`generation_adversary_penalty` must be a finite number <= 0"),
+    ],
+)
+def test_config_refuses_what_the_option_cannot_use(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        game_args(tmp_path, **overrides)
+
+
+def test_trainer_refuses_the_option_without_a_scorer_a_generator_or_a_generation_site(tmp_path, vqa, clip_scorer):
+    with pytest.raises(ValueError, match=r"rewards only faithful candidates.*no(ne)?.*consistency_scorer"):
+        game_trainer("janus", tmp_path, vqa, scorer=None)
+    model, _ = tiny_janus(seed=0)
+    understanding_only = Perturber.for_model(model, sites=["understanding"])
+    with pytest.raises(ValueError, match=r"acts only at \['understanding'\]"):
+        game_trainer("janus", tmp_path, vqa, clip_scorer, perturber=understanding_only)
+    model, processor = tiny_llava(seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"LlavaForConditionalGeneration cannot generate images"):
+            UniGameTrainer(
+                model,
+                game_args(tmp_path),
+                train_dataset=vqa.select(range(4)),
+                processing_class=processor,
+                consistency_scorer=clip_scorer,
+            )
+
+
+@pytest.mark.slow
+def test_benchmark_runs_the_trainer_with_the_option_off_and_on(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import generation_adversary
+
+    output = tmp_path / "report.json"
+    report = generation_adversary.main(
+        ["--steps", "1", "--batch_size", "2", "--num_candidates", "2", "--output_json", str(output)]
+    )
+    assert [r["setting"] for r in report["results"]] == ["off", "on"]
+    off, on = report["results"]
+    assert off["mined"] == on["mined"] == 4 and off["generation_reward_mean"] != off["generation_reward_mean"]  # nan
+    assert on["generation_reward_mean"] == on["generation_reward_mean"] and 0 <= on["faithful_fraction"] <= 1
+    assert json.loads(output.read_text())["results"][1]["setting"] == "on"
