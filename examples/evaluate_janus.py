@@ -2,11 +2,14 @@
 """
 Evaluation of Janus / Janus-Pro and its UniGame (or any LoRA) adapters: VQA accuracy on clean images, under a
 white-box PGD attack at the shared visual-token interface, under a trained perturber, on corrupted images, and on the
-model's own generated images (round-trip consistency).
+model's own generated images (round-trip consistency); and the reverse consistency (real image -> the model's own
+caption -> its own drawing of it -> similarity to the real image).
 
 With no arguments, evaluates the tiny Janus pretrained on real digit scans (shipped in the package) on 120 held-out
 test scans ("What digit is this?"; shifted and corrupted scans included), on a CPU, in seconds, and writes
-`unigame-eval/results.json`:
+`unigame-eval/results.json`. The tiny model cannot caption in words of its own: its caption is its answers to "What
+color is the digit?" and "What digit is this?" in the dataset's caption format ("a {0} {1}", e.g. "a red seven"), and
+the digit judge compares its drawing with the real scan (same digit and colour):
 
 ```bash
 python examples/evaluate_janus.py
@@ -44,7 +47,7 @@ from accelerate import PartialState
 from trl import TrlParser
 
 from trl_unigame.data import to_vqa_format
-from trl_unigame.evaluation import DEFAULT_ATTACK_EPS, UniGameEvaluator, reference_answers
+from trl_unigame.evaluation import DEFAULT_ATTACK_EPS, DEFAULT_CAPTION_QUESTION, UniGameEvaluator, reference_answers
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +61,7 @@ EXTRA_COLUMNS = ("answers", "group_id", "question_id", "image_id")
 EVALUATOR_ARGUMENTS = (
     *("batch_size", "max_new_tokens", "attack_eps", "attack_budget", "attack_steps", "perturber", "corruptions"),
     *("consistency", "generation_guidance_scale", "generation_temperature", "caption_column", "seed"),
+    *("reverse_consistency", "caption_question", "caption_template", "caption_max_new_tokens"),
 )
 
 
@@ -92,6 +96,16 @@ class EvaluationScriptArguments:
         corruptions (`list[str]`, *optional*): e.g. `noise_3 blur_3 jpeg_3 contrast_3` (`noise` alone: severities 1, 3
             and 5).
         consistency (`bool`, *optional*, defaults to `False`): Round trip caption -> own image -> own answer.
+        reverse_consistency (`bool`, *optional*, defaults to `False`): The other way round: real image -> own caption
+            -> own drawing -> similarity to the real image (needs `image_similarity`).
+        image_similarity (`str`, *optional*): How the reverse consistency compares the drawing with the real image:
+            `digit_judge` (same digit and colour, the digits task) or a CLIP model (Hub id or folder: image-image
+            cosine).
+        caption_question (`list[str]`, *optional*, defaults to `["Describe the image in one sentence."]`): The
+            question(s) whose answers make the model's caption.
+        caption_template (`str`, *optional*): `str.format` template of the caption from the answers (`{0}`, `{1}`,
+            ...); without it the answers are joined by spaces.
+        caption_max_new_tokens (`int`, *optional*, defaults to `32`): Longest answer to a caption question.
         generation_guidance_scale (`float`, *optional*): Guidance of the round trip's generation; the model's own
             (`generation_config.guidance_scale`, else 5.0) when not given.
         generation_temperature (`float`, *optional*): Temperature of the round trip's generation; the model's own
@@ -126,6 +140,20 @@ class EvaluationScriptArguments:
     attack_steps: int = field(default=5, metadata={"help": "PGD steps."})
     corruptions: list[str] = field(default_factory=list, metadata={"help": "e.g. noise_3 blur_3 jpeg_3 contrast_3."})
     consistency: bool = field(default=False, metadata={"help": "Round trip caption -> own image -> own answer."})
+    reverse_consistency: bool = field(
+        default=False, metadata={"help": "Real image -> own caption -> own drawing -> similarity to the real image."}
+    )
+    image_similarity: str | None = field(
+        default=None, metadata={"help": "digit_judge, or a CLIP model (Hub id or folder) for image-image cosine."}
+    )
+    caption_question: list[str] = field(
+        default_factory=lambda: [DEFAULT_CAPTION_QUESTION],
+        metadata={"help": "Question(s) whose answers make the model's caption."},
+    )
+    caption_template: str | None = field(
+        default=None, metadata={"help": "Caption from the answers, e.g. 'a {0} {1}' (None: joined by spaces)."}
+    )
+    caption_max_new_tokens: int = field(default=32, metadata={"help": "Longest answer to a caption question."})
     generation_guidance_scale: float | None = field(
         default=None, metadata={"help": "Guidance of the round trip's images (None: the model's)."}
     )
@@ -144,9 +172,13 @@ class EvaluationScriptArguments:
 
 def offline_default_arguments() -> list[str]:
     """The embedded default run: every condition on the pretrained tiny digits Janus, budgets relative to the token
-    norm (2% and 5%), generation at the model's own guidance (3) and temperature (0.7)."""
+    norm (2% and 5%), generation at the model's own guidance (3) and temperature (0.7). Its reverse consistency
+    captions a scan in the dataset's caption format from the model's answers to the colour and digit questions (it
+    was never taught to caption otherwise), and the digit judge compares its drawing with the scan."""
     return [
         *("--corruptions", "noise_3", "blur_3", "jpeg_3", "contrast_3", "--consistency", "true"),
+        *("--reverse_consistency", "true", "--image_similarity", "digit_judge", "--caption_template", "a {0} {1}"),
+        *("--caption_question", "What color is the digit?", "What digit is this?"),
         *("--attack_budget", "relative", "--attack_eps", "0.02", "0.05"),
         *("--generation_guidance_scale", "3.0", "--generation_temperature", "0.7"),
     ]
@@ -220,14 +252,35 @@ def load_model_and_data(args, given: frozenset[str] = frozenset()):
     return model.to(PartialState().device), processor, dataset
 
 
+def load_image_similarity(args):
+    """The reverse consistency's `(generated, real) -> scores`: the digit judge (`--image_similarity digit_judge`) or a
+    CLIP model's image-image cosine (a Hub id or folder); `None` when `--reverse_consistency` is off."""
+    if not args.reverse_consistency:
+        return None
+    if args.image_similarity is None:
+        raise ValueError(
+            "--reverse_consistency needs --image_similarity: `digit_judge` (the digits task) or a CLIP model (Hub id "
+            "or folder, e.g. openai/clip-vit-base-patch16)."
+        )
+    if args.image_similarity == "digit_judge":
+        from trl_unigame.digit_judge import DigitJudge
+
+        return DigitJudge()
+    from trl_unigame import CLIPConsistencyScorer
+
+    return CLIPConsistencyScorer(args.image_similarity, device=PartialState().device)
+
+
 def evaluate_models(args, model, processor, dataset) -> tuple[dict[str, dict[str, float]], list[dict]]:
     """Metrics of the base model and of each adapter, by model name; and the per-row predictions of all of them."""
     from peft import PeftModel
 
     predictions: list[dict] = []
+    similarity = load_image_similarity(args)
 
     def run(name, current):
-        evaluator = UniGameEvaluator(current, processor, **{key: getattr(args, key) for key in EVALUATOR_ARGUMENTS})
+        settings = {key: getattr(args, key) for key in EVALUATOR_ARGUMENTS}
+        evaluator = UniGameEvaluator(current, processor, image_similarity=similarity, **settings)
         metrics, rows = evaluator.evaluate(dataset, return_predictions=True)
         for row in rows:
             row["model"] = name

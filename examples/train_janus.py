@@ -55,8 +55,9 @@ class UniGameScriptArguments(ScriptArguments):
         dataset_data_files (`str`, *optional*): Local data files (json, csv, parquet, imagefolder) instead of a
             Hub dataset; `--dataset_name` then names the builder (e.g. `parquet`).
         max_train_samples (`int`, *optional*): Keep only this many training rows.
-        picture_steps (`int`, *optional*, defaults to `0`): Every this many steps, write a grid of hard samples and a
-            plot of eps and the losses to the output directory (needs matplotlib); `0` turns it off.
+        picture_steps (`int`, *optional*, defaults to `0`): Every this many steps, write a gallery of hard samples and
+            plots of eps and the losses to `output_dir/pictures/` and log them to the `--report_to` trackers; `0`
+            turns it off.
         compare_scans (`int`, *optional*, defaults to `120`): Offline default only: held-out test scans on which the
             model is evaluated before and after training (clean, under attack, round trip); `0` skips it.
     """
@@ -75,13 +76,7 @@ class UniGameScriptArguments(ScriptArguments):
 
 def offline_default_arguments(output_dir: str = "unigame-janus-tiny") -> list[str]:
     """The embedded default run: the pretrained tiny digits Janus, its digits data, CPU-sized settings (the effect
-    benchmark's UniGame settings, see docs/benchmarks.md); curves and grids when matplotlib is there."""
-    try:
-        import matplotlib  # noqa: F401
-
-        pictures = "100"
-    except ImportError:  # optional: the run works without them (the PIL gallery is always written)
-        pictures = "0"
+    benchmark's UniGame settings, see docs/benchmarks.md); hard-sample galleries and curves every 100 steps."""
     settings = {
         "output_dir": output_dir,
         "max_steps": "200",
@@ -94,7 +89,7 @@ def offline_default_arguments(output_dir: str = "unigame-janus-tiny") -> list[st
         "bf16": "false",
         "lora_r": "16",
         "lora_alpha": "32",
-        "picture_steps": pictures,
+        "picture_steps": "100",
         **OFFLINE_GAME,
     }
     return [part for key, value in settings.items() for part in (f"--{key}", value)] + ["--use_peft"]
@@ -149,8 +144,8 @@ def offline_comparison(model, processor, scans: int, judge) -> dict[str, float]:
 
 
 def write_hard_sample_gallery(trainer, path: str, count: int = 8) -> None:
-    """A PNG of the hardest buffer entries (source beside decoded candidate, question, answer, prediction, H), PIL
-    only."""
+    """A PNG of the hardest buffer entries (real image beside decoded candidate, question, answer, prediction, H and
+    s, with a legend), PIL only."""
     from trl_unigame.gallery import hard_sample_gallery
     from trl_unigame.interfaces import to_pil_images
 
@@ -159,7 +154,13 @@ def write_hard_sample_gallery(trainer, path: str, count: int = 8) -> None:
         return
     images = to_pil_images([e.image.float() / 255 for e in entries])
     predictions = trainer.interface.answer(trainer.model, images, [e.row["question"] for e in entries])
-    hard_sample_gallery(entries, predictions).save(path)
+    args = trainer.args
+    hard_sample_gallery(
+        entries,
+        predictions,
+        consistency_weight=args.consistency_weight,
+        consistency_threshold=args.consistency_threshold,
+    ).save(path)
 
 
 def quantization_kwargs(model_args, model_path: str) -> dict:

@@ -76,3 +76,50 @@ def test_evaluation_under_two_processes_shards_the_rows_and_agrees_with_one_proc
     assert all(p["consistency"] is not None for p in rank0["predictions"])
     assert 0 <= rank0["metrics"]["consistency/judge_score"] <= 1
     assert single_metrics["clean/vqa_accuracy"] > 0.5  # a model that answers: agreement means something
+
+
+@pytest.mark.slow
+def test_generation_adversary_under_two_processes_averages_its_gradient_and_keeps_ranks_identical(tmp_path):
+    # Each rank mines its own candidates (its own gradient); both step on the mean and end with the same perturber.
+    command = [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29536",
+        os.path.join(ROOT, "tests", "ddp_generation_adversary_worker.py"),
+        str(tmp_path),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the 2-process run hung: the ranks stopped pairing their collectives")
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["world"] == rank1["world"] == 2
+    # one step per mining round (every optimizer step), none skipped, each on the mean of the two ranks' gradients
+    assert len(rank0["exchanged"]) == len(rank1["exchanged"]) == 3
+    for (own0, mean0), (own1, mean1) in zip(rank0["exchanged"], rank1["exchanged"]):
+        assert mean0 is not None and mean1 is not None
+        assert any(not torch.equal(a, b) for a, b in zip(own0, own1))  # each rank's own candidates
+        for a, b, m0, m1 in zip(own0, own1, mean0, mean1):
+            assert torch.equal(m0, m1)
+            torch.testing.assert_close(m0, (a + b) / 2, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().max() > 0 for _, mean in rank0["exchanged"] for g in mean)
+    # the same perturber on both ranks, moved from its initial weights
+    assert rank0["initial"].keys() == rank0["perturber"].keys() == rank1["perturber"].keys()
+    for name, value in rank0["perturber"].items():
+        assert torch.equal(value, rank1["perturber"][name]), name
+        assert torch.equal(rank0["initial"][name], rank1["initial"][name]), name
+    assert any(not torch.equal(rank0["initial"][n], p) for n, p in rank0["perturber"].items())
+    # the same optimizer state on both ranks, one step per round, with non-zero moments
+    state0, state1 = rank0["optimizer"]["state"], rank1["optimizer"]["state"]
+    assert state0.keys() == state1.keys() and len(state0) == len(rank0["perturber"])
+    for index, values in state0.items():
+        assert float(values["step"]) == 3
+        for key, value in values.items():
+            assert torch.equal(value, state1[index][key]), (index, key)
+    assert any(values["exp_avg"].abs().max() > 0 for values in state0.values())
+    assert rank0["optimizer"]["param_groups"] == rank1["optimizer"]["param_groups"]
+    assert rank0["logged"] == rank1["logged"] and all(loss is not None for loss in rank0["logged"])

@@ -412,6 +412,68 @@ def test_lora_model_is_evaluated(janus, vqa):
     assert all(p.grad is None for p in peft_model.parameters())
 
 
+# ------------------------------------------------------------------------------------------ reverse consistency
+DIGIT_CAPTION = dict(
+    caption_question=["What color is the digit?", "What digit is this?"], caption_template="a {0} {1}"
+)
+
+
+@pytest.fixture(scope="module")
+def digit_judge():
+    from trl_unigame.digit_judge import DigitJudge
+
+    return DigitJudge()
+
+
+def test_reverse_consistency_captions_draws_and_judges_against_the_real_image(digit_judge):
+    from trl_unigame.digits import digits_vqa_dataset
+    from trl_unigame.evaluation import JudgeAgreement
+    from trl_unigame.evaluation.evaluator import REVERSE_SEED
+    from trl_unigame.testing import pretrained_tiny_janus
+
+    model, processor = pretrained_tiny_janus()
+    rows = digits_vqa_dataset("test", skills=("digit",), seed=1, max_scans=8)
+    settings = dict(consistency=True, generation_guidance_scale=3.0, generation_temperature=0.7, seed=2)
+    metrics, predictions = evaluator(
+        model, processor, reverse_consistency=True, image_similarity=digit_judge, **DIGIT_CAPTION, **settings
+    ).evaluate(rows, return_predictions=True)
+    # The tiny model's caption: its own answers in the dataset's caption format.
+    interface = get_interface(model, processor)
+    colors = interface.answer(model, rows["image"], ["What color is the digit?"] * 8, max_new_tokens=32)
+    digits = interface.answer(model, rows["image"], ["What digit is this?"] * 8, max_new_tokens=32)
+    captions = [f"a {c} {d}" for c, d in zip(colors, digits)]
+    assert [p["reverse_consistency"] for p in predictions] == captions
+    assert metrics["reverse_consistency/caption_accuracy"] == pytest.approx(
+        np.mean([c == r for c, r in zip(captions, rows["caption"])])
+    )
+    # Its drawings of its own captions, compared with the real scans by the judge: same digit and same colour.
+    pixels = interface.generate_images(
+        captions, guidance_scale=3.0, temperature=0.7, generator=torch.Generator().manual_seed(2 + REVERSE_SEED)
+    )
+    expected = JudgeAgreement(digit_judge)(pixels, rows["image"])
+    assert [p["reverse_consistency/similarity"] for p in predictions] == expected.tolist()
+    assert metrics["reverse_consistency/similarity"] == pytest.approx(float(expected.mean()))
+    assert metrics["reverse_consistency/caption_accuracy"] >= 0.75 and metrics["reverse_consistency/similarity"] >= 0.5
+    # The reverse round trip draws from its own generator: the round trip is the same with it off.
+    alone = evaluator(model, processor, **settings).evaluate(rows)
+    assert alone == {k: v for k, v in metrics.items() if not k.startswith("reverse_consistency/")}
+
+
+def test_reverse_consistency_with_clip_image_cosine(janus, vqa, clip_scorer):
+    from trl_unigame.evaluation import CLIPImageSimilarity
+
+    model, processor = janus
+    rows = vqa.select(range(3)).remove_columns("caption")  # no caption needed; then no caption accuracy
+    metrics, predictions = evaluator(
+        model, processor, reverse_consistency=True, image_similarity=clip_scorer, caption_max_new_tokens=4
+    ).evaluate(rows, return_predictions=True)
+    assert set(metrics) == {"clean/vqa_accuracy", "reverse_consistency/similarity"}
+    assert all(isinstance(p["reverse_consistency"], str) for p in predictions)
+    assert -1 <= metrics["reverse_consistency/similarity"] <= 1
+    similarity = CLIPImageSimilarity(clip_scorer)
+    assert similarity(rows["image"], rows["image"]).tolist() == pytest.approx([1.0] * 3, abs=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 def test_bad_inputs_fail_before_any_work(janus, vqa):
     model, processor = janus
@@ -426,6 +488,12 @@ def test_bad_inputs_fail_before_any_work(janus, vqa):
         evaluator(model, processor, consistency=True).evaluate(vqa.remove_columns("caption"))
     with pytest.raises(ValueError, match="consistency=True"):
         evaluator(model, processor, judge=lambda images, texts: [0.0] * len(texts))
+    with pytest.raises(ValueError, match="needs an `image_similarity`"):
+        evaluator(model, processor, reverse_consistency=True)
+    with pytest.raises(ValueError, match="reverse_consistency=True"):
+        evaluator(model, processor, image_similarity=lambda generated, real: [1.0] * len(real))
+    with pytest.raises(ValueError, match="positional fields"):
+        evaluator(model, processor, reverse_consistency=True, image_similarity=max, caption_template="a {color}")
     with pytest.raises(ValueError, match="empty"):
         evaluator(model, processor).evaluate(vqa.select([]))
     with pytest.raises(ValueError, match="must be > 0"):
@@ -659,6 +727,20 @@ def test_script_without_a_model_reads_the_given_dataset_and_skips_the_round_trip
     assert args.consistency is False  # no `caption` column
     args, given = script.parse_arguments(["--max_samples", "7"])
     assert len(script.load_data(args, given)) == 7 and args.consistency is True  # the digit scans
+
+
+def test_script_offline_default_measures_the_reverse_consistency(tmp_path):
+    script = import_script()
+    args, given = script.parse_arguments(["--max_samples", "6", "--attack_steps", "1", "--output_dir", str(tmp_path)])
+    assert args.reverse_consistency is True and args.image_similarity == "digit_judge"
+    assert args.caption_question == ["What color is the digit?", "What digit is this?"]
+    results = script.main(args, given)["base"]
+    assert {"reverse_consistency/similarity", "reverse_consistency/caption_accuracy"} <= set(results)
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["config"]["caption_template"] == "a {0} {1}"
+    args, _ = script.parse_arguments(["--model_name_or_path", "m", "--reverse_consistency", "true"])
+    with pytest.raises(ValueError, match="--image_similarity"):
+        script.load_image_similarity(args)
 
 
 @pytest.mark.slow

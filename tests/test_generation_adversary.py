@@ -210,6 +210,28 @@ def test_a_non_finite_loss_skips_the_update(tmp_path, vqa, clip_scorer):
     assert trainer.game_metrics.reduce()["unigame/skipped_generation_adversary_steps"] == 1
 
 
+def test_a_non_finite_gradient_of_a_finite_loss_skips_the_update_with_a_warning(tmp_path, vqa, clip_scorer):
+    trainer = game_trainer("janus", tmp_path, vqa, clip_scorer)
+    trainer.model.eval()
+    prompts = ["A red circle."]
+    with torch.no_grad():
+        _, tokens = trainer.interface.generate_images(prompts, num_images=2, return_tokens=True)
+    before = snapshot(trainer.perturber)
+    handle = trainer.perturber.rho.register_hook(lambda g: g * float("nan"))  # the loss stays finite
+    try:
+        with pytest.warns(UserWarning, match="generation adversary's gradient is not finite"):
+            trainer.generation_adversary.step(
+                prompts, tokens, torch.tensor([3.0, 1.0]), torch.tensor([1.0, 1.0]), step=0
+            )
+    finally:
+        handle.remove()
+    assert all(torch.equal(before[n], p) for n, p in trainer.perturber.named_parameters())
+    assert not trainer.generation_adversary.optimizer.state
+    logged = trainer.game_metrics.reduce()
+    assert logged["unigame/skipped_generation_adversary_steps"] == 1
+    assert "unigame/generation_adversary_loss" not in logged
+
+
 @pytest.mark.parametrize("family", ["janus", "emu3"])
 def test_trainer_trains_the_perturber_from_mining_logs_and_resumes_exactly(family, tmp_path, vqa, clip_scorer):
     overrides = dict(max_steps=4, save_strategy="steps", save_steps=2)

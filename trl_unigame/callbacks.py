@@ -1,11 +1,15 @@
-"""Callbacks that show what the game does: a short console line per log, hard-sample grids and curves of eps and the
-losses."""
+"""Callbacks that show what the game does: a short console line per log, hard-sample galleries and curves of eps and
+the losses (PIL only), also logged to the active trackers."""
 
 from __future__ import annotations
 
 import os
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 #: The training-log keys the console line shows, with their labels and formats.
@@ -78,74 +82,79 @@ def use_short_console_logs(trainer) -> None:
             callbacks[index] = UniGamePrinterCallback()
 
 
-def _require_matplotlib():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "HardSamplePicturesCallback needs matplotlib: `pip install matplotlib` or `pip install trl-unigame[plots]`."
-        ) from error
-    return plt
-
-
 class HardSamplePicturesCallback(TrainerCallback):
     r"""
-    Every `every_n_steps` optimizer steps, writes to `output_dir/pictures/`:
-    - `hard_samples_step{N}.png`: the hardest decoded candidates in the buffer, each with its question, answer,
-      hardness `H` and consistency `s`;
-    - `curves.png`: eps, the clean, adversarial and buffer losses over steps.
+    Every `every_n_steps` optimizer steps, draws (with PIL only) and writes to `output_dir/pictures/`:
+    - `hard_samples_step{N}.png`: a titled table of the hardest decoded candidates in the buffer, each beside the
+      real image it was mined from, with its question, answer, the model's prediction, hardness `H` and consistency
+      `s`, under column headers and a line saying what `H` and `s` are ([`hard_sample_gallery`]);
+    - `curves.png`: the clean, adversarial and buffer losses and eps over steps ([`training_curves`]).
+
+    The same two pictures are logged as images (tags `unigame/hard_samples` and `unigame/curves`) to the `report_to`
+    integrations that are active: TensorBoard (`add_image` on the `TensorBoardCallback`'s writer), Weights & Biases
+    (`wandb.Image`) and Trackio (`trackio.Image`).
 
     Args:
         every_n_steps (`int`, *optional*, defaults to `100`): Interval in optimizer steps.
         max_samples (`int`, *optional*, defaults to `8`): Hard samples shown.
     """
 
+    #: Tracker tags of the pictures.
+    TAGS = {"hard_samples": "unigame/hard_samples", "curves": "unigame/curves"}
+
     def __init__(self, every_n_steps: int = 100, max_samples: int = 8):
-        _require_matplotlib()
         if every_n_steps < 1:
             raise ValueError(f"`every_n_steps` must be at least 1, got {every_n_steps}.")
         self.every_n_steps = every_n_steps
         self.max_samples = max_samples
         self.trainer = None
+        self._tracker_failures: set[str] = set()
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every_n_steps or not state.is_world_process_zero or self.trainer is None:
             return control
         directory = os.path.join(args.output_dir, "pictures")
         os.makedirs(directory, exist_ok=True)
-        self.write_hard_samples(os.path.join(directory, f"hard_samples_step{state.global_step}.png"))
-        self.write_curves(state.log_history, os.path.join(directory, "curves.png"))
+        from .gallery import training_curves
+
+        pictures = {}
+        gallery = self.hard_samples_picture(state.global_step)
+        if gallery is not None:
+            gallery.save(os.path.join(directory, f"hard_samples_step{state.global_step}.png"))
+            pictures[self.TAGS["hard_samples"]] = gallery
+        curves = training_curves(state.log_history)
+        if curves is not None:
+            curves.save(os.path.join(directory, "curves.png"))
+            pictures[self.TAGS["curves"]] = curves
+        self.log_images(pictures, state.global_step)
         return control
 
-    def write_hard_samples(self, path: str) -> str | None:
-        """One row per hard sample: the source image (when known) beside the decoded hard candidate, with the
-        question, the answer, the model's prediction on the candidate, `H` and `s`."""
-        plt = _require_matplotlib()
+    def hard_samples_picture(self, step: int | None = None):
+        """The gallery of the hardest buffer entries as a PIL image, or `None` while the buffer is empty."""
+        from .gallery import hard_sample_gallery
+
         entries = self.trainer.buffer.entries[: self.max_samples]
         if not entries:
             return None
-        predictions = self._predict(entries)
-        fig, axes = plt.subplots(len(entries), 2, figsize=(6, 2.6 * len(entries)), squeeze=False)
-        for (source_ax, candidate_ax), entry, prediction in zip(axes, entries, predictions):
-            source = entry.extra.get("source")
-            if source is not None:
-                source_ax.imshow(source.permute(1, 2, 0).numpy())
-                source_ax.set_title("source", fontsize=7)
-            source_ax.axis("off")
-            candidate_ax.imshow(entry.image.permute(1, 2, 0).numpy())
-            candidate_ax.axis("off")
-            s = "n/a" if entry.consistency is None else f"{entry.consistency:.2f}"
-            candidate_ax.set_title(
-                f"Q: {entry.row.get('question', '')[:48]}\nA: {entry.row.get('answer', '')[:32]} | "
-                f"pred: {prediction[:32]}\nH={entry.hardness:.2f} s={s}",
-                fontsize=7,
-            )
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        args = self.trainer.args
+        title = "Hard samples: the hardest decoded candidates in the buffer"
+        if step is not None:
+            title = f"Hard samples at step {step}: the hardest decoded candidates in the buffer"
+        return hard_sample_gallery(
+            entries,
+            self._predict(entries),
+            title=title,
+            consistency_weight=getattr(args, "consistency_weight", None),
+            consistency_threshold=getattr(args, "consistency_threshold", None),
+        )
+
+    def write_hard_samples(self, path: str, step: int | None = None) -> str | None:
+        """Writes [`hard_samples_picture`] to `path`; returns `path`, or `None` (nothing written) while the buffer
+        is empty."""
+        picture = self.hard_samples_picture(step)
+        if picture is None:
+            return None
+        picture.save(path)
         return path
 
     def _predict(self, entries) -> list[str]:
@@ -166,22 +175,60 @@ class HardSamplePicturesCallback(TrainerCallback):
 
     @staticmethod
     def write_curves(log_history: list[dict], path: str) -> str | None:
-        plt = _require_matplotlib()
-        keys = ["unigame/clean_loss", "unigame/adversarial_loss", "unigame/buffer_loss"]
-        rows = [r for r in log_history if "unigame/eps" in r]
-        if not rows:
+        """Writes [`training_curves`] of `log_history` to `path`; returns `path`, or `None` before the first log."""
+        from .gallery import training_curves
+
+        picture = training_curves(log_history)
+        if picture is None:
             return None
-        fig, (loss_ax, eps_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
-        for key in keys:
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            if points:
-                loss_ax.plot(*zip(*points), label=key.split("/")[1])
-        loss_ax.set_xlabel("step")
-        loss_ax.legend(fontsize=7)
-        eps_ax.plot([r["step"] for r in rows], [r["unigame/eps"] for r in rows])
-        eps_ax.set_xlabel("step")
-        eps_ax.set_title("eps", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        picture.save(path)
         return path
+
+    def log_images(self, images: dict, step: int) -> list[str]:
+        """Logs PIL images (tag -> image) to the trainer's active tracker callbacks: TensorBoard, Weights & Biases
+        and Trackio. Returns the names of the trackers that received them. A tracker that fails is reported once and
+        then left alone; training goes on."""
+        if self.trainer is None or not images:
+            return []
+        logged = []
+        for callback in self.trainer.callback_handler.callbacks:
+            name = type(callback).__name__
+            if name in self._tracker_failures:
+                continue
+            try:
+                if _log_to_tracker(callback, images, step):
+                    logged.append(name)
+            except Exception as error:  # a tracker's failure must not stop training
+                self._tracker_failures.add(name)
+                logger.warning(f"HardSamplePicturesCallback could not log its pictures to {name}: {error}")
+        return logged
+
+
+def _log_to_tracker(callback, images: dict, step: int) -> bool:
+    """Logs `images` to one of transformers' tracker callbacks when it is active; `False` for any other callback."""
+    import importlib.util
+
+    import numpy as np
+
+    name = type(callback).__name__
+    if name == "TensorBoardCallback":
+        writer = getattr(callback, "tb_writer", None)
+        if writer is None:
+            return False
+        for tag, image in images.items():
+            writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+        writer.flush()
+        return True
+    if name == "WandbCallback" and importlib.util.find_spec("wandb") is not None:
+        wandb = getattr(callback, "_wandb", None)
+        if wandb is None or getattr(wandb, "run", None) is None:
+            return False
+        wandb.log({**{tag: wandb.Image(image) for tag, image in images.items()}, "train/global_step": step})
+        return True
+    if name == "TrackioCallback" and importlib.util.find_spec("trackio") is not None:
+        trackio = getattr(callback, "_trackio", None)
+        if trackio is None or not getattr(callback, "_initialized", False) or not hasattr(trackio, "Image"):
+            return False
+        trackio.log({**{tag: trackio.Image(image) for tag, image in images.items()}, "train/global_step": step})
+        return True
+    return False

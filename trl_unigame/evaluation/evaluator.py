@@ -17,10 +17,15 @@ from ..metrics import load_module
 from ..perturber import Perturber, PerturberConfig
 from .attacks import ATTACK_BUDGETS, perturbation_at, pgd_attack
 from .corruptions import corrupt_image, parse_corruptions
+from .similarity import as_image_similarity
 
 
 #: Default attack budget: the perturber's largest per-token L2 norm (`PerturberConfig.eps_max`).
 DEFAULT_ATTACK_EPS = next(f.default for f in fields(PerturberConfig) if f.name == "eps_max")
+#: Default question whose answer is the model's caption of a real image (the reverse consistency).
+DEFAULT_CAPTION_QUESTION = "Describe the image in one sentence."
+# Offset of the reverse round trip's seed from the round trip's.
+REVERSE_SEED = 1_000_003
 
 
 def reference_answers(value) -> list[str]:
@@ -48,7 +53,8 @@ class UniGameEvaluator:
     r"""
     Evaluates a unified multimodal model (plain or PEFT/LoRA) on a VQA dataset: accuracy of its greedy answers on
     clean images, under a white-box attack at the shared visual-token interface, under a trained perturber, on
-    corrupted images, and on images it generated itself (round-trip consistency).
+    corrupted images, and on images it generated itself (round-trip consistency); and, the other way round, how close
+    its drawing of its own caption of a real image comes to that image (reverse consistency).
 
     Every condition answers the same rows in batches; answers are scored with the shipped `vqa_accuracy` metric (and
     `group_accuracy` when the dataset has groups). [`~UniGameEvaluator.evaluate`] returns one flat dict:
@@ -57,7 +63,9 @@ class UniGameEvaluator:
     - `attack_eps{eps}/vqa_accuracy` (`attack_rel{eps}/...` with `attack_budget="relative"`) for each budget;
     - `perturber/vqa_accuracy` when a perturber is given;
     - `corrupt_{name}_{severity}/vqa_accuracy` for each corruption;
-    - `consistency/vqa_accuracy` (and `consistency/judge_score` with a judge) when `consistency=True`.
+    - `consistency/vqa_accuracy` (and `consistency/judge_score` with a judge) when `consistency=True`;
+    - `reverse_consistency/similarity` (and `reverse_consistency/caption_accuracy` with a caption column) when
+      `reverse_consistency=True`.
 
     Args:
         model (`torch.nn.Module`):
@@ -90,6 +98,25 @@ class UniGameEvaluator:
         judge (`Callable`, *optional*):
             `(images, captions) -> scores` (images as `[0, 1]` tensors `(B, 3, H, W)`), e.g. a
             [`CLIPConsistencyScorer`]; its mean over the generated images is `consistency/judge_score`.
+        reverse_consistency (`bool`, *optional*, defaults to `False`):
+            The other way round, for every row: the model captions the real image (its answer to `caption_question`),
+            draws its own caption, and the drawing is compared with the real image by `image_similarity` (mean:
+            `reverse_consistency/similarity`). With a caption column, its caption is also scored against the row's
+            (normalised exact match, `reverse_consistency/caption_accuracy`).
+        image_similarity (`Callable`, *optional*):
+            `(generated, real) -> scores` (one per pair; images as `[0, 1]` tensors `(B, 3, H, W)` or PIL), required
+            with `reverse_consistency=True`. A [`DigitJudge`] scores 1 when it reads the same digit and colour in
+            both ([`JudgeAgreement`]); a [`CLIPConsistencyScorer`] gives the cosine of the CLIP image embeddings
+            ([`CLIPImageSimilarity`]).
+        caption_question (`str` or `list[str]`, *optional*, defaults to `"Describe the image in one sentence."`):
+            The question whose answer is the model's caption; with several questions, their answers fill
+            `caption_template` (e.g. a model that can name a digit and its colour but not caption:
+            `["What color is the digit?", "What digit is this?"]` with `"a {0} {1}"`).
+        caption_template (`str`, *optional*):
+            `str.format` template of the caption, `{0}` the answer to the first question, `{1}` the second...;
+            without it, the answers joined by spaces.
+        caption_max_new_tokens (`int`, *optional*, defaults to `32`):
+            Longest answer to each caption question.
         generation_guidance_scale (`float`, *optional*):
             Classifier-free guidance of the round trip's image generation; `None` takes the model's
             (`generation_config.guidance_scale`, else 5.0).
@@ -132,6 +159,11 @@ class UniGameEvaluator:
         corruptions: list[str] | None = None,
         consistency: bool = False,
         judge: Callable | None = None,
+        reverse_consistency: bool = False,
+        image_similarity: Callable | None = None,
+        caption_question: str | list[str] = DEFAULT_CAPTION_QUESTION,
+        caption_template: str | None = None,
+        caption_max_new_tokens: int = 32,
         generation_guidance_scale: float | None = None,
         generation_temperature: float | None = None,
         seed: int = 0,
@@ -171,6 +203,10 @@ class UniGameEvaluator:
             raise ValueError("A `judge` scores the round trip's generated images: pass `consistency=True` with it.")
         self.consistency = consistency
         self.judge = judge
+        self._set_reverse(reverse_consistency, image_similarity, caption_question, caption_template)
+        if caption_max_new_tokens < 1:
+            raise ValueError(f"`caption_max_new_tokens` must be >= 1, got {caption_max_new_tokens}.")
+        self.caption_max_new_tokens = caption_max_new_tokens
         self.generation_guidance_scale = generation_guidance_scale
         self.generation_temperature = generation_temperature
         self.seed = seed
@@ -208,6 +244,33 @@ class UniGameEvaluator:
                     f"{name} cannot be attacked: its understanding site is a {type(site).__name__}, not a module. "
                     "Pass `attack_eps=None`."
                 )
+
+    def _set_reverse(self, reverse_consistency, image_similarity, caption_question, caption_template) -> None:
+        if image_similarity is not None and not reverse_consistency:
+            raise ValueError(
+                "An `image_similarity` compares the reverse round trip's drawings with the real images: pass "
+                "`reverse_consistency=True` with it."
+            )
+        if reverse_consistency and image_similarity is None:
+            raise ValueError(
+                "`reverse_consistency=True` needs an `image_similarity`: a `(generated, real) -> scores` callable, a "
+                "DigitJudge (same digit and colour) or a CLIPConsistencyScorer (CLIP image-image cosine)."
+            )
+        questions = [caption_question] if isinstance(caption_question, str) else list(caption_question)
+        if not questions or not all(isinstance(q, str) and q.strip() for q in questions):
+            raise ValueError(f"`caption_question` must be one or more non-empty questions, got {caption_question!r}.")
+        if caption_template is not None:
+            try:
+                caption_template.format(*questions)
+            except (IndexError, KeyError, ValueError) as error:
+                raise ValueError(
+                    f"`caption_template` {caption_template!r} must use positional fields {{0}}..{{{len(questions) - 1}}}"
+                    f" (one per caption question): {error!r}."
+                ) from error
+        self.reverse_consistency = reverse_consistency
+        self.image_similarity = as_image_similarity(image_similarity)
+        self.caption_questions = questions
+        self.caption_template = caption_template
 
     def _load_perturber(self, perturber) -> Perturber | None:
         if perturber is None:
@@ -255,6 +318,8 @@ class UniGameEvaluator:
         names += [f"corrupt_{name}_{severity}" for name, severity in self.corruptions]
         if self.consistency:
             names.append("consistency")
+        if self.reverse_consistency:
+            names.append("reverse_consistency")
         return names
 
     def _attack_names(self) -> list[str]:
@@ -282,8 +347,8 @@ class UniGameEvaluator:
         Under several processes (an initialized `torch.distributed` process group, as in a `Trainer` launched with
         `accelerate launch` or `torchrun`), each process answers its own contiguous shard of `dataset`, the rows are
         gathered, and every process returns the metrics (and predictions) of the whole dataset. Corruption noise is
-        seeded by the row's index in `dataset`, so it does not depend on the sharding; the round trip samples its
-        images from one generator per process, so its samples do.
+        seeded by the row's index in `dataset`, so it does not depend on the sharding; the round trips sample their
+        images from one generator per process (each its own), so their samples do.
         """
         dataset = self._as_vqa(dataset)
         self._check_dataset(dataset)
@@ -307,6 +372,11 @@ class UniGameEvaluator:
             self.perturber.to(device=self.interface.device, dtype=torch.float32).attach(model)
         rows: list[dict[str, Any]] = []
         generator = torch.Generator(device=self.interface.device).manual_seed(self.seed + offset)
+        # The reverse round trip draws from its own generator: turning it on leaves the round trip's samples as they are.
+        generators = (
+            generator,
+            torch.Generator(device=self.interface.device).manual_seed(self.seed + offset + REVERSE_SEED),
+        )
         model.eval()
         try:
             starts = range(0, len(dataset), self.batch_size)
@@ -320,7 +390,7 @@ class UniGameEvaluator:
                 ]
                 if has_groups:
                     self._add_group_keys(batch, batch_rows, columns)
-                for name, answers in self._answer_batch(batch, references, offset + start, generator).items():
+                for name, answers in self._answer_batch(batch, references, offset + start, generators).items():
                     for row, answer in zip(batch_rows, answers):
                         if answer is not None:
                             row[name] = answer
@@ -362,8 +432,8 @@ class UniGameEvaluator:
     def _answer(self, images, questions) -> list[str]:
         return self.interface.answer(self.model, images, questions, max_new_tokens=self.max_new_tokens)
 
-    def _answer_batch(self, batch, references, start: int, generator) -> dict[str, list]:
-        """Answers of one batch under every condition."""
+    def _answer_batch(self, batch, references, start: int, generators) -> dict[str, list]:
+        """Answers of one batch under every condition; `generators`: those of the round trip and of the reverse one."""
         images = [image.convert("RGB") for image in batch[self.columns["image"]]]
         questions = batch[self.columns["question"]]
         out = {}
@@ -400,7 +470,10 @@ class UniGameEvaluator:
                 out["perturber"] = self._answer(images, questions)
         if self.consistency:
             with self._perturber_off():
-                out.update(self._round_trip(batch, questions, generator))
+                out.update(self._round_trip(batch, questions, generators[0]))
+        if self.reverse_consistency:
+            with self._perturber_off():
+                out.update(self._reverse_round_trip(batch, images, generators[1]))
         return out
 
     def _answer_gradient(self, images, questions, references) -> torch.Tensor | None:
@@ -449,10 +522,52 @@ class UniGameEvaluator:
             out["consistency/judge"] = scores
         return out
 
+    def caption(self, images) -> list[str]:
+        """The model's own captions of `images`: its answers to `caption_question` (filled into `caption_template`
+        when there are several questions or a template)."""
+        answers = [
+            self.interface.answer(self.model, images, [q] * len(images), max_new_tokens=self.caption_max_new_tokens)
+            for q in self.caption_questions
+        ]
+        per_image = [[a.strip() for a in row] for row in zip(*answers)]
+        if self.caption_template is not None:
+            return [self.caption_template.format(*row) for row in per_image]
+        return [" ".join(row) for row in per_image]
+
+    def _reverse_round_trip(self, batch, images, generator) -> dict[str, list]:
+        captions = self.caption(images)
+        try:
+            pixels = self.interface.generate_images(
+                captions,
+                num_images=1,
+                guidance_scale=self.generation_guidance_scale,
+                temperature=self.generation_temperature,
+                generator=generator,
+            )
+        except NotImplementedError as error:
+            raise NotImplementedError(
+                f"{type(self.interface).__name__} cannot generate images, so the reverse consistency cannot be "
+                "measured: pass `reverse_consistency=False`."
+            ) from error
+        similarity = torch.as_tensor(self.image_similarity(pixels, images), dtype=torch.float32).flatten().tolist()
+        out = {"reverse_consistency": captions, "reverse_consistency/similarity": similarity}
+        if self.columns["caption"] in batch:
+            references = batch[self.columns["caption"]]
+            scored = [i for i, c in enumerate(references) if isinstance(c, str) and c.strip()]
+            caption_scores: list = [None] * len(captions)
+            if scored:
+                scores = self._vqa.vqa_scores([captions[i] for i in scored], [[references[i]] for i in scored])
+                for i, score in zip(scored, scores):
+                    caption_scores[i] = score
+            out["reverse_consistency/caption_score"] = caption_scores
+        return out
+
     # ------------------------------------------------------------------------------------------------ scoring
     def _score(self, rows: list[dict[str, Any]], has_groups: bool) -> dict[str, float]:
         metrics = {}
         for name in self.conditions():
+            if name == "reverse_consistency":  # a caption and an image similarity, not an answer: scored below
+                continue
             scored = [r for r in rows if name in r]
             if not scored:
                 continue
@@ -472,4 +587,8 @@ class UniGameEvaluator:
         judged = [r["consistency/judge"] for r in rows if r.get("consistency/judge") is not None]
         if judged:
             metrics["consistency/judge_score"] = sum(judged) / len(judged)
+        for key, metric in (("similarity", "similarity"), ("caption_score", "caption_accuracy")):
+            values = [r[f"reverse_consistency/{key}"] for r in rows if r.get(f"reverse_consistency/{key}") is not None]
+            if values:
+                metrics[f"reverse_consistency/{metric}"] = sum(values) / len(values)
         return metrics

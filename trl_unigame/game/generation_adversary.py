@@ -54,7 +54,7 @@ class GenerationAdversary:
     and the sampling's guidance and temperature; its gradient is taken for the perturber's parameters only
     (`torch.autograd.grad`), so U's weights and every `.grad` the trainer accumulates stay as they are. The step uses
     its own AdamW (moments apart from the understanding-site step's), and under several processes the gradient is
-    averaged across them first; when any process's loss is not finite, no process steps.
+    averaged across them first; when any process's loss or gradient is not finite, no process steps.
 
     Args:
         perturber ([`Perturber`]): The perturber, attached to the model.
@@ -115,6 +115,9 @@ class GenerationAdversary:
         grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
         if not finite:
             self.metrics.skip(step, "generation_adversary", "the generation adversary's loss is not finite")
+        elif not all(bool(torch.isfinite(g).all()) for g in grads):
+            finite = False  # a finite loss can still have a non-finite gradient: skipped, warned and counted too
+            self.metrics.skip(step, "generation_adversary", "the generation adversary's gradient is not finite")
         averaged = self.agreement.mean_if_finite(grads, finite)
         if averaged is not None:
             self._apply(params, averaged)
