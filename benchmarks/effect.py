@@ -410,7 +410,7 @@ def main(argv=None):
     runs_total = len(args.methods) * len(args.seeds)
     print(
         f"{runs_total} runs ({', '.join(args.methods)} x seeds {args.seeds}), {args.max_steps} steps each, evaluated "
-        f"on {len(datasets['skill'])} {args.split} scans. Estimate on 2 CPU cores: about "
+        f"on {len(datasets['skill'])} {args.split} rows. Estimate on 2 CPU cores: about "
         f"{runs_total * (0.5 * args.max_steps + 40) / 60:.0f} minutes."
     )
     started = time.time()

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 
@@ -30,40 +32,22 @@ import numpy as np
 import torch
 
 
-# The game scaled to the tiny digits model, as the effect benchmark plays it (docs/benchmarks.md), with U frozen.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from effect import COMMON, LORA, UNIGAME  # noqa: E402
+
+
+# The game scaled to the tiny digits model, as the effect benchmark plays it (docs/benchmarks.md), with U frozen
+# (learning rate 0, no buffer loss; a buffer that keeps every candidate, never aged out) and a log every step.
 SETTINGS = dict(
-    per_device_train_batch_size=8,
+    {**COMMON, **UNIGAME},
     learning_rate=0.0,
-    lr_scheduler_type="constant",
     logging_steps=1,
-    save_strategy="no",
-    report_to=[],
-    use_cpu=True,
-    bf16=False,
-    dataloader_num_workers=0,
-    disable_tqdm=True,
-    consistency_model=None,
-    perturber_budget="relative",
-    perturber_eps_max=0.1,
-    perturber_eps_init=0.05,
-    perturber_generation_budget="relative",
-    perturber_generation_eps_max=0.05,
-    perturber_learning_rate=5e-3,
-    adversarial_weight=1.0,
-    num_candidates=3,
-    candidates_kept_per_sample=1,
-    mining_interval=1,
-    generation_guidance_scale=3.0,
-    generation_temperature=0.7,
-    consistency_threshold=0.9,
-    consistency_weight=0.2,
-    selection="paper",
-    hardness_quantile=0.6,
+    generation_loss_weight=0.0,
     buffer_weight=0.0,
     buffer_capacity=100_000,
-    buffer_batch_size=8,
+    buffer_max_age=None,
 )
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)
+SETTINGS.pop("max_steps")
 SETTINGS_BY_NAME = {"off": dict(generation_adversary="none"), "on": dict(generation_adversary="reinforce")}
 
 

@@ -492,25 +492,30 @@ class UniGameEvaluator:
     def _perturber_off(self):
         return self.perturber.disabled() if self.perturber is not None else contextlib.nullcontext()
 
+    def _draw(self, captions: list[str], generator, measure: str, option: str) -> torch.Tensor:
+        """One image per caption with the evaluator's guidance and temperature; a clear error when the model cannot
+        draw (`measure` names what needed the drawings, `option` the argument that turns it off)."""
+        try:
+            return self.interface.generate_images(
+                captions,
+                num_images=1,
+                guidance_scale=self.generation_guidance_scale,
+                temperature=self.generation_temperature,
+                generator=generator,
+            )
+        except NotImplementedError as error:
+            raise NotImplementedError(
+                f"{type(self.interface).__name__} cannot generate images, so {measure} cannot be measured: pass "
+                f"`{option}=False`."
+            ) from error
+
     def _round_trip(self, batch, questions, generator) -> dict[str, list]:
         captions = batch[self.columns["caption"]]
         keep = [i for i, c in enumerate(captions) if isinstance(c, str) and c.strip()]
         answers: list = [None] * len(captions)
         scores: list = [None] * len(captions)
         if keep:
-            try:
-                pixels = self.interface.generate_images(
-                    [captions[i] for i in keep],
-                    num_images=1,
-                    guidance_scale=self.generation_guidance_scale,
-                    temperature=self.generation_temperature,
-                    generator=generator,
-                )
-            except NotImplementedError as error:
-                raise NotImplementedError(
-                    f"{type(self.interface).__name__} cannot generate images, so the round-trip consistency cannot "
-                    "be measured: pass `consistency=False`."
-                ) from error
+            pixels = self._draw([captions[i] for i in keep], generator, "the round-trip consistency", "consistency")
             for i, answer in zip(keep, self._answer(pixels, [questions[i] for i in keep])):
                 answers[i] = answer
             if self.judge is not None:
@@ -536,19 +541,7 @@ class UniGameEvaluator:
 
     def _reverse_round_trip(self, batch, images, generator) -> dict[str, list]:
         captions = self.caption(images)
-        try:
-            pixels = self.interface.generate_images(
-                captions,
-                num_images=1,
-                guidance_scale=self.generation_guidance_scale,
-                temperature=self.generation_temperature,
-                generator=generator,
-            )
-        except NotImplementedError as error:
-            raise NotImplementedError(
-                f"{type(self.interface).__name__} cannot generate images, so the reverse consistency cannot be "
-                "measured: pass `reverse_consistency=False`."
-            ) from error
+        pixels = self._draw(captions, generator, "the reverse consistency", "reverse_consistency")
         similarity = torch.as_tensor(self.image_similarity(pixels, images), dtype=torch.float32).flatten().tolist()
         out = {"reverse_consistency": captions, "reverse_consistency/similarity": similarity}
         if self.columns["caption"] in batch:
