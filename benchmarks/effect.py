@@ -381,6 +381,14 @@ def parse_args(argv=None):
     parser.add_argument(
         "--game", nargs="*", default=[], metavar="KEY=VALUE", help="Override a game setting (not SFT)."
     )
+    parser.add_argument(
+        "--no_base", action="store_true", help="Do not evaluate the pretrained model itself (the `base` row)."
+    )
+    parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="Train nothing: rebuild the report from the runs already in --output_dir (the seeds every method finished).",
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, 6 steps, 32 evaluation scans: a smoke test.")
     args = parser.parse_args(argv)
     args.common, args.game = _overrides(args.common), _overrides(args.game)
@@ -414,9 +422,12 @@ def main(argv=None):
         f"{runs_total * (0.5 * args.max_steps + 40) / 60:.0f} minutes."
     )
     started = time.time()
-    base_model, base_processor = pretrained_tiny_janus()
-    base = evaluate_one(base_model, base_processor, args, datasets, judge, args.attack_eps)
-    runs: dict[str, list[dict[str, float]]] = {"base": [base]}
+    if args.summarize:
+        return write_report(args, *finished_runs(args), started)
+    runs: dict[str, list[dict[str, float]]] = {}
+    if not args.no_base:
+        base_model, base_processor = pretrained_tiny_janus()
+        runs["base"] = [evaluate_one(base_model, base_processor, args, datasets, judge, args.attack_eps)]
     seen: dict[tuple[str, int], list] = {}
     progress = tqdm(total=runs_total, desc="runs", unit="run")
     for seed in args.seeds:
@@ -428,14 +439,52 @@ def main(argv=None):
             results["train/seconds"] = trainer.state.log_history[-1].get("train_runtime", float("nan"))
             runs.setdefault(method, []).append(results)
             with open(os.path.join(args.output_dir, f"{method}-seed{seed}", "results.json"), "w") as f:
-                json.dump(results, f, indent=2)
+                json.dump({**results, "train/rows_digest": rows_digest(seen[method, seed])}, f, indent=2)
             progress.update()
     progress.close()
     for seed in args.seeds:
         orders = {tuple(seen[m, seed]) for m in args.methods}
         if len(orders) != 1:
             raise RuntimeError(f"Seed {seed}: the methods did not see the same rows in the same order.")
+    return write_report(args, runs, True, started)
 
+
+def rows_digest(seen: list) -> str:
+    """A digest of the training rows a run saw, in order: equal digests, equal rows in equal order."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(seen).encode()).hexdigest()[:16]
+
+
+def finished_runs(args) -> tuple[dict[str, list[dict[str, float]]], bool | None]:
+    """The runs already in `args.output_dir` for the seeds that every method of `args.methods` finished (kept in
+    `args.seeds`), and whether their methods saw the same rows in the same order (`None`: runs without a digest)."""
+    done = []
+    for seed in args.seeds:
+        paths = [os.path.join(args.output_dir, f"{m}-seed{seed}", "results.json") for m in args.methods]
+        if all(os.path.isfile(p) for p in paths):
+            done.append(seed)
+    if not done:
+        raise FileNotFoundError(f"No seed has a finished run of every method {args.methods} in {args.output_dir}.")
+    args.seeds = done
+    runs: dict[str, list[dict[str, float]]] = {}
+    same_rows: bool | None = True
+    for seed in done:
+        digests = set()
+        for method in args.methods:
+            with open(os.path.join(args.output_dir, f"{method}-seed{seed}", "results.json")) as f:
+                results = json.load(f)
+            digests.add(results.pop("train/rows_digest", None))
+            runs.setdefault(method, []).append(results)
+        if None in digests:
+            same_rows = None
+        elif len(digests) != 1:
+            raise RuntimeError(f"Seed {seed}: the methods did not see the same rows in the same order.")
+    return runs, same_rows
+
+
+def write_report(args, runs: dict[str, list[dict[str, float]]], same_rows: bool | None, started: float) -> dict:
+    """Writes `results.json`, `results.md` and `results.png` for `runs` and returns the report."""
     table = summarize(runs)
     attacks = [f"after/attack_rel{eps:g}/vqa_accuracy" for eps in args.attack_eps]
     columns = [
@@ -474,7 +523,7 @@ def main(argv=None):
         "runs": runs,
         "summary": {m: {k: list(v) for k, v in values.items()} for m, values in table.items()},
         "paired_to_sft": paired,
-        "same_rows_in_same_order": True,
+        "same_rows_in_same_order": same_rows,
     }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(report, f, indent=2)

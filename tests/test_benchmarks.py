@@ -42,6 +42,12 @@ def test_effect_benchmark_quick_mode_trains_every_method_on_the_same_rows(tmp_pa
                 report["runs"][method][0][key] - report["runs"]["sft"][0][key], nan_ok=True
             )
             assert paired["seeds_above_zero"] == int(paired["mean"] > 0)
+    # The report rebuilt from the runs on disk, training nothing, is the same report.
+    again = effect.main(["--output_dir", str(tmp_path), "--quick", "--methods", *methods, "--no_base", "--summarize"])
+    assert again["same_rows_in_same_order"] is True and "base" not in again["runs"]
+    for method, paired in report["paired_to_sft"].items():
+        for key, values in paired.items():
+            assert again["paired_to_sft"][method][key]["mean"] == pytest.approx(values["mean"], nan_ok=True)
     for method in methods:
         run = tmp_path / f"{method}-seed0"
         base, _ = pretrained_tiny_janus()
