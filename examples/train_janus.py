@@ -40,6 +40,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_qu
 
 from trl_unigame import UniGameConfig, UniGameTrainer
 from trl_unigame.data import to_vqa_format
+from trl_unigame.game.sharding import full_parameters
 
 
 @dataclass
@@ -260,15 +261,20 @@ def main(script_args, training_args, model_args):
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    after = offline_comparison(trainer.model, processor, script_args.compare_scans, scorer) if compare else None
+    # Under FSDP2 the evaluation and the gallery's answers need the whole parameters: every process gathers them
+    # (a no-op without sharding), then each answers its share of the scans, and the main process draws the gallery.
+    with full_parameters(trainer.model):
+        after = offline_comparison(trainer.model, processor, script_args.compare_scans, scorer) if compare else None
+        if offline and trainer.is_world_process_zero():
+            write_hard_sample_gallery(
+                trainer, os.path.join(os.path.abspath(training_args.output_dir), "hard_samples.png")
+            )
     if trainer.is_world_process_zero():
         if training_args.push_to_hub:
             trainer.push_to_hub(dataset_name=script_args.dataset_name)  # writes the model card too
         else:
             trainer.create_model_card(dataset_name=script_args.dataset_name)
         out = os.path.abspath(training_args.output_dir)
-        if offline:
-            write_hard_sample_gallery(trainer, os.path.join(out, "hard_samples.png"))
         if before is not None:
             print(f"\nAccuracy on {script_args.compare_scans} held-out test scans, before and after training:\n")
             print("| | before | after |\n|---|---|---|")

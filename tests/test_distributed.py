@@ -123,3 +123,158 @@ def test_generation_adversary_under_two_processes_averages_its_gradient_and_keep
     assert any(values["exp_avg"].abs().max() > 0 for values in state0.values())
     assert rank0["optimizer"]["param_groups"] == rank1["optimizer"]["param_groups"]
     assert rank0["logged"] == rank1["logged"] and all(loss is not None for loss in rank0["logged"])
+
+
+def _launch_fsdp_worker(output_dir, port, update, checkpointing, resume_from=None):
+    command = [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        os.path.join(ROOT, "tests", "fsdp_worker.py"),
+        str(output_dir),
+        update,
+        checkpointing,
+    ] + ([str(resume_from)] if resume_from else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the 2-process FSDP2 run hung: the ranks stopped pairing their collectives")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(output_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "update, checkpointing, port", [("exact", "off", 29537), ("exact", "on", 29538), ("first_order", "off", 29539)]
+)
+def test_game_under_fsdp2_on_two_cpu_processes(tmp_path, update, checkpointing, port):
+    # The Trainer's own FSDP arguments (fsdp="full_shard", fsdp_config version 2) on a CPU, gloo: the whole game
+    # (perturber step, mining, buffer pass, generation check, pictures, evaluation with generated answers).
+    from peft import PeftModel
+
+    from trl_unigame import Perturber
+    from trl_unigame.testing import tiny_janus
+
+    rank0, rank1 = _launch_fsdp_worker(tmp_path, port, update, checkpointing)
+    for rank in (rank0, rank1):
+        assert rank["fsdp"] and rank["world"] == 2
+        # sharded while training: every trainable parameter a DTensor, each process holding half of them
+        for seen in rank["seen"]:
+            assert seen["dtensor"] and 2 * seen["local_elements"] == seen["full_elements"]
+            assert seen["checkpointed"] == (checkpointing == "on")
+        assert all(mined == 4 for mined in rank["mined"]) and rank["buffer"] > 0  # every step mined, on every rank
+        assert rank["metrics"]["eval_clean/vqa_accuracy"] is not None
+    assert rank0["logged"] == rank1["logged"]
+    assert all("unigame/clean_generation_consistency" in log for log in rank0["logged"][::2])
+    # the same full weights on both ranks (LoRA gathered from its shards; the replicated perturber)
+    assert len(rank0["params"]) > 0 and all("lora_" in name for name in rank0["params"])
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+    for name, value in rank0["perturber"].items():
+        assert torch.equal(value, rank1["perturber"][name]), name
+    assert rank0["seen"][-1]["perturber"] != rank0["seen"][0]["perturber"]  # the perturber moved
+    # the final adapter and perturber load back, with the trained weights
+    final = tmp_path / "final"
+    base, _ = tiny_janus(seed=0, save_dir=str(tmp_path / "reload"))
+    loaded = PeftModel.from_pretrained(base, str(final))
+    weights = dict(loaded.named_parameters())
+    for name, value in rank0["params"].items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=0)
+    perturber = Perturber.from_pretrained(str(final / "perturber"))
+    for name, value in perturber.named_parameters():
+        assert torch.equal(value, rank0["perturber"][name]), name
+    assert (tmp_path / "pictures" / "hard_samples_step2.png").is_file()
+    assert (tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # a sharded checkpoint
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    # first-order perturber step with activation checkpointing, resumed at step 2 of 4 from the sharded checkpoint
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "resumed").mkdir()
+    whole, _ = _launch_fsdp_worker(tmp_path / "whole", 29540, "first_order", "on")
+    resumed, _ = _launch_fsdp_worker(
+        tmp_path / "resumed", 29541, "first_order", "on", resume_from=tmp_path / "whole" / "checkpoint-2"
+    )
+    assert resumed["begin"] == whole["seen"][1]["checksum"]  # the adapter resumed from the shards
+    for name, value in whole["params"].items():
+        assert torch.equal(value, resumed["params"][name]), name
+    for name, value in whole["perturber"].items():
+        assert torch.equal(value, resumed["perturber"][name]), name
+    assert resumed["logged"] == whole["logged"]
+
+
+def test_fsdp_activation_checkpointing_with_an_adapter_is_refused():
+    # FSDP's own checkpoint wrappers rename the layers: PEFT would find no adapter weight to save.
+    from types import SimpleNamespace
+
+    from peft import LoraConfig
+
+    from trl_unigame.game.sharding import check_fsdp_options
+    from trl_unigame.interfaces import get_interface
+    from trl_unigame.testing import tiny_janus
+    from trl_unigame.unigame_trainer import prepare_understanding_player
+
+    model, processor = tiny_janus(seed=0)
+    model = prepare_understanding_player(model, get_interface(model, processor), LoraConfig(r=2))
+    plugin = SimpleNamespace(activation_checkpointing=True)
+    trainer = SimpleNamespace(
+        is_fsdp_enabled=True, model=model, accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))
+    )
+    with pytest.raises(ValueError, match="activation_checkpointing=True"):
+        check_fsdp_options(trainer)
+    plugin.activation_checkpointing = False
+    check_fsdp_options(trainer)
+
+
+@pytest.mark.slow
+def test_example_shards_with_fsdp2_through_accelerate_launch_on_cpu(tmp_path):
+    # examples/accelerate_configs/fsdp_cpu.yaml with `--use_cpu true`: the example's offline default, sharded.
+    from peft import PeftModel
+
+    from trl_unigame import Perturber
+    from trl_unigame.testing import pretrained_tiny_janus
+
+    out = tmp_path / "run"
+    command = [
+        "accelerate",
+        "launch",
+        "--config_file",
+        os.path.join(ROOT, "examples", "accelerate_configs", "fsdp_cpu.yaml"),
+        "--main_process_port",
+        "29542",
+        os.path.join(ROOT, "examples", "train_janus.py"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--use_cpu",
+        "true",
+        "--compare_scans",
+        "6",
+        "--picture_steps",
+        "1",
+        "--disable_tqdm",
+        "true",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    try:
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the 2-process FSDP2 run hung: the ranks stopped pairing their collectives")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # FSDP's sharded checkpoint: it sharded
+    assert (out / "checkpoint-2" / "perturber" / "model.safetensors").is_file()
+    assert "| 'digit' clean |" in result.stdout  # the before/after table, evaluated under FSDP2
+    assert (out / "hard_samples.png").is_file() and (out / "pictures" / "hard_samples_step2.png").is_file()
+    base, _ = pretrained_tiny_janus()
+    model = PeftModel.from_pretrained(base, str(out))
+    assert any("lora_B" in n and p.abs().max() > 0 for n, p in model.named_parameters())  # trained, not empty
+    Perturber.from_pretrained(str(out / "perturber")).attach(model)

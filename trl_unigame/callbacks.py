@@ -111,8 +111,18 @@ class HardSamplePicturesCallback(TrainerCallback):
         self._tracker_failures: set[str] = set()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every_n_steps or not state.is_world_process_zero or self.trainer is None:
+        if state.global_step % self.every_n_steps or self.trainer is None:
             return control
+        from .game.sharding import full_parameters
+
+        # The gallery's answers are a forward on the main process alone: under FSDP2 every process gathers the
+        # parameters with it first (a no-op otherwise).
+        with full_parameters(self.trainer.model):
+            if state.is_world_process_zero:
+                self._write_pictures(args, state)
+        return control
+
+    def _write_pictures(self, args, state) -> None:
         directory = os.path.join(args.output_dir, "pictures")
         os.makedirs(directory, exist_ok=True)
         from .gallery import training_curves
@@ -127,7 +137,6 @@ class HardSamplePicturesCallback(TrainerCallback):
             curves.save(os.path.join(directory, "curves.png"))
             pictures[self.TAGS["curves"]] = curves
         self.log_images(pictures, state.global_step)
-        return control
 
     def hard_samples_picture(self, step: int | None = None):
         """The gallery of the hardest buffer entries as a PIL image, or `None` while the buffer is empty."""

@@ -28,6 +28,7 @@ from .game.context import STEP_KEY, StepContext
 from .game.generation_adversary import GenerationAdversary
 from .game.metrics import GameMetrics
 from .game.mining import Miner
+from .game.sharding import check_fsdp_options, full_parameters, shard_on_cpu
 from .game.understanding import HostHooks, UnderstandingPasses, host_metrics_paused, host_normalises_over_window
 from .interfaces import VisualTokenInterface, to_pil_images, unwrap_model
 from .interfaces.base import keep_in_eval
@@ -60,9 +61,14 @@ class UniGameMixin(GameCheckpointing):
     _paper = {"title": "UniGame: Turning a Unified Multimodal Model Into Its Own Adversary", "id": "2511.19413"}
 
     # ------------------------------------------------------------------------------------------------ set-up
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        shard_on_cpu(self)  # FSDP asked for on a CPU: shard, as on GPUs, instead of training data-parallel copies
+
     def _init_game(self, perturber: Perturber | None, consistency_scorer) -> None:
         args: UniGameArguments = self.args
         check_one_run_across_processes(args)
+        check_fsdp_options(self)
         base = unwrap_model(self.model)
         for module in self.interface.frozen_eval_modules:
             keep_in_eval(module)  # the Trainer's `model.train()` would otherwise reach the frozen VQ model
@@ -181,10 +187,15 @@ class UniGameMixin(GameCheckpointing):
             self._exact_perturber_step(unwrapped, ctx)
             if ctx.last_micro_batch:
                 self.adversary.end_window()  # mining and U's perturbed pass then meet the updated perturber
-        if rows is not None and self.miner.due(ctx.step, ctx.last_micro_batch):
-            self.miner.mine(unwrapped, rows, inputs, ctx.step, self.args.process_index, self._prepare_inputs)
-        if rows is not None and self.miner.check_due(ctx.step, ctx.last_micro_batch):
-            self.miner.check_clean_generation(unwrapped, rows, self.args.process_index)
+        mining = rows is not None and self.miner.due(ctx.step, ctx.last_micro_batch)
+        checking = rows is not None and self.miner.check_due(ctx.step, ctx.last_micro_batch)
+        if mining or checking:
+            # Generation calls submodules directly: under FSDP2 their parameters are gathered whole around it.
+            with full_parameters(unwrapped):
+                if mining:
+                    self.miner.mine(unwrapped, rows, inputs, ctx.step, self.args.process_index, self._prepare_inputs)
+                if checking:
+                    self.miner.check_clean_generation(unwrapped, rows, self.args.process_index)
         if self.args.understanding_update == "mixed":
             ctx.buffer_batch = self.buffer_pass.draw(stand_in=inputs)
         else:
@@ -299,7 +310,8 @@ class UniGameMixin(GameCheckpointing):
             seed=self.args.seed,
             show_progress=not self.args.disable_tqdm,
         )
-        with self.perturber.disabled():
+        # Under FSDP2 the parameters are gathered whole: processes answer different numbers of rows.
+        with self.perturber.disabled(), full_parameters(self.model):
             generated = evaluator.evaluate(dataset)
         generated = {f"{metric_key_prefix}_{name}": value for name, value in generated.items()}
         self.log(generated)

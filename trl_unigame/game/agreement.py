@@ -75,8 +75,8 @@ def check_one_run_across_processes(args) -> None:
             f"{launched} processes were launched together, but the Trainer runs in each of them alone (parallel mode "
             f"{args.parallel_mode.value}, world size 1): they would train {launched} separate copies of the model and "
             "write them to one `output_dir`. This happens with `accelerate launch --config_file` and an FSDP or "
-            "DeepSpeed config with `use_cpu: true`, which accelerate does not shard on a CPU. Launch data-parallel "
-            f"training instead (on a CPU: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes "
-            f"{launched}`, or `torchrun --nproc_per_node {launched}` with `ddp_backend='gloo'`), shard on GPUs, or run "
-            "one process."
+            "DeepSpeed config with `use_cpu: true`, which accelerate does not shard on a CPU. To shard on a CPU with "
+            "FSDP2, add the training argument `--use_cpu true` (examples/accelerate_configs/fsdp_cpu.yaml). Or launch "
+            f"data-parallel training (on a CPU: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes "
+            f"{launched}`, or `torchrun --nproc_per_node {launched}` with `ddp_backend='gloo'`), or run one process."
         )

@@ -339,12 +339,28 @@ class GameCheckpointing:
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        self.perturber.save_pretrained(os.path.join(output_dir, PERTURBER_DIR))
+        if self.args.should_save:  # under FSDP every process calls `_save`; one writes
+            self.perturber.save_pretrained(os.path.join(output_dir, PERTURBER_DIR))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if not _internal_call and _sharded_state_dict(self):
+            # With FSDP's sharded state dict the host saves no weights (its checkpoints hold the shards): the model the
+            # run hands over (the LoRA adapter or the full model) is gathered whole, on every process, and saved by one.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state_dict = get_model_state_dict(
+                self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # Runs inside `_save_checkpoint` before `trainer_state.json` is written: a checkpoint that has its trainer
         # state has the game's state too, whenever the process is killed.
         super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save and not os.path.isfile(os.path.join(output_dir, PERTURBER_DIR, "model.safetensors")):
+            # FSDP's sharded checkpoints skip `_save`: the perturber (replicated, small) is saved whole all the same.
+            self.perturber.save_pretrained(os.path.join(output_dir, PERTURBER_DIR))
         save_game_state(
             output_dir,
             perturber_optimizer=self.perturber_optimizer,
@@ -369,3 +385,10 @@ class GameCheckpointing:
             num_processes=self.args.world_size,
             generation_adversary_optimizer=self.generation_adversary_optimizer,
         )
+
+
+def _sharded_state_dict(trainer) -> bool:
+    """Whether the host runs FSDP with a state dict type other than the full one (so it saves no weights itself)."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return False
+    return "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type)

@@ -267,10 +267,18 @@ class VisualTokenInterface(ImageTokenLoop, ABC):
         """Greedy continuations of left-padded prompts, decoded. The length is given as `max_length` (prompt plus
         `max_new_tokens`): a model whose generation config sets its own `max_length` warns at every call that is given
         `max_new_tokens`."""
+        from ..game.sharding import parameters_gathered
+
         tokenizer = self._require_processor().tokenizer
         prompt = inputs["input_ids"].shape[1]
+        # With FSDP2's parameters gathered whole, each process generates alone: no per-token wait for the others.
+        synced = {"synced_gpus": False} if parameters_gathered() else {}
         out = self._text_generate(model)(
-            **inputs, max_length=prompt + max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            **inputs,
+            max_length=prompt + max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **synced,
         )
         return [t.strip() for t in tokenizer.batch_decode(out[:, prompt:], skip_special_tokens=True)]
 

@@ -1,0 +1,156 @@
+"""FSDP2 and the game: sharding on a CPU, and the full parameters that the game's own forwards need.
+
+Two things accelerate does not do for the game:
+
+- On a CPU, accelerate never shards: its state enables FSDP only on accelerator devices (a CPU run stays
+  `MULTI_CPU`, so `fsdp=...` in the training arguments, or an FSDP config with `use_cpu: true`, would train plain
+  data-parallel copies). [`shard_on_cpu`] turns such a run into the FSDP2 run that was asked for; `fully_shard` itself
+  runs on a CPU with the gloo backend.
+- Under FSDP2 each process holds a shard of every parameter, gathered by hooks around the forward of each sharded
+  module. The game calls submodules directly (mining's generation loop, the pictures' answers, the evaluator), and
+  processes may make different numbers of such calls (uneven evaluation rows, one process drawing pictures).
+  [`full_parameters`] gathers every parameter once, for all processes together, and keeps them gathered without a
+  collective until it exits, as TRL's `unwrap_model_for_generation` does for sharded engines.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+
+_gathered = 0  # how many `full_parameters` contexts with sharded modules are open
+
+
+def parameters_gathered() -> bool:
+    """Whether a [`full_parameters`] context holds sharded parameters whole right now: `generate` then needs no
+    `synced_gpus` (which it turns on for FSDP-managed models, and which waits for every process at every token)."""
+    return _gathered > 0
+
+
+def fsdp2_modules(model: torch.nn.Module) -> list:
+    """The FSDP2-sharded modules of `model` (`fully_shard`), outermost first; empty when it is not sharded."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def full_parameters(model: torch.nn.Module):
+    """Every parameter of an FSDP2-sharded `model` whole, on every process, inside the context; a no-op otherwise.
+
+    Entering gathers the parameters (one all-gather per sharded module: every process must enter together). Inside,
+    forwards and backwards neither re-gather, reshard nor reduce gradients, so processes may call any submodule any
+    number of times, independently. Exiting reshards and restores each module's settings. Memory: the whole model
+    is held on each process inside the context. Nested inside another such context, it leaves the parameters gathered.
+    """
+    global _gathered
+    modules = fsdp2_modules(model)
+    if not modules or _gathered:
+        yield model
+        return
+    # FSDP2 sets up its root at the first forward of the outermost module: a submodule called first (mining before
+    # any training forward) would otherwise take itself for the root.
+    modules[0]._get_fsdp_state()._lazy_init()
+    saved = []
+    for module in modules:
+        state = module._get_fsdp_state()
+        groups = list(state._fsdp_param_groups)
+        saved.append(
+            (
+                state,
+                state._auto_reshard_after_forward,
+                [
+                    (g, g.post_forward_mesh_info, g.reshard_after_backward, g.reduce_grads, g.all_reduce_grads)
+                    for g in groups
+                ],
+            )
+        )
+        module.set_reshard_after_forward(False, recurse=False)
+        module.set_reshard_after_backward(False, recurse=False)
+        module.set_requires_gradient_sync(False, recurse=False)
+    try:
+        for module in modules:
+            module.unshard()
+        _gathered += 1
+        yield model
+    finally:
+        _gathered = max(_gathered - 1, 0)
+        for module in modules:
+            module.reshard()
+        for state, auto, groups in saved:
+            state._auto_reshard_after_forward = auto
+            for group, mesh_info, after_backward, reduce_grads, all_reduce_grads in groups:
+                group.post_forward_mesh_info = mesh_info
+                group.reshard_after_backward = after_backward
+                group.reduce_grads = reduce_grads
+                group.all_reduce_grads = all_reduce_grads
+
+
+def fsdp_requested(args) -> bool:
+    """Whether the run asked for FSDP: `fsdp` in the training arguments, or an accelerate FSDP config."""
+    return bool(getattr(args, "fsdp_plugin_args", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def shard_on_cpu(trainer) -> bool:
+    """Makes a CPU run that asked for FSDP2 shard (see the module's docstring); returns whether it did.
+
+    Call after the host has created its accelerator and before `prepare`: the accelerator's state is switched to FSDP
+    with the run's plugin (from `fsdp_config`, else from accelerate's `FSDP_*` environment), so `prepare` applies
+    `fully_shard` and the `Trainer` takes its FSDP paths (optimizer after `prepare`, sharded checkpoints).
+
+    Raises:
+        ValueError: FSDP version 1 was asked for on a CPU (only FSDP2 is supported there).
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested(trainer.args):
+        return False
+    plugin_args = getattr(trainer.args, "fsdp_plugin_args", None)
+    plugin = FullyShardedDataParallelPlugin(**plugin_args) if plugin_args else FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            "FSDP on a CPU runs with FSDP2 only: set `fsdp_config={'version': 2}` (or `fsdp_version: 2` in the "
+            "accelerate config)."
+        )
+    # Both shared states: accelerate rebuilds `AcceleratorState` from `PartialState` when it is asked for it again.
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    trainer.is_fsdp_enabled = True
+    if plugin.activation_checkpointing and getattr(trainer.args, "activation_checkpointing", False):
+        raise ValueError(
+            "`fsdp_config['activation_checkpointing']` (FSDP's own activation checkpointing) and the "
+            "`activation_checkpointing` training argument can't both be set to True: use FSDP's."
+        )
+    return True
+
+
+def check_fsdp_options(trainer) -> None:
+    """Refuses FSDP settings under which the run would lose its LoRA adapter without an error.
+
+    FSDP's own activation checkpointing (`fsdp_config['activation_checkpointing']`) wraps each layer in a
+    `CheckpointWrapper`, which puts `_checkpoint_wrapped_module` into the modules' names but not into the state dict's
+    keys; PEFT finds the adapter's weights by module name, finds none, and saves (and resumes) an empty adapter.
+
+    Raises:
+        ValueError: a PEFT model with FSDP's own activation checkpointing.
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return
+    from peft import PeftModel
+
+    plugin = trainer.accelerator.state.fsdp_plugin
+    if plugin.activation_checkpointing and isinstance(trainer.model, PeftModel):
+        raise ValueError(
+            "FSDP's own activation checkpointing (`fsdp_config['activation_checkpointing']`, `fsdp_activation_checkpointing: "
+            "true`) renames the wrapped layers, and PEFT then finds none of the adapter's weights: the LoRA adapter "
+            "would be saved, and resumed, empty. Turn it off and set the training argument `activation_checkpointing="
+            "True` (`--activation_checkpointing true`) instead: the model checkpoints its own layers, under FSDP too."
+        )
