@@ -257,7 +257,7 @@ def paired_differences(runs: dict[str, list[dict[str, float]]], seeds: list[int]
 
 
 def paired_markdown(paired: dict, columns: list[str], num_seeds: int) -> str:
-    lines = ["| − `sft` | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| − `sft` | " + " | ".join(map(metric_label, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, values in paired.items():
         cells = [
             f"{100 * values[c]['mean']:+.1f} ± {100 * values[c]['stderr']:.1f} ({values[c]['seeds_above_zero']}/{num_seeds})"
@@ -270,7 +270,7 @@ def paired_markdown(paired: dict, columns: list[str], num_seeds: int) -> str:
 
 
 def markdown(table, columns: list[str]) -> str:
-    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| method | " + " | ".join(map(metric_label, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, values in table.items():
         cells = [f"{100 * values[c][0]:.1f} ± {100 * values[c][1]:.1f}" if c in values else "–" for c in columns]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
