@@ -203,6 +203,12 @@ def evaluate_one(model, processor, args, datasets, judge, attack_eps) -> dict[st
         corruptions=["noise_3", "contrast_3"],
         consistency=True,
         judge=judge,
+        # The other direction: real image -> the model's own caption (its colour and digit answers, the tiny model
+        # cannot caption freely) -> its own drawing -> the judge's same-digit-and-colour score against the image.
+        reverse_consistency=True,
+        image_similarity=judge,
+        caption_question=["What color is the digit?", "What digit is this?"],
+        caption_template="a {0} {1}",
         generation_guidance_scale=3.0,
         generation_temperature=0.7,
         **common,
@@ -286,6 +292,7 @@ def metric_label(key: str) -> str:
         "after/corrupt_contrast_3/vqa_accuracy": "low contrast",
         "after/consistency/vqa_accuracy": "round trip",
         "after/consistency/judge_score": "judged drawings",
+        "after/reverse_consistency/similarity": "reverse round trip",
         "digit/clean/vqa_accuracy": "old skill: clean",
     }
     if key in names:
@@ -495,6 +502,7 @@ def write_report(args, runs: dict[str, list[dict[str, float]]], same_rows: bool 
         "after/corrupt_contrast_3/vqa_accuracy",
         "after/consistency/vqa_accuracy",
         "after/consistency/judge_score",
+        "after/reverse_consistency/similarity",
         "digit/clean/vqa_accuracy",
         f"digit/attack_rel{args.attack_eps[0]:g}/vqa_accuracy",
     ]

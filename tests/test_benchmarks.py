@@ -34,6 +34,8 @@ def test_effect_benchmark_quick_mode_trains_every_method_on_the_same_rows(tmp_pa
         *methods,
     ]
     assert (tmp_path / "results.png").is_file()
+    # Both directions of consistency are measured on every trained model.
+    assert all(0 <= report["runs"][m][0]["after/reverse_consistency/similarity"] <= 1 for m in methods)
     # Paired differences to sft, seed by seed, for every other method and metric.
     assert set(report["paired_to_sft"]) == {"unigame", "embedding"} and report["recommended"] in effect.METHODS
     for method in ("unigame", "embedding"):
