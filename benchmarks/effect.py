@@ -74,6 +74,11 @@ GAME = dict(
 )
 # The paper's rule and mixed update, with the digit judge as the faithfulness filter.
 UNIGAME = dict(GAME, selection="paper", hardness_quantile=0.6, understanding_update="mixed", buffer_weight=0.25)
+# The gradient-reading perturber (first-order step: U's gradient from the clean backward) with U training on its
+# perturbed tokens too; the base of the methods derived from it below.
+GRADIENT_PERTURBED = dict(
+    UNIGAME, perturber_update="first_order", perturber_inputs="features_and_gradient", perturbed_weight=0.5
+)
 METHODS = {
     # Plain fine-tuning: the game switched off, so the step is the Trainer's own step on the same loss.
     "sft": dict(adversarial_weight=0.0, mining_interval=0, buffer_weight=0.0, perturbed_weight=0.0),
@@ -83,40 +88,17 @@ METHODS = {
     # A perturber that reads U's loss gradient at each token (from the clean backward: first-order step), without and
     # with U training on its perturbed tokens too.
     "unigame-gradient": dict(UNIGAME, perturber_update="first_order", perturber_inputs="features_and_gradient"),
-    "unigame-gradient-perturbed": dict(
-        UNIGAME, perturber_update="first_order", perturber_inputs="features_and_gradient", perturbed_weight=0.5
-    ),
+    "unigame-gradient-perturbed": GRADIENT_PERTURBED,
     # The generation-side adversary (REINFORCE on each mining round's candidates), on top of the previous method, and
     # on the decoded samples alone (no perturbed tokens, the paper's features-only perturber).
-    "unigame-gradient-perturbed-genadv": dict(
-        UNIGAME,
-        perturber_update="first_order",
-        perturber_inputs="features_and_gradient",
-        perturbed_weight=0.5,
-        generation_adversary="reinforce",
-    ),
+    "unigame-gradient-perturbed-genadv": dict(GRADIENT_PERTURBED, generation_adversary="reinforce"),
     "decoded-genadv": dict(UNIGAME, generation_adversary="reinforce", perturbed_weight=0.0),
     # The validation sweep to buy back clean accuracy (docs/benchmarks.md): the perturbed tokens weighted 0.25, a
     # 5% understanding budget (half the game's), and the 5% budget with beta 0.1.
-    "unigame-gradient-perturbed-w0.25": dict(
-        UNIGAME, perturber_update="first_order", perturber_inputs="features_and_gradient", perturbed_weight=0.25
-    ),
-    "unigame-gradient-perturbed-eps0.05": dict(
-        UNIGAME,
-        perturber_update="first_order",
-        perturber_inputs="features_and_gradient",
-        perturbed_weight=0.5,
-        perturber_eps_max=0.05,
-        perturber_eps_init=0.025,
-    ),
+    "unigame-gradient-perturbed-w0.25": dict(GRADIENT_PERTURBED, perturbed_weight=0.25),
+    "unigame-gradient-perturbed-eps0.05": dict(GRADIENT_PERTURBED, perturber_eps_max=0.05, perturber_eps_init=0.025),
     "unigame-gradient-perturbed-eps0.05-beta0.1": dict(
-        UNIGAME,
-        perturber_update="first_order",
-        perturber_inputs="features_and_gradient",
-        perturbed_weight=0.5,
-        perturber_eps_max=0.05,
-        perturber_eps_init=0.025,
-        buffer_weight=0.1,
+        GRADIENT_PERTURBED, perturber_eps_max=0.05, perturber_eps_init=0.025, buffer_weight=0.1
     ),
     # Both kinds of samples: decoded hard samples and the perturbed tokens themselves (chosen on validation, see
     # docs/benchmarks.md), with beta 0.25 as for `unigame` or lowered to 0.1.
