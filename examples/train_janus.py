@@ -243,7 +243,9 @@ def main(script_args, training_args, model_args):
     # Every process evaluates: under several processes the evaluator shares the scans out and gathers the answers, so
     # a call on the main process alone would wait on a collective the others never join.
     compare = offline and script_args.compare_scans > 0
-    before = offline_comparison(model, processor, script_args.compare_scans, scorer) if compare else None
+    # Under DeepSpeed ZeRO-3 with `zero3_init_flag`, the model was partitioned as it loaded: gathered here.
+    with full_parameters(model):
+        before = offline_comparison(model, processor, script_args.compare_scans, scorer) if compare else None
     callbacks = []
     if script_args.picture_steps:
         from trl_unigame.callbacks import HardSamplePicturesCallback
@@ -261,9 +263,10 @@ def main(script_args, training_args, model_args):
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    # Under FSDP2 the evaluation and the gallery's answers need the whole parameters: every process gathers them
-    # (a no-op without sharding), then each answers its share of the scans, and the main process draws the gallery.
-    with full_parameters(trainer.model):
+    # Under FSDP2 or ZeRO-3 the evaluation and the gallery's answers need the whole parameters: every process gathers
+    # them (a no-op without sharding), then each answers its share of the scans, and the main process draws the
+    # gallery.
+    with full_parameters(trainer.model_wrapped):
         after = offline_comparison(trainer.model, processor, script_args.compare_scans, scorer) if compare else None
         if offline and trainer.is_world_process_zero():
             write_hard_sample_gallery(

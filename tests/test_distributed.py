@@ -125,25 +125,47 @@ def test_generation_adversary_under_two_processes_averages_its_gradient_and_keep
     assert rank0["logged"] == rank1["logged"] and all(loss is not None for loss in rank0["logged"])
 
 
-def _launch_fsdp_worker(output_dir, port, update, checkpointing, resume_from=None):
+def _launch_sharded_worker(engine, output_dir, port, update, checkpointing, resume_from=None, **env_extra):
     command = [
         "torchrun",
         "--nproc_per_node",
         "2",
         "--master_port",
         str(port),
-        os.path.join(ROOT, "tests", "fsdp_worker.py"),
+        os.path.join(ROOT, "tests", "sharded_worker.py"),
+        engine,
         str(output_dir),
         update,
         checkpointing,
     ] + ([str(resume_from)] if resume_from else [])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **env_extra}
     try:
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
-        pytest.fail("the 2-process FSDP2 run hung: the ranks stopped pairing their collectives")
+        pytest.fail(f"the 2-process {engine} run hung: the ranks stopped pairing their collectives")
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(output_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+deepspeed_installed = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("deepspeed") is None, reason="needs `pip install deepspeed`"
+)
+
+
+def _check_final_adapter_and_perturber(tmp_path, rank0):
+    from peft import PeftModel
+
+    from trl_unigame import Perturber
+    from trl_unigame.testing import tiny_janus
+
+    base, _ = tiny_janus(seed=0, save_dir=str(tmp_path / "reload"))
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "final"))
+    weights = dict(loaded.named_parameters())
+    for name, value in rank0["params"].items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=0)
+    perturber = Perturber.from_pretrained(str(tmp_path / "final" / "perturber"))
+    for name, value in perturber.named_parameters():
+        assert torch.equal(value, rank0["perturber"][name]), name
 
 
 @pytest.mark.slow
@@ -153,12 +175,7 @@ def _launch_fsdp_worker(output_dir, port, update, checkpointing, resume_from=Non
 def test_game_under_fsdp2_on_two_cpu_processes(tmp_path, update, checkpointing, port):
     # The Trainer's own FSDP arguments (fsdp="full_shard", fsdp_config version 2) on a CPU, gloo: the whole game
     # (perturber step, mining, buffer pass, generation check, pictures, evaluation with generated answers).
-    from peft import PeftModel
-
-    from trl_unigame import Perturber
-    from trl_unigame.testing import tiny_janus
-
-    rank0, rank1 = _launch_fsdp_worker(tmp_path, port, update, checkpointing)
+    rank0, rank1 = _launch_sharded_worker("fsdp2", tmp_path, port, update, checkpointing)
     for rank in (rank0, rank1):
         assert rank["fsdp"] and rank["world"] == 2
         # sharded while training: every trainable parameter a DTensor, each process holding half of them
@@ -176,28 +193,59 @@ def test_game_under_fsdp2_on_two_cpu_processes(tmp_path, update, checkpointing, 
     for name, value in rank0["perturber"].items():
         assert torch.equal(value, rank1["perturber"][name]), name
     assert rank0["seen"][-1]["perturber"] != rank0["seen"][0]["perturber"]  # the perturber moved
-    # the final adapter and perturber load back, with the trained weights
-    final = tmp_path / "final"
-    base, _ = tiny_janus(seed=0, save_dir=str(tmp_path / "reload"))
-    loaded = PeftModel.from_pretrained(base, str(final))
-    weights = dict(loaded.named_parameters())
-    for name, value in rank0["params"].items():
-        torch.testing.assert_close(weights[name], value, rtol=0, atol=0)
-    perturber = Perturber.from_pretrained(str(final / "perturber"))
-    for name, value in perturber.named_parameters():
-        assert torch.equal(value, rank0["perturber"][name]), name
+    _check_final_adapter_and_perturber(tmp_path, rank0)  # the final adapter and perturber load back, trained
     assert (tmp_path / "pictures" / "hard_samples_step2.png").is_file()
     assert (tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # a sharded checkpoint
 
 
 @pytest.mark.slow
-def test_fsdp2_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(tmp_path):
-    # first-order perturber step with activation checkpointing, resumed at step 2 of 4 from the sharded checkpoint
+@deepspeed_installed
+@pytest.mark.parametrize("engine, update, port", [("zero2", "exact", 29543), ("zero3", "first_order", 29544)])
+def test_game_under_deepspeed_zero_on_two_cpu_processes(tmp_path, engine, update, port):
+    # The Trainer's `deepspeed` argument on a CPU (DeepSpeed's CPU accelerator, gloo): the whole game, with process
+    # 1's loss not finite at step 1: DeepSpeed skips that update on both processes, and the game logs the skip.
+    rank0, rank1 = _launch_sharded_worker(engine, tmp_path, port, update, "off", NAN_AT_STEP="1")
+    for rank in (rank0, rank1):
+        assert rank["deepspeed"] and not rank["fsdp"] and rank["world"] == 2
+        for seen in rank["seen"]:
+            # ZeRO-3 partitions every trainable parameter (each process holds half); ZeRO-2 keeps them whole
+            assert seen["zero3"] == (engine == "zero3")
+            assert 2 * seen["local_elements"] == seen["full_elements"] if engine == "zero3" else True
+        assert all(mined == 4 for mined in rank["mined"]) and rank["buffer"] > 0  # every step mined, on every rank
+        assert rank["metrics"]["eval_clean/vqa_accuracy"] is not None
+        checksums = [seen["checksum"] for seen in rank["seen"]]
+        # the update of step 1 was dropped (no `p.grad` to inspect: the engine skipped it) and the game said so, on
+        # each process (counts are summed over processes)
+        assert checksums[1] == checksums[0] and checksums[2] != checksums[1] and checksums[0] != rank["begin"]
+        assert rank["skipped"][1] == 2 and not any(rank["skipped"][i] for i in (0, 2, 3))
+    assert repr(rank0["logged"]) == repr(rank1["logged"])  # the same logs (repr: step 1's losses are NaN)
+    assert all("unigame/clean_generation_consistency" in log for log in rank0["logged"][::2])
+    assert len(rank0["params"]) > 0 and all("lora_" in name for name in rank0["params"])
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+    for name, value in rank0["perturber"].items():
+        assert torch.equal(value, rank1["perturber"][name]), name
+    assert rank0["seen"][-1]["perturber"] != rank0["seen"][0]["perturber"]  # the perturber moved
+    _check_final_adapter_and_perturber(tmp_path, rank0)
+    assert (tmp_path / "pictures" / "hard_samples_step2.png").is_file()
+    assert (tmp_path / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own (partitioned) checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "engine, update, ports",
+    [
+        ("fsdp2", "first_order", (29540, 29541)),
+        pytest.param("zero3", "exact", (29545, 29546), marks=deepspeed_installed),
+    ],
+)
+def test_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(tmp_path, engine, update, ports):
+    # with activation checkpointing, resumed at step 2 of 4 from the engine's sharded checkpoint
     (tmp_path / "whole").mkdir()
     (tmp_path / "resumed").mkdir()
-    whole, _ = _launch_fsdp_worker(tmp_path / "whole", 29540, "first_order", "on")
-    resumed, _ = _launch_fsdp_worker(
-        tmp_path / "resumed", 29541, "first_order", "on", resume_from=tmp_path / "whole" / "checkpoint-2"
+    whole, _ = _launch_sharded_worker(engine, tmp_path / "whole", ports[0], update, "on")
+    resumed, _ = _launch_sharded_worker(
+        engine, tmp_path / "resumed", ports[1], update, "on", resume_from=tmp_path / "whole" / "checkpoint-2"
     )
     assert resumed["begin"] == whole["seen"][1]["checksum"]  # the adapter resumed from the shards
     for name, value in whole["params"].items():
@@ -231,8 +279,13 @@ def test_fsdp_activation_checkpointing_with_an_adapter_is_refused():
 
 
 @pytest.mark.slow
-def test_example_shards_with_fsdp2_through_accelerate_launch_on_cpu(tmp_path):
-    # examples/accelerate_configs/fsdp_cpu.yaml with `--use_cpu true`: the example's offline default, sharded.
+@pytest.mark.parametrize(
+    "config, port",
+    [("fsdp_cpu", 29542), pytest.param("zero3_cpu", 29547, marks=deepspeed_installed)],
+)
+def test_example_shards_through_accelerate_launch_on_cpu(tmp_path, config, port):
+    # examples/accelerate_configs/fsdp_cpu.yaml with `--use_cpu true`, or zero3_cpu.yaml (ZeRO-3, the model
+    # partitioned as it loads): the example's offline default, sharded.
     from peft import PeftModel
 
     from trl_unigame import Perturber
@@ -243,9 +296,9 @@ def test_example_shards_with_fsdp2_through_accelerate_launch_on_cpu(tmp_path):
         "accelerate",
         "launch",
         "--config_file",
-        os.path.join(ROOT, "examples", "accelerate_configs", "fsdp_cpu.yaml"),
+        os.path.join(ROOT, "examples", "accelerate_configs", f"{config}.yaml"),
         "--main_process_port",
-        "29542",
+        str(port),
         os.path.join(ROOT, "examples", "train_janus.py"),
         "--output_dir",
         str(out),
@@ -255,24 +308,24 @@ def test_example_shards_with_fsdp2_through_accelerate_launch_on_cpu(tmp_path):
         "2",
         "--per_device_train_batch_size",
         "2",
-        "--use_cpu",
-        "true",
         "--compare_scans",
         "6",
         "--picture_steps",
         "1",
         "--disable_tqdm",
         "true",
-    ]
+    ] + (["--use_cpu", "true"] if config == "fsdp_cpu" else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     try:
         result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
-        pytest.fail("the 2-process FSDP2 run hung: the ranks stopped pairing their collectives")
+        pytest.fail(f"the 2-process {config} run hung: the ranks stopped pairing their collectives")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (out / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # FSDP's sharded checkpoint: it sharded
+    # the engine's own sharded checkpoint: it sharded
+    sharded = "pytorch_model_fsdp_0" if config == "fsdp_cpu" else "global_step2"
+    assert (out / "checkpoint-2" / sharded).is_dir()
     assert (out / "checkpoint-2" / "perturber" / "model.safetensors").is_file()
-    assert "| 'digit' clean |" in result.stdout  # the before/after table, evaluated under FSDP2
+    assert "| 'digit' clean |" in result.stdout  # the before/after table, evaluated sharded
     assert (out / "hard_samples.png").is_file() and (out / "pictures" / "hard_samples_step2.png").is_file()
     base, _ = pretrained_tiny_janus()
     model = PeftModel.from_pretrained(base, str(out))

@@ -115,9 +115,9 @@ class HardSamplePicturesCallback(TrainerCallback):
             return control
         from .game.sharding import full_parameters
 
-        # The gallery's answers are a forward on the main process alone: under FSDP2 every process gathers the
-        # parameters with it first (a no-op otherwise).
-        with full_parameters(self.trainer.model):
+        # The gallery's answers are a forward on the main process alone: under FSDP2 or ZeRO-3 every process gathers
+        # the parameters with it first (a no-op otherwise).
+        with full_parameters(self.trainer.model_wrapped):
             if state.is_world_process_zero:
                 self._write_pictures(args, state)
         return control

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from .consistency import load_consistency_scorer
 from .data import RowKeepingCollator, as_text, check_columns, first_turn, message_text
 from .interfaces import get_interface
-from .unigame_config import UniGameArguments
+from .unigame_config import UniGameArguments, _setup_devices
 from .unigame_mixin import UniGameMixin, _seed
 
 
@@ -22,6 +23,8 @@ class UniGameSFTConfig(SFTConfig, UniGameArguments):
     and gradient checkpointing; on a CPU set `use_cpu=True` or `bf16=False`.
     """
 
+    _setup_devices = cached_property(_setup_devices)
+
     def __post_init__(self):
         self.remove_unused_columns = False
         super().__post_init__()
@@ -33,6 +36,8 @@ class UniGameDPOConfig(DPOConfig, UniGameArguments):
     r"""
     TRL's `DPOConfig` plus the fields of [`UniGameArguments`], for [`UniGameDPOTrainer`].
     """
+
+    _setup_devices = cached_property(_setup_devices)
 
     def __post_init__(self):
         self.remove_unused_columns = False

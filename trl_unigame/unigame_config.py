@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from transformers import TrainingArguments
 
@@ -487,6 +488,17 @@ class UniGameArguments:
         return CompileConfig(**kwargs) if self.mining_compile else None
 
 
+def _setup_devices(self):
+    """`TrainingArguments._setup_devices`, then DeepSpeed on a CPU made to span its processes (see
+    `game.sharding.complete_deepspeed_on_cpu`): before the DeepSpeed config's batch sizes are derived from the world
+    size. Assigned as a `cached_property` to each UniGame config class."""
+    from .game.sharding import complete_deepspeed_on_cpu
+
+    device = TrainingArguments._setup_devices.func(self)
+    complete_deepspeed_on_cpu(self.distributed_state)
+    return device
+
+
 @dataclass
 class UniGameConfig(TrainingArguments, UniGameArguments):
     r"""
@@ -513,6 +525,8 @@ class UniGameConfig(TrainingArguments, UniGameArguments):
         default=False, metadata={"help": "Kept False: the collator needs the image and text columns."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every logging_steps optimizer steps."})
+
+    _setup_devices = cached_property(_setup_devices)
 
     def __post_init__(self):
         super().__post_init__()

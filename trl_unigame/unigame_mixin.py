@@ -98,7 +98,7 @@ class UniGameMixin(GameCheckpointing):
         _check_game_options(args, self.interface, self.consistency_scorer, check)
         _check_generation_adversary(args, self.interface, self.consistency_scorer, self.perturber)
         self.game_metrics = GameMetrics()
-        agreement = Agreement(self.accelerator, args.device)
+        agreement = self.agreement = Agreement(self.accelerator, args.device)
         self.adversary = Adversary(self.perturber, args, self.game_metrics, agreement)
         self.generation_adversary = (
             GenerationAdversary(self.perturber, self.interface, args, self.game_metrics, agreement)
@@ -190,8 +190,8 @@ class UniGameMixin(GameCheckpointing):
         mining = rows is not None and self.miner.due(ctx.step, ctx.last_micro_batch)
         checking = rows is not None and self.miner.check_due(ctx.step, ctx.last_micro_batch)
         if mining or checking:
-            # Generation calls submodules directly: under FSDP2 their parameters are gathered whole around it.
-            with full_parameters(unwrapped):
+            # Generation calls submodules directly: under FSDP2 or ZeRO-3 the parameters are gathered whole around it.
+            with full_parameters(model):
                 if mining:
                     self.miner.mine(unwrapped, rows, inputs, ctx.step, self.args.process_index, self._prepare_inputs)
                 if checking:
@@ -209,7 +209,7 @@ class UniGameMixin(GameCheckpointing):
             self.adversary.first_order_step(ctx.capture, ctx.merged_rows, ctx.window, ctx.step)
             if ctx.last_micro_batch:
                 self.adversary.end_window()
-        if ctx.last_micro_batch and Agreement.drop_non_finite_gradients(model):
+        if ctx.last_micro_batch and self.agreement.step_dropped(model):
             self.game_metrics.skip(ctx.step, "understanding", "the understanding loss or its gradient is not finite")
         return loss
 
@@ -310,8 +310,8 @@ class UniGameMixin(GameCheckpointing):
             seed=self.args.seed,
             show_progress=not self.args.disable_tqdm,
         )
-        # Under FSDP2 the parameters are gathered whole: processes answer different numbers of rows.
-        with self.perturber.disabled(), full_parameters(self.model):
+        # Under FSDP2 or ZeRO-3 the parameters are gathered whole: processes answer different numbers of rows.
+        with self.perturber.disabled(), full_parameters(self.model_wrapped):
             generated = evaluator.evaluate(dataset)
         generated = {f"{metric_key_prefix}_{name}": value for name, value in generated.items()}
         self.log(generated)

@@ -47,6 +47,18 @@ class Agreement:
             return None
         return [part.view_as(t) for part, t in zip(torch.split(flat[:-1], [t.numel() for t in tensors]), tensors)]
 
+    def step_dropped(self, model: nn.Module) -> bool:
+        """After the backward of an optimizer step's last micro-batch: whether its update is dropped because a
+        gradient is not finite.
+
+        A DeepSpeed engine steps inside the backward (at the accumulation boundary) and skips a step whose gradient
+        norm is not finite itself, on every process (its gradients live in the engine's partitions, not in `p.grad`):
+        this asks it whether the step was applied. Otherwise [`~Agreement.drop_non_finite_gradients`] drops the update
+        before the optimizer's step."""
+        if hasattr(model, "was_step_applied") and hasattr(model, "zero_optimization_stage"):  # a DeepSpeed engine
+            return not model.was_step_applied()
+        return self.drop_non_finite_gradients(model)
+
     @staticmethod
     def drop_non_finite_gradients(model: nn.Module) -> bool:
         """After the (all-reduced) backward of a step: when any gradient is not finite, clears them all so the
@@ -75,8 +87,10 @@ def check_one_run_across_processes(args) -> None:
             f"{launched} processes were launched together, but the Trainer runs in each of them alone (parallel mode "
             f"{args.parallel_mode.value}, world size 1): they would train {launched} separate copies of the model and "
             "write them to one `output_dir`. This happens with `accelerate launch --config_file` and an FSDP or "
-            "DeepSpeed config with `use_cpu: true`, which accelerate does not shard on a CPU. To shard on a CPU with "
-            "FSDP2, add the training argument `--use_cpu true` (examples/accelerate_configs/fsdp_cpu.yaml). Or launch "
+            "DeepSpeed config on a CPU, which accelerate does not shard by itself. To shard on a CPU with FSDP2, add "
+            "the training argument `--use_cpu true` (examples/accelerate_configs/fsdp_cpu.yaml); with DeepSpeed, keep "
+            "`use_cpu: false` in the config (examples/accelerate_configs/zero3_cpu.yaml) and `pip install deepspeed`. "
+            "Or launch "
             f"data-parallel training (on a CPU: `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes "
             f"{launched}`, or `torchrun --nproc_per_node {launched}` with `ddp_backend='gloo'`), or run one process."
         )

@@ -1,13 +1,16 @@
-"""FSDP2 and the game: sharding on a CPU, and the full parameters that the game's own forwards need.
+"""FSDP2, DeepSpeed and the game: sharding on a CPU, and the full parameters that the game's own forwards need.
 
-Two things accelerate does not do for the game:
+Three things accelerate does not do for the game:
 
 - On a CPU, accelerate never shards: its state enables FSDP only on accelerator devices (a CPU run stays
   `MULTI_CPU`, so `fsdp=...` in the training arguments, or an FSDP config with `use_cpu: true`, would train plain
   data-parallel copies). [`shard_on_cpu`] turns such a run into the FSDP2 run that was asked for; `fully_shard` itself
   runs on a CPU with the gloo backend.
-- Under FSDP2 each process holds a shard of every parameter, gathered by hooks around the forward of each sharded
-  module. The game calls submodules directly (mining's generation loop, the pictures' answers, the evaluator), and
+- On a CPU, accelerate starts DeepSpeed's process group (DeepSpeed's CPU accelerator, gloo) but then records no
+  backend and one process, so every process would train alone. [`complete_deepspeed_on_cpu`] records the group that
+  DeepSpeed started, so ZeRO shards across the processes as on GPUs.
+- Under FSDP2 (and DeepSpeed ZeRO-3) each process holds a shard of every parameter, gathered by hooks around the
+  forward of each sharded module. The game calls submodules directly (mining's generation loop, the pictures' answers, the evaluator), and
   processes may make different numbers of such calls (uneven evaluation rows, one process drawing pictures).
   [`full_parameters`] gathers every parameter once, for all processes together, and keeps them gathered without a
   collective until it exits, as TRL's `unwrap_model_for_generation` does for sharded engines.
@@ -39,16 +42,63 @@ def fsdp2_modules(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def deepspeed_zero3_engine(model: torch.nn.Module):
+    """The DeepSpeed engine of `model` when it trains under ZeRO stage 3 (parameters partitioned), else `None`.
+    `model` is the engine itself (`trainer.model_wrapped`) or the module it wraps, whose parameters then carry
+    ZeRO-3's partition attributes but no link to the engine: pass the engine."""
+    engine_type = _deepspeed_engine_type()
+    if engine_type is None or not isinstance(model, engine_type):
+        return None
+    return model if model.zero_optimization_stage() == 3 else None
+
+
+def _deepspeed_engine_type():
+    """DeepSpeed's engine class when DeepSpeed is imported (an engine exists only then), without importing it."""
+    import sys
+
+    deepspeed = sys.modules.get("deepspeed")
+    return getattr(deepspeed, "DeepSpeedEngine", None)
+
+
 @contextmanager
 def full_parameters(model: torch.nn.Module):
-    """Every parameter of an FSDP2-sharded `model` whole, on every process, inside the context; a no-op otherwise.
+    """Every parameter of a sharded `model` whole, on every process, inside the context; a no-op otherwise.
 
-    Entering gathers the parameters (one all-gather per sharded module: every process must enter together). Inside,
-    forwards and backwards neither re-gather, reshard nor reduce gradients, so processes may call any submodule any
-    number of times, independently. Exiting reshards and restores each module's settings. Memory: the whole model
-    is held on each process inside the context. Nested inside another such context, it leaves the parameters gathered.
+    - FSDP2 (`fully_shard`): entering gathers the parameters (one all-gather per sharded module: every process must
+      enter together). Inside, forwards and backwards neither re-gather, reshard nor reduce gradients, so processes
+      may call any submodule any number of times, independently. Exiting reshards and restores each module's
+      settings.
+    - DeepSpeed ZeRO-3 (pass the engine, `trainer.model_wrapped`): DeepSpeed's own
+      `deepspeed.runtime.zero.unwrap_model_for_generation`, which gathers every parameter and removes the engine's
+      fetch-and-release hooks until it exits (every process must enter together). A model that `deepspeed.zero.Init`
+      partitioned while loading, before an engine exists: `deepspeed.zero.GatheredParameters` over its parameters.
+
+    Memory: the whole model is held on each process inside the context. Nested inside another such context, it
+    leaves the parameters gathered.
     """
     global _gathered
+    engine = deepspeed_zero3_engine(model)
+    partitioned = [] if engine is not None else [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if engine is not None or partitioned:
+        if _gathered:
+            yield model
+            return
+        import deepspeed
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+
+        # an engine's model, or one that `deepspeed.zero.Init` partitioned at loading, before any engine exists
+        gathered = (
+            unwrap_model_for_generation(engine)
+            if engine is not None
+            else deepspeed.zero.GatheredParameters(partitioned)
+        )
+        with gathered:
+            _gathered += 1
+            try:
+                yield model
+            finally:
+                _gathered = max(_gathered - 1, 0)
+        return
     modules = fsdp2_modules(model)
     if not modules or _gathered:
         yield model
@@ -89,6 +139,30 @@ def full_parameters(model: torch.nn.Module):
                 group.reshard_after_backward = after_backward
                 group.reduce_grads = reduce_grads
                 group.all_reduce_grads = all_reduce_grads
+
+
+def complete_deepspeed_on_cpu(state) -> bool:
+    """Completes accelerate's `PartialState` for DeepSpeed on a machine without an accelerator; returns whether it did.
+
+    accelerate initialises DeepSpeed's process group (on a CPU DeepSpeed picks gloo) but, finding no accelerator
+    backend, records `backend=None` and a single process. This records the process group's backend, size and ranks
+    instead. A no-op unless the state is DeepSpeed's, has no backend, and a process group of several processes exists.
+    """
+    from accelerate.utils import DistributedType
+
+    if (
+        state is None
+        or state.distributed_type != DistributedType.DEEPSPEED
+        or state.backend is not None
+        or not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_world_size() < 2
+    ):
+        return False
+    state.backend = torch.distributed.get_backend()
+    state.num_processes = torch.distributed.get_world_size()
+    state.process_index = torch.distributed.get_rank()
+    state.local_process_index = int(os.environ.get("LOCAL_RANK", state.process_index))
+    return True
 
 
 def fsdp_requested(args) -> bool:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..game.sharding import full_parameters
 from .base import VisualTokenInterface, register_interface, to_pil_images, unwrap_model
 
 
@@ -156,7 +157,8 @@ class JanusInterface(VisualTokenInterface):
         pixels = images.to(device=self.device, dtype=self.dtype)
         if pixels.shape[-1] != size:
             pixels = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", antialias=True).to(self.dtype)
-        with torch.no_grad():
+        # the frozen VQ encoder reads its codebook's weight directly: under ZeRO-3 its parameters are gathered first
+        with torch.no_grad(), full_parameters(vq):
             targets = vq.encode(pixels * 2 - 1).image_tokens.view(len(pixels), -1)
         prompt_ids, prompt_mask = self._generation_prompt(prompts)
         embeds = torch.cat(
