@@ -96,32 +96,6 @@ def consistent(images, texts):
     return torch.ones(len(texts))
 
 
-def sharding_arguments(engine: str) -> dict:
-    if engine == "fsdp2":
-        return dict(
-            use_cpu=True,
-            fsdp="full_shard",
-            fsdp_config={
-                "version": 2,
-                "state_dict_type": "SHARDED_STATE_DICT",
-                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            },
-        )
-    stage = {"zero2": 2, "zero3": 3}[engine]
-    zero = {"stage": stage}
-    if stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # `save_model` writes the whole adapter
-    config = {
-        "zero_optimization": zero,
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-    }
-    # not `use_cpu`: accelerate takes DeepSpeed's path only without it; DeepSpeed finds no GPU and uses its CPU one
-    return dict(deepspeed=config)
-
-
 def trainer_class(nan_at_step):
     from trl_unigame import UniGameTrainer
 
@@ -141,15 +115,14 @@ def trainer_class(nan_at_step):
 def main(engine: str, output_dir: str, update: str, checkpointing: str, resume_from: str | None = None):
     from trl_unigame import UniGameConfig
     from trl_unigame.callbacks import HardSamplePicturesCallback
-    from trl_unigame.testing import tiny_janus, tiny_vqa_dataset
+    from trl_unigame.testing import cpu_sharding_arguments, tiny_janus, tiny_vqa_dataset
 
     rank = int(os.environ["RANK"])
     nan_at_step = int(os.environ["NAN_AT_STEP"]) if os.environ.get("NAN_AT_STEP") else None
     model, processor = tiny_janus(seed=0, save_dir=os.path.join(output_dir, f"model-rank{rank}"))
     args = UniGameConfig(
         output_dir=output_dir,
-        ddp_backend="gloo",
-        **sharding_arguments(engine),
+        **cpu_sharding_arguments(engine),
         # the model's own activation checkpointing (FSDP's would rename the layers under PEFT: refused)
         activation_checkpointing=checkpointing == "on",
         per_device_train_batch_size=2,

@@ -31,9 +31,12 @@ from .janus import (
     tiny_janus_config,
     tiny_janus_processor,
 )
+from .sharding import SHARDING_ENGINES, cpu_sharding_arguments
 
 
 __all__ = [
+    "SHARDING_ENGINES",
+    "cpu_sharding_arguments",
     "BOI_TOKEN",
     "CHAT_TEMPLATE",
     "COLORS",
