@@ -163,7 +163,8 @@ def worker(engine: str, output_dir: str, llm_layers: int, vision_layers: int, st
         "peak_rss_mining": sampler.peaks.get("mining", 0),
         "parameter_bytes": held.get("parameter_bytes"),
         "full_parameter_bytes": sum(
-            (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for p in trainer.model.parameters()
+            (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size()
+            for p in trainer.model.parameters()
         ),
         "seconds_per_step": seconds / steps,
         "mined": [log.get("unigame/mined") for log in trainer.state.log_history if "loss" in log],
