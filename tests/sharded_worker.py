@@ -81,6 +81,8 @@ class RecordSharding(TrainerCallback):
                 "checksum": self.checksum(),
                 "perturber": float(sum(p.detach().double().abs().sum() for p in self.trainer.perturber.parameters())),
                 "dtensor": all(isinstance(p, DTensor) for _, p in params),
+                # every parameter, frozen ones too (the root's embeddings and tied head): sharded again after the step
+                "every_parameter_dtensor": all(isinstance(p, DTensor) for p in self.trainer.model.parameters()),
                 "zero3": all(hasattr(p, "ds_id") for _, p in params),
                 "local_elements": sum(local_elements(p) for _, p in params),
                 "full_elements": sum(full_elements(p) for _, p in params),

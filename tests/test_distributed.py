@@ -181,6 +181,7 @@ def test_game_under_fsdp2_on_two_cpu_processes(tmp_path, update, checkpointing, 
         # sharded while training: every trainable parameter a DTensor, each process holding half of them
         for seen in rank["seen"]:
             assert seen["dtensor"] and 2 * seen["local_elements"] == seen["full_elements"]
+            assert seen["every_parameter_dtensor"]  # mining's full_parameters leaves nothing gathered
             assert seen["checkpointed"] == (checkpointing == "on")
         assert all(mined == 4 for mined in rank["mined"]) and rank["buffer"] > 0  # every step mined, on every rank
         assert rank["metrics"]["eval_clean/vqa_accuracy"] is not None

@@ -28,7 +28,7 @@ from .game.context import STEP_KEY, StepContext
 from .game.generation_adversary import GenerationAdversary
 from .game.metrics import GameMetrics
 from .game.mining import Miner
-from .game.sharding import check_fsdp_options, full_parameters, shard_on_cpu
+from .game.sharding import check_fsdp_options, full_parameters, reshard, shard_on_cpu
 from .game.understanding import HostHooks, UnderstandingPasses, host_metrics_paused, host_normalises_over_window
 from .interfaces import VisualTokenInterface, to_pil_images, unwrap_model
 from .interfaces.base import keep_in_eval
@@ -205,6 +205,8 @@ class UniGameMixin(GameCheckpointing):
             if self.adversary.first_order or (self.perturber.sees_gradient and self.args.perturbed_weight):
                 ctx.capture = stack.enter_context(SiteCapture(self.interface))
             loss = super().training_step(model, {**inputs, STEP_KEY: ctx}, num_items_in_batch)
+        if mining or checking:
+            reshard(model)  # FSDP2 would otherwise keep its root's parameters whole after this step
         if self.adversary.first_order:
             self.adversary.first_order_step(ctx.capture, ctx.merged_rows, ctx.window, ctx.step)
             if ctx.last_micro_batch:

@@ -141,6 +141,17 @@ def full_parameters(model: torch.nn.Module):
                 group.all_reduce_grads = all_reduce_grads
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Reshards every FSDP2 module of `model` that holds its parameters whole; a no-op otherwise.
+
+    After a training step in which [`full_parameters`] ran, FSDP2 leaves the root module's parameters (those outside
+    the wrapped layers: the embeddings, the tied output head) whole after the step's backward, as it does after a
+    forward; the game reshards them at the end of each micro-batch, as the step without mining ends.
+    """
+    for module in fsdp2_modules(model):
+        module.reshard()
+
+
 def complete_deepspeed_on_cpu(state) -> bool:
     """Completes accelerate's `PartialState` for DeepSpeed on a machine without an accelerator; returns whether it did.
 
