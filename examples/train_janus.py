@@ -244,8 +244,10 @@ def main(script_args, training_args, model_args):
     # a call on the main process alone would wait on a collective the others never join.
     compare = offline and script_args.compare_scans > 0
     # Under DeepSpeed ZeRO-3 with `zero3_init_flag`, the model was partitioned as it loaded: gathered here.
-    with full_parameters(model):
-        before = offline_comparison(model, processor, script_args.compare_scans, scorer) if compare else None
+    before = None
+    if compare:
+        with full_parameters(model):
+            before = offline_comparison(model, processor, script_args.compare_scans, scorer)
     callbacks = []
     if script_args.picture_steps:
         from trl_unigame.callbacks import HardSamplePicturesCallback
@@ -266,12 +268,16 @@ def main(script_args, training_args, model_args):
     # Under FSDP2 or ZeRO-3 the evaluation and the gallery's answers need the whole parameters: every process gathers
     # them (a no-op without sharding), then each answers its share of the scans, and the main process draws the
     # gallery.
-    with full_parameters(trainer.model_wrapped):
-        after = offline_comparison(trainer.model, processor, script_args.compare_scans, scorer) if compare else None
-        if offline and trainer.is_world_process_zero():
-            write_hard_sample_gallery(
-                trainer, os.path.join(os.path.abspath(training_args.output_dir), "hard_samples.png")
+    after = None
+    if compare or offline:
+        with full_parameters(trainer.model_wrapped):
+            after = (
+                offline_comparison(trainer.model, processor, script_args.compare_scans, scorer) if compare else None
             )
+            if offline and trainer.is_world_process_zero():
+                write_hard_sample_gallery(
+                    trainer, os.path.join(os.path.abspath(training_args.output_dir), "hard_samples.png")
+                )
     if trainer.is_world_process_zero():
         if training_args.push_to_hub:
             trainer.push_to_hub(dataset_name=script_args.dataset_name)  # writes the model card too

@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-distributed-gpu-check}
-NUM_PROCESSES=${NUM_PROCESSES:-$(nvidia-smi -L | wc -l)}
+NUM_PROCESSES=${NUM_PROCESSES:-$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)}
 CONFIGS=${CONFIGS:-"multi_gpu fsdp zero2 zero3"}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
@@ -27,10 +27,10 @@ for config in $CONFIGS; do
       extra=(--resume_from_checkpoint "$OUT/$config-whole/checkpoint-2")
     fi
     echo "== $config ($run), $NUM_PROCESSES processes"
-    "${timer[@]}" accelerate launch --config_file "examples/accelerate_configs/$config.yaml" \
+    ${timer[@]+"${timer[@]}"} accelerate launch --config_file "examples/accelerate_configs/$config.yaml" \
       --num_processes "$NUM_PROCESSES" --main_process_port "$port" \
       examples/train_janus.py --output_dir "$OUT/$config-$run" --max_steps 4 --save_steps 2 \
-      --per_device_train_batch_size 4 --compare_scans 16 --picture_steps 2 --disable_tqdm true "${extra[@]}" \
+      --per_device_train_batch_size 4 --compare_scans 16 --picture_steps 2 --disable_tqdm true ${extra[@]+"${extra[@]}"} \
       > "$OUT/$config-$run.log" 2> "$OUT/$config-$run.err" || { tail -40 "$OUT/$config-$run.err"; exit 1; }
     grep -A 8 "Accuracy on" "$OUT/$config-$run.log" || true
     grep "Maximum resident" "$OUT/$config-$run.err" || true
@@ -45,6 +45,7 @@ whole, resumed = sys.argv[1], sys.argv[2]
 for name in ("adapter_model.safetensors", "perturber/model.safetensors"):
     a, b = load_file(f"{whole}/{name}"), load_file(f"{resumed}/{name}")
     assert a.keys() == b.keys(), name
+    assert a, f"{whole}/{name} holds no weights"
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     moved = any(float(a[k].abs().max()) > 0 for k in a if "lora_B" in k) if "adapter" in name else True
     assert moved, f"{whole}/{name}: the adapter did not train"

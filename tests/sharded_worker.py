@@ -183,6 +183,7 @@ def main(engine: str, output_dir: str, update: str, checkpointing: str, resume_f
             "metrics": metrics,
             "fsdp": trainer.is_fsdp_enabled,
             "deepspeed": trainer.is_deepspeed_enabled,
+            "zero_stage": trainer.model_wrapped.zero_optimization_stage() if trainer.is_deepspeed_enabled else None,
             "skipped": [log.get("unigame/skipped_understanding_steps") for log in logs],
             "world": trainer.args.world_size,
         },

@@ -208,10 +208,12 @@ def test_game_under_deepspeed_zero_on_two_cpu_processes(tmp_path, engine, update
     rank0, rank1 = _launch_sharded_worker(engine, tmp_path, port, update, "off", NAN_AT_STEP="1")
     for rank in (rank0, rank1):
         assert rank["deepspeed"] and not rank["fsdp"] and rank["world"] == 2
+        assert rank["zero_stage"] == int(engine[-1])  # the engine runs the stage asked for
         for seen in rank["seen"]:
             # ZeRO-3 partitions every trainable parameter (each process holds half); ZeRO-2 keeps them whole
             assert seen["zero3"] == (engine == "zero3")
-            assert 2 * seen["local_elements"] == seen["full_elements"] if engine == "zero3" else True
+            if engine == "zero3":
+                assert 2 * seen["local_elements"] == seen["full_elements"]
         assert all(mined == 4 for mined in rank["mined"]) and rank["buffer"] > 0  # every step mined, on every rank
         assert rank["metrics"]["eval_clean/vqa_accuracy"] is not None
         checksums = [seen["checksum"] for seen in rank["seen"]]
@@ -254,6 +256,22 @@ def test_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(tmp_path,
     for name, value in whole["perturber"].items():
         assert torch.equal(value, resumed["perturber"][name]), name
     assert resumed["logged"] == whole["logged"]
+
+
+def test_separate_understanding_update_under_deepspeed_is_refused():
+    # the engine steps inside the backward: the separate buffer step could neither clip nor drop a non-finite update
+    from types import SimpleNamespace
+
+    from trl_unigame.game.sharding import check_deepspeed_options
+
+    trainer = SimpleNamespace(is_deepspeed_enabled=True, args=SimpleNamespace(understanding_update="separate"))
+    with pytest.raises(ValueError, match="understanding_update='mixed'"):
+        check_deepspeed_options(trainer)
+    trainer.args.understanding_update = "mixed"
+    check_deepspeed_options(trainer)
+    check_deepspeed_options(
+        SimpleNamespace(is_deepspeed_enabled=False, args=SimpleNamespace(understanding_update="separate"))
+    )
 
 
 def test_fsdp_activation_checkpointing_with_an_adapter_is_refused():

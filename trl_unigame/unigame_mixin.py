@@ -28,7 +28,7 @@ from .game.context import STEP_KEY, StepContext
 from .game.generation_adversary import GenerationAdversary
 from .game.metrics import GameMetrics
 from .game.mining import Miner
-from .game.sharding import check_fsdp_options, full_parameters, reshard, shard_on_cpu
+from .game.sharding import check_deepspeed_options, check_fsdp_options, full_parameters, reshard, shard_on_cpu
 from .game.understanding import HostHooks, UnderstandingPasses, host_metrics_paused, host_normalises_over_window
 from .interfaces import VisualTokenInterface, to_pil_images, unwrap_model
 from .interfaces.base import keep_in_eval
@@ -69,6 +69,7 @@ class UniGameMixin(GameCheckpointing):
         args: UniGameArguments = self.args
         check_one_run_across_processes(args)
         check_fsdp_options(self)
+        check_deepspeed_options(self)
         base = unwrap_model(self.model)
         for module in self.interface.frozen_eval_modules:
             keep_in_eval(module)  # the Trainer's `model.train()` would otherwise reach the frozen VQ model

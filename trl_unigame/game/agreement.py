@@ -7,6 +7,8 @@ DeepSpeed) add their cases here.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -56,7 +58,17 @@ class Agreement:
         this asks it whether the step was applied. Otherwise [`~Agreement.drop_non_finite_gradients`] drops the update
         before the optimizer's step."""
         if hasattr(model, "was_step_applied") and hasattr(model, "zero_optimization_stage"):  # a DeepSpeed engine
-            return not model.was_step_applied()
+            if not model.was_step_applied():
+                return True
+            norm = model.get_global_grad_norm()
+            if norm is not None and not math.isfinite(float(norm)):
+                raise RuntimeError(
+                    "DeepSpeed applied an update whose gradient norm is not finite: this engine configuration does "
+                    "not check for overflow (ZeRO stage 0, `compute_grad_norm: false`, or `bf16.check_grad_overflow: "
+                    "false`). Use ZeRO stage 1-3 with gradient clipping (`max_grad_norm > 0`) and keep the overflow "
+                    "check on, so a non-finite step is skipped."
+                )
+            return False
         return self.drop_non_finite_gradients(model)
 
     @staticmethod

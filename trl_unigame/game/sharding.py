@@ -33,6 +33,40 @@ def parameters_gathered() -> bool:
     return _gathered > 0
 
 
+@contextmanager
+def _zero3_unhooked(engine):
+    """DeepSpeed's `deepspeed.runtime.zero.unwrap_model_for_generation`, made exception-safe: every parameter gathered
+    and the engine's fetch-and-release hooks removed inside; the hooks are registered again on the way out whatever
+    happens inside (DeepSpeed's own version leaves them removed when the body raises, and every later forward would
+    then run on empty partitions)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
+
+
+@contextmanager
+def zero3_gathered(module: torch.nn.Module):
+    """The parameters of `module` whole inside the context when DeepSpeed ZeRO-3 partitioned them (a collective:
+    every process enters together); a no-op otherwise (FSDP2's hooks gather what a forward needs). For code that reads
+    a weight directly rather than through a forward, such as a VQ codebook lookup."""
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned or _gathered:
+        yield module
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        yield module
+
+
 def fsdp2_modules(model: torch.nn.Module) -> list:
     """The FSDP2-sharded modules of `model` (`fully_shard`), outermost first; empty when it is not sharded."""
     if not torch.distributed.is_available():
@@ -84,14 +118,9 @@ def full_parameters(model: torch.nn.Module):
             yield model
             return
         import deepspeed
-        from deepspeed.runtime.zero import unwrap_model_for_generation
 
         # an engine's model, or one that `deepspeed.zero.Init` partitioned at loading, before any engine exists
-        gathered = (
-            unwrap_model_for_generation(engine)
-            if engine is not None
-            else deepspeed.zero.GatheredParameters(partitioned)
-        )
+        gathered = _zero3_unhooked(engine) if engine is not None else deepspeed.zero.GatheredParameters(partitioned)
         with gathered:
             _gathered += 1
             try:
@@ -215,6 +244,24 @@ def shard_on_cpu(trainer) -> bool:
             "`activation_checkpointing` training argument can't both be set to True: use FSDP's."
         )
     return True
+
+
+def check_deepspeed_options(trainer) -> None:
+    """Refuses game settings that DeepSpeed would run wrongly without an error.
+
+    Under DeepSpeed the engine takes the optimizer step inside the backward (accelerate's wrapper), so
+    `understanding_update="separate"`, whose buffer step clips, checks and steps after its own backward, would neither
+    clip nor catch a non-finite update.
+
+    Raises:
+        ValueError: `understanding_update="separate"` under DeepSpeed.
+    """
+    if getattr(trainer, "is_deepspeed_enabled", False) and trainer.args.understanding_update == "separate":
+        raise ValueError(
+            "`understanding_update='separate'` is not supported under DeepSpeed: the engine steps inside the backward, "
+            "so the separate buffer step could neither clip its gradient nor drop a non-finite update. Use "
+            "`understanding_update='mixed'` (the default), or DDP or FSDP2."
+        )
 
 
 def check_fsdp_options(trainer) -> None:

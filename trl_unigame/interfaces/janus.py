@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..game.sharding import full_parameters
+from ..game.sharding import zero3_gathered
 from .base import VisualTokenInterface, register_interface, to_pil_images, unwrap_model
 
 
@@ -158,7 +158,7 @@ class JanusInterface(VisualTokenInterface):
         if pixels.shape[-1] != size:
             pixels = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", antialias=True).to(self.dtype)
         # the frozen VQ encoder reads its codebook's weight directly: under ZeRO-3 its parameters are gathered first
-        with torch.no_grad(), full_parameters(vq):
+        with torch.no_grad(), zero3_gathered(vq):
             targets = vq.encode(pixels * 2 - 1).image_tokens.view(len(pixels), -1)
         prompt_ids, prompt_mask = self._generation_prompt(prompts)
         embeds = torch.cat(
