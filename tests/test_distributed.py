@@ -152,6 +152,20 @@ deepspeed_installed = pytest.mark.skipif(
 )
 
 
+def _check_identical_ranks_and_outputs(tmp_path, rank0, rank1):
+    """The same full weights on both ranks (LoRA gathered from its shards; the replicated perturber), the perturber
+    moved, the final adapter and perturber load back with the trained weights, the pictures were drawn."""
+    assert all("unigame/clean_generation_consistency" in log for log in rank0["logged"][::2])
+    assert len(rank0["params"]) > 0 and all("lora_" in name for name in rank0["params"])
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+    for name, value in rank0["perturber"].items():
+        assert torch.equal(value, rank1["perturber"][name]), name
+    assert rank0["seen"][-1]["perturber"] != rank0["seen"][0]["perturber"]  # the perturber moved
+    _check_final_adapter_and_perturber(tmp_path, rank0)
+    assert (tmp_path / "pictures" / "hard_samples_step2.png").is_file()
+
+
 def _check_final_adapter_and_perturber(tmp_path, rank0):
     from peft import PeftModel
 
@@ -186,16 +200,7 @@ def test_game_under_fsdp2_on_two_cpu_processes(tmp_path, update, checkpointing, 
         assert all(mined == 4 for mined in rank["mined"]) and rank["buffer"] > 0  # every step mined, on every rank
         assert rank["metrics"]["eval_clean/vqa_accuracy"] is not None
     assert rank0["logged"] == rank1["logged"]
-    assert all("unigame/clean_generation_consistency" in log for log in rank0["logged"][::2])
-    # the same full weights on both ranks (LoRA gathered from its shards; the replicated perturber)
-    assert len(rank0["params"]) > 0 and all("lora_" in name for name in rank0["params"])
-    for name, value in rank0["params"].items():
-        assert torch.equal(value, rank1["params"][name]), name
-    for name, value in rank0["perturber"].items():
-        assert torch.equal(value, rank1["perturber"][name]), name
-    assert rank0["seen"][-1]["perturber"] != rank0["seen"][0]["perturber"]  # the perturber moved
-    _check_final_adapter_and_perturber(tmp_path, rank0)  # the final adapter and perturber load back, trained
-    assert (tmp_path / "pictures" / "hard_samples_step2.png").is_file()
+    _check_identical_ranks_and_outputs(tmp_path, rank0, rank1)
     assert (tmp_path / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # a sharded checkpoint
 
 
@@ -222,15 +227,7 @@ def test_game_under_deepspeed_zero_on_two_cpu_processes(tmp_path, engine, update
         assert checksums[1] == checksums[0] and checksums[2] != checksums[1] and checksums[0] != rank["begin"]
         assert rank["skipped"][1] == 2 and not any(rank["skipped"][i] for i in (0, 2, 3))
     assert repr(rank0["logged"]) == repr(rank1["logged"])  # the same logs (repr: step 1's losses are NaN)
-    assert all("unigame/clean_generation_consistency" in log for log in rank0["logged"][::2])
-    assert len(rank0["params"]) > 0 and all("lora_" in name for name in rank0["params"])
-    for name, value in rank0["params"].items():
-        assert torch.equal(value, rank1["params"][name]), name
-    for name, value in rank0["perturber"].items():
-        assert torch.equal(value, rank1["perturber"][name]), name
-    assert rank0["seen"][-1]["perturber"] != rank0["seen"][0]["perturber"]  # the perturber moved
-    _check_final_adapter_and_perturber(tmp_path, rank0)
-    assert (tmp_path / "pictures" / "hard_samples_step2.png").is_file()
+    _check_identical_ranks_and_outputs(tmp_path, rank0, rank1)
     assert (tmp_path / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own (partitioned) checkpoint
 
 
