@@ -86,11 +86,10 @@ def build_model(llm_layers: int, vision_layers: int):
 def worker(engine: str, output_dir: str, llm_layers: int, vision_layers: int, steps: int) -> None:
     import torch
     from peft import LoraConfig
-    from torch.distributed.tensor import DTensor
     from transformers import TrainerCallback
 
     from trl_unigame import UniGameConfig, UniGameTrainer
-    from trl_unigame.testing import cpu_sharding_arguments, tiny_vqa_dataset
+    from trl_unigame.testing import cpu_sharding_arguments, full_elements, local_elements, tiny_vqa_dataset
 
     model, processor = build_model(llm_layers, vision_layers)
     sampler = RssSampler()
@@ -101,15 +100,7 @@ def worker(engine: str, output_dir: str, llm_layers: int, vision_layers: int, st
             sampler.start()
 
         def on_step_end(self, args, state, control, **kwargs):
-            total = 0
-            for p in trainer.model.parameters():
-                if isinstance(p, DTensor):
-                    total += p.to_local().numel() * p.element_size()
-                elif hasattr(p, "ds_tensor"):
-                    total += p.ds_tensor.numel() * p.element_size()
-                else:
-                    total += p.numel() * p.element_size()
-            held["parameter_bytes"] = total
+            held["parameter_bytes"] = sum(local_elements(p) * p.element_size() for p in trainer.model.parameters())
 
     args = UniGameConfig(
         output_dir=output_dir,
@@ -162,10 +153,7 @@ def worker(engine: str, output_dir: str, llm_layers: int, vision_layers: int, st
         "peak_rss_step": sampler.peaks.get("step", 0),
         "peak_rss_mining": sampler.peaks.get("mining", 0),
         "parameter_bytes": held.get("parameter_bytes"),
-        "full_parameter_bytes": sum(
-            (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size()
-            for p in trainer.model.parameters()
-        ),
+        "full_parameter_bytes": sum(full_elements(p) * p.element_size() for p in trainer.model.parameters()),
         "seconds_per_step": seconds / steps,
         "mined": [log.get("unigame/mined") for log in trainer.state.log_history if "loss" in log],
     }

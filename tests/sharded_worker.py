@@ -17,24 +17,11 @@ import torch
 from peft import LoraConfig
 from transformers import TrainerCallback
 
+from trl_unigame.testing import full_elements, local_elements
+
 
 def trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def local_elements(p):
-    """Elements of `p` this process holds: its DTensor shard (FSDP2), its ZeRO-3 partition, or all of it."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(p, DTensor):
-        return p.to_local().numel()
-    if hasattr(p, "ds_tensor"):
-        return p.ds_tensor.numel()
-    return p.numel()
-
-
-def full_elements(p):
-    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
 
 def full_trainable_weights(model):

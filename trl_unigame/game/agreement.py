@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from .sharding import is_deepspeed_engine
+
 
 class Agreement:
     """The collectives the game needs, through the host's `accelerate.Accelerator`.
@@ -57,7 +59,7 @@ class Agreement:
         norm is not finite itself, on every process (its gradients live in the engine's partitions, not in `p.grad`):
         this asks it whether the step was applied. Otherwise [`~Agreement.drop_non_finite_gradients`] drops the update
         before the optimizer's step."""
-        if hasattr(model, "was_step_applied") and hasattr(model, "zero_optimization_stage"):  # a DeepSpeed engine
+        if is_deepspeed_engine(model):
             if not model.was_step_applied():
                 return True
             norm = model.get_global_grad_norm()

@@ -10,8 +10,8 @@ Three things accelerate does not do for the game:
   backend and one process, so every process would train alone. [`complete_deepspeed_on_cpu`] records the group that
   DeepSpeed started, so ZeRO shards across the processes as on GPUs.
 - Under FSDP2 (and DeepSpeed ZeRO-3) each process holds a shard of every parameter, gathered by hooks around the
-  forward of each sharded module. The game calls submodules directly (mining's generation loop, the pictures' answers, the evaluator), and
-  processes may make different numbers of such calls (uneven evaluation rows, one process drawing pictures).
+  forward of each sharded module. The game calls submodules directly (mining's generation loop, the pictures'
+  answers, the evaluator), and processes may make different numbers of such calls (uneven evaluation rows, one process drawing pictures).
   [`full_parameters`] gathers every parameter once, for all processes together, and keeps them gathered without a
   collective until it exits, as TRL's `unwrap_model_for_generation` does for sharded engines.
 """
@@ -57,7 +57,7 @@ def zero3_gathered(module: torch.nn.Module):
     """The parameters of `module` whole inside the context when DeepSpeed ZeRO-3 partitioned them (a collective:
     every process enters together); a no-op otherwise (FSDP2's hooks gather what a forward needs). For code that reads
     a weight directly rather than through a forward, such as a VQ codebook lookup."""
-    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    partitioned = _zero3_partitioned(module)
     if not partitioned or _gathered:
         yield module
         return
@@ -65,6 +65,11 @@ def zero3_gathered(module: torch.nn.Module):
 
     with deepspeed.zero.GatheredParameters(partitioned):
         yield module
+
+
+def _zero3_partitioned(module: torch.nn.Module) -> list:
+    """The parameters of `module` that DeepSpeed ZeRO-3 partitioned (an engine, or `deepspeed.zero.Init`)."""
+    return [p for p in module.parameters() if hasattr(p, "ds_id")]
 
 
 def fsdp2_modules(model: torch.nn.Module) -> list:
@@ -76,22 +81,19 @@ def fsdp2_modules(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def deepspeed_zero3_engine(model: torch.nn.Module):
-    """The DeepSpeed engine of `model` when it trains under ZeRO stage 3 (parameters partitioned), else `None`.
-    `model` is the engine itself (`trainer.model_wrapped`) or the module it wraps, whose parameters then carry
-    ZeRO-3's partition attributes but no link to the engine: pass the engine."""
-    engine_type = _deepspeed_engine_type()
-    if engine_type is None or not isinstance(model, engine_type):
-        return None
-    return model if model.zero_optimization_stage() == 3 else None
-
-
-def _deepspeed_engine_type():
-    """DeepSpeed's engine class when DeepSpeed is imported (an engine exists only then), without importing it."""
+def is_deepspeed_engine(model) -> bool:
+    """Whether `model` is a DeepSpeed engine (`trainer.model_wrapped` under DeepSpeed), without importing DeepSpeed
+    (an engine exists only once it is imported)."""
     import sys
 
-    deepspeed = sys.modules.get("deepspeed")
-    return getattr(deepspeed, "DeepSpeedEngine", None)
+    engine_type = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)
+    return engine_type is not None and isinstance(model, engine_type)
+
+
+def deepspeed_zero3_engine(model: torch.nn.Module):
+    """`model` when it is a DeepSpeed engine training under ZeRO stage 3 (parameters partitioned), else `None`. The
+    module an engine wraps carries ZeRO-3's partition attributes but no link to the engine: pass the engine."""
+    return model if is_deepspeed_engine(model) and model.zero_optimization_stage() == 3 else None
 
 
 @contextmanager
@@ -102,26 +104,22 @@ def full_parameters(model: torch.nn.Module):
       enter together). Inside, forwards and backwards neither re-gather, reshard nor reduce gradients, so processes
       may call any submodule any number of times, independently. Exiting reshards and restores each module's
       settings.
-    - DeepSpeed ZeRO-3 (pass the engine, `trainer.model_wrapped`): DeepSpeed's own
-      `deepspeed.runtime.zero.unwrap_model_for_generation`, which gathers every parameter and removes the engine's
-      fetch-and-release hooks until it exits (every process must enter together). A model that `deepspeed.zero.Init`
-      partitioned while loading, before an engine exists: `deepspeed.zero.GatheredParameters` over its parameters.
+    - DeepSpeed ZeRO-3 (pass the engine, `trainer.model_wrapped`): every parameter gathered and the engine's
+      fetch-and-release hooks removed until it exits, as DeepSpeed's `unwrap_model_for_generation` does, but with the
+      hooks put back even when the body raises (every process must enter together). A model that
+      `deepspeed.zero.Init` partitioned while loading, before an engine exists: [`zero3_gathered`].
 
     Memory: the whole model is held on each process inside the context. Nested inside another such context, it
     leaves the parameters gathered.
     """
     global _gathered
     engine = deepspeed_zero3_engine(model)
-    partitioned = [] if engine is not None else [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if engine is not None or partitioned:
+    if engine is not None or _zero3_partitioned(model):
         if _gathered:
             yield model
             return
-        import deepspeed
-
         # an engine's model, or one that `deepspeed.zero.Init` partitioned at loading, before any engine exists
-        gathered = _zero3_unhooked(engine) if engine is not None else deepspeed.zero.GatheredParameters(partitioned)
-        with gathered:
+        with _zero3_unhooked(engine) if engine is not None else zero3_gathered(model):
             _gathered += 1
             try:
                 yield model

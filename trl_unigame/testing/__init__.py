@@ -31,12 +31,14 @@ from .janus import (
     tiny_janus_config,
     tiny_janus_processor,
 )
-from .sharding import SHARDING_ENGINES, cpu_sharding_arguments
+from .sharding import SHARDING_ENGINES, cpu_sharding_arguments, full_elements, local_elements
 
 
 __all__ = [
     "SHARDING_ENGINES",
     "cpu_sharding_arguments",
+    "full_elements",
+    "local_elements",
     "BOI_TOKEN",
     "CHAT_TEMPLATE",
     "COLORS",

@@ -43,3 +43,19 @@ def cpu_sharding_arguments(engine: str) -> dict:
     }
     # Not `use_cpu`: accelerate takes DeepSpeed's path only without it; DeepSpeed finds no GPU and uses its CPU one.
     return dict(ddp_backend="gloo", deepspeed=config)
+
+
+def local_elements(param) -> int:
+    """Elements of `param` this process holds: its DTensor shard (FSDP2), its ZeRO-3 partition, or all of it."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        return param.to_local().numel()
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor.numel()
+    return param.numel()
+
+
+def full_elements(param) -> int:
+    """Elements of `param` whole, however it is sharded."""
+    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
