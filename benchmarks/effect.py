@@ -93,6 +93,10 @@ METHODS = {
     # on the decoded samples alone (no perturbed tokens, the paper's features-only perturber).
     "unigame-gradient-perturbed-genadv": dict(GRADIENT_PERTURBED, generation_adversary="reinforce"),
     "decoded-genadv": dict(UNIGAME, generation_adversary="reinforce", perturbed_weight=0.0),
+    # The same option rewarding faithful candidates only (hardness against the prompt's faithful mean).
+    "unigame-gradient-perturbed-genadv-faithful": dict(
+        GRADIENT_PERTURBED, generation_adversary="reinforce", generation_adversary_reward="faithful"
+    ),
     # The validation sweep to buy back clean accuracy (docs/benchmarks.md): the perturbed tokens weighted 0.25, a
     # 5% understanding budget (half the game's), and the 5% budget with beta 0.1.
     "unigame-gradient-perturbed-w0.25": dict(GRADIENT_PERTURBED, perturbed_weight=0.25),

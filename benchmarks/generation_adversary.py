@@ -48,7 +48,11 @@ SETTINGS = dict(
     buffer_max_age=None,
 )
 SETTINGS.pop("max_steps")
-SETTINGS_BY_NAME = {"off": dict(generation_adversary="none"), "on": dict(generation_adversary="reinforce")}
+SETTINGS_BY_NAME = {
+    "off": dict(generation_adversary="none"),
+    "on": dict(generation_adversary="reinforce"),
+    "faithful": dict(generation_adversary="reinforce", generation_adversary_reward="faithful"),
+}
 
 
 class RecordingJudge:
@@ -128,8 +132,13 @@ def run(name: str, args, judge, dataset) -> dict:
             max_steps=args.steps,
             seed=args.seed,
             data_seed=args.seed,
-            **{**SETTINGS, "per_device_train_batch_size": args.batch_size, "num_candidates": args.num_candidates},
-            **SETTINGS_BY_NAME[name],
+            **{
+                **SETTINGS,
+                "per_device_train_batch_size": args.batch_size,
+                "num_candidates": args.num_candidates,
+                **SETTINGS_BY_NAME[name],
+                **args.set,
+            },
         )
         trainer = UniGameTrainer(
             model,
@@ -161,6 +170,7 @@ def run(name: str, args, judge, dataset) -> dict:
     train = split_scan_indices("train")
     kept_scans = judge.read(kept_pixels)[0] if kept else np.zeros((0, 8, 8))
     logs = [log for log in trainer.state.log_history if "unigame/mined" in log]
+    faithful_h = [log["unigame/faithful_hardness"] for log in logs if "unigame/faithful_hardness" in log]
     return {
         "setting": name,
         "steps": args.steps,
@@ -173,11 +183,23 @@ def run(name: str, args, judge, dataset) -> dict:
         "faithful_and_misread_fraction": float((faithful & wrong).mean()),
         "kept_faithful_and_misread_fraction": float((kept_faithful & kept_wrong).mean()) if kept else float("nan"),
         "diversity": diversity(kept_scans, kept_digits, scans[train], labels[train]) if kept else {},
+        "faithful_hardness": float(np.mean(faithful_h)) if faithful_h else float("nan"),
+        "faithful_hardness_late": float(np.mean(faithful_h[len(faithful_h) // 2 :])) if faithful_h else float("nan"),
         "generation_eps_last": logs[-1].get("unigame/generation_eps") if logs else None,
         "generation_reward_mean": float(np.mean([log.get("unigame/generation_reward_mean", np.nan) for log in logs]))
         if logs
         else None,
     }
+
+
+def _parse_setting(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def main(argv=None):
@@ -190,15 +212,23 @@ def main(argv=None):
     parser.add_argument("--num_candidates", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--settings", nargs="+", default=["off", "on"], choices=list(SETTINGS_BY_NAME))
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="UniGameConfig fields for every setting, e.g. perturber_generation_eps_max=0.2 (values read as JSON).",
+    )
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
+    args.set = dict(_parse_setting(item) for item in args.set)
 
     judge = DigitJudge()
     dataset = digits_vqa_dataset("train", skills=("digit",), seed=args.seed)
     results = [run(name, args, judge, dataset) for name in args.settings]
     header = (
         f"{'setting':>8} {'s/step':>7} {'mined':>6} {'kept':>5} {'kept H':>7} {'faithful':>8} {'F&misread':>9} "
-        f"{'kept F&M':>8} {'offset':>7} {'disp':>6} {'(scans)':>7} {'spread':>6} {'(scans)':>7}"
+        f"{'kept F&M':>8} {'F H':>6} {'F H late':>8} {'offset':>7} {'disp':>6} {'(scans)':>7} {'spread':>6} {'(scans)':>7}"
     )
     print(f"{args.steps} steps per setting, batch {args.batch_size}, K {args.num_candidates}, U frozen; CPU")
     print(header)
@@ -207,7 +237,8 @@ def main(argv=None):
         print(
             f"{r['setting']:>8} {r['seconds_per_step']:>7.2f} {r['mined']:>6} {r['kept']:>5} "
             f"{r['kept_hardness']:>7.3f} {r['faithful_fraction']:>8.1%} {r['faithful_and_misread_fraction']:>9.1%} "
-            f"{r['kept_faithful_and_misread_fraction']:>8.1%} {d.get('centroid_offset', float('nan')):>7.3f} "
+            f"{r['kept_faithful_and_misread_fraction']:>8.1%} {r['faithful_hardness']:>6.3f} "
+            f"{r['faithful_hardness_late']:>8.3f} {d.get('centroid_offset', float('nan')):>7.3f} "
             f"{d.get('centroid_dispersion', float('nan')):>6.3f} {d.get('train_centroid_dispersion', float('nan')):>7.3f} "
             f"{d.get('ink_spread', float('nan')):>6.3f} {d.get('train_ink_spread', float('nan')):>7.3f}"
         )

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig
 
 from trl_unigame import Perturber, UniGameConfig, UniGameTrainer, get_interface
-from trl_unigame.game.generation_adversary import candidate_advantages, candidate_rewards
+from trl_unigame.game.generation_adversary import candidate_advantages, candidate_rewards, faithful_advantages
 from trl_unigame.testing import tiny_emu3, tiny_janus, tiny_llava
 
 
@@ -22,6 +22,7 @@ NEW_METRICS = (
     "unigame/generation_eps",
     "unigame/generation_realized_delta_norm",
     "unigame/faithful_fraction",
+    "unigame/faithful_hardness",
     "unigame/kept_hardness",
     "unigame/skipped_generation_adversary_steps",
 )
@@ -144,6 +145,58 @@ def test_rewards_gate_hardness_by_faithfulness_and_advantages_centre_per_prompt(
     normalised = candidate_advantages(rewards, num_candidates=2, normalize=True)
     assert normalised.std(unbiased=False) == pytest.approx(1.0, abs=1e-5)
     assert candidate_advantages(torch.full((4,), -1.0), 2, normalize=True).abs().max() == 0
+
+
+def test_faithful_advantages_leave_out_unfaithful_candidates_and_lone_faithful_ones():
+    hardness = torch.tensor([3.0, 1.0, 9.0, 2.0, 7.0, 8.0, 4.0, 6.0, 5.0])
+    consistency = torch.tensor([0.9, 0.9, 0.1, 0.9, 0.1, 0.1, 0.9, 0.9, 0.9])
+    faithful = consistency >= 0.5
+    advantages = faithful_advantages(hardness, faithful, num_candidates=3, normalize=False)
+    # prompt 0: the faithful pair against its own mean (2), the hard unfaithful one left out; prompt 1: one faithful
+    # candidate, nothing to compare it with; prompt 2: all three against their mean (5)
+    assert advantages.tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 1.0, 0.0]
+    normalised = faithful_advantages(hardness, faithful, num_candidates=3, normalize=True)
+    taking_part = torch.tensor([True, True, False, False, False, False, True, True, True])
+    assert normalised[taking_part].std(unbiased=False) == pytest.approx(1.0, abs=1e-5)
+    assert normalised[~taking_part].abs().max() == 0
+    assert faithful_advantages(hardness, torch.zeros(9, dtype=torch.bool), 3, normalize=True).abs().max() == 0
+
+
+def test_faithful_reward_moves_probability_between_faithful_candidates_only(tmp_path, vqa, clip_scorer):
+    trainer = game_trainer(
+        "janus",
+        tmp_path,
+        vqa,
+        clip_scorer,
+        num_candidates=3,
+        consistency_threshold=0.0,
+        generation_adversary_reward="faithful",
+        generation_adversary_learning_rate=1e-3,
+    )
+    trainer.model.eval()
+    adversary, interface = trainer.generation_adversary, trainer.interface
+    prompts = ["A red circle."]
+    with torch.no_grad(), trainer.perturber.active():
+        _, tokens = interface.generate_images(
+            prompts,
+            num_images=3,
+            guidance_scale=GUIDANCE,
+            temperature=TEMPERATURE,
+            generator=torch.Generator().manual_seed(0),
+            return_tokens=True,
+        )
+        before = adversary.log_probs(prompts, tokens)
+    # faithful and hard, faithful and easy, unfaithful and hardest: the gated reward would push the third down (its
+    # penalty), the faithful one leaves it out, so only the first two candidates' probabilities drive the step
+    hardness, consistency = torch.tensor([3.0, 1.0, 9.0]), torch.tensor([1.0, 1.0, -1.0])
+    advantages = faithful_advantages(hardness, consistency >= 0.0, 3, normalize=True)
+    assert advantages[2] == 0 and advantages[0] > 0 > advantages[1]
+    adversary.step(prompts, tokens, hardness, consistency, step=0)
+    with torch.no_grad():
+        after = adversary.log_probs(prompts, tokens)
+    assert after[0] - after[1] > before[0] - before[1], (before, after)
+    logged = trainer.game_metrics.reduce()
+    assert logged["unigame/generation_reward_mean"] == pytest.approx(2.0)  # the faithful candidates' mean H
 
 
 def test_one_update_follows_the_advantages_and_touches_only_the_perturber(tmp_path, vqa, clip_scorer):
@@ -296,6 +349,7 @@ def test_resume_with_the_option_from_a_checkpoint_without_it_is_refused(tmp_path
         (dict(perturber_sites=["understanding"]), r"add 'generation' to `perturber_sites`"),
         (dict(generation_adversary_learning_rate=0.0), r"`generation_adversary_learning_rate` must be > 0"),
         (dict(generation_adversary_penalty=0.5), r"`generation_adversary_penalty` must be a finite number <= 0"),
+        (dict(generation_adversary_reward="clip"), r"`generation_adversary_reward` must be one of \['gated', 'faithful'\]"),
     ],
 )
 def test_config_refuses_what_the_option_cannot_use(tmp_path, overrides, match):

@@ -14,6 +14,7 @@ from .selection import SELECTION_RULES
 
 UNDERSTANDING_UPDATES = ("mixed", "separate")
 GENERATION_ADVERSARIES = ("none", "reinforce")
+GENERATION_ADVERSARY_REWARDS = ("gated", "faithful")
 
 
 @dataclass
@@ -144,6 +145,14 @@ class UniGameArguments:
             candidate is a cross-entropy (at least 0), so an unfaithful candidate never earns more than a faithful
             one; below 0 it earns less than the easiest faithful one, which steers the perturber away from breaking
             the drawing.
+        generation_adversary_reward (`str`, *optional*, defaults to `"gated"`):
+            What the generation-side adversary rewards. `"gated"`: every candidate takes part, a faithful one earns
+            its hardness `H`, an unfaithful one `generation_adversary_penalty`, and the baseline is the mean reward of
+            the prompt's candidates; the step then mostly separates faithful from unfaithful drawings. `"faithful"`:
+            only faithful candidates take part, each with its hardness minus the mean hardness of the faithful
+            candidates of the same prompt (a prompt with fewer than two faithful candidates gives no update, and
+            `generation_adversary_penalty` is not used); the step moves probability towards the harder of the
+            drawings the consistency scorer accepts.
         generation_adversary_normalize (`bool`, *optional*, defaults to `True`):
             Divide the advantages of a round by their standard deviation (over the round's candidates on each
             process), so the step's size does not follow the scale of the losses.
@@ -293,6 +302,13 @@ class UniGameArguments:
     generation_adversary_penalty: float = field(
         default=-1.0, metadata={"help": "Reward of an unfaithful candidate (consistency below the threshold); <= 0."}
     )
+    generation_adversary_reward: str = field(
+        default="gated",
+        metadata={
+            "help": "gated: hardness if faithful, else the penalty, against the prompt's mean; faithful: faithful "
+            "candidates only, hardness against the mean of the prompt's faithful candidates."
+        },
+    )
     generation_adversary_normalize: bool = field(
         default=True, metadata={"help": "Divide a round's advantages by their standard deviation."}
     )
@@ -435,6 +451,11 @@ class UniGameArguments:
             raise ValueError(
                 f"`generation_adversary` must be one of {list(GENERATION_ADVERSARIES)}, got "
                 f"{self.generation_adversary!r}."
+            )
+        if self.generation_adversary_reward not in GENERATION_ADVERSARY_REWARDS:
+            raise ValueError(
+                f"`generation_adversary_reward` must be one of {list(GENERATION_ADVERSARY_REWARDS)}, got "
+                f"{self.generation_adversary_reward!r}."
             )
         if not self.generation_adversary_learning_rate > 0:
             raise ValueError(

@@ -38,18 +38,51 @@ def candidate_advantages(rewards: torch.Tensor, num_candidates: int, normalize: 
     each, as generated), divided by the standard deviation of the advantages with `normalize`."""
     grouped = rewards.view(-1, num_candidates)
     advantages = (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
-    if normalize:
-        advantages = advantages / (advantages.std(unbiased=False) + ADVANTAGE_STD_EPS)
-    return advantages
+    return _normalized(advantages, advantages.new_ones(advantages.shape, dtype=torch.bool)) if normalize else advantages
+
+
+def faithful_advantages(
+    hardness: torch.Tensor, faithful: torch.Tensor, num_candidates: int, normalize: bool
+) -> torch.Tensor:
+    """`H - mean H of the faithful candidates of the same prompt` for each faithful candidate whose prompt has at
+    least two faithful candidates; 0 for every other candidate (an unfaithful one, or the only faithful one of its
+    prompt), which the update then leaves out. With `normalize`, divided by the standard deviation over the
+    candidates that take part.
+
+    Args:
+        hardness (`torch.Tensor`): `H` of each candidate, `(N,)`, grouped by prompt (`num_candidates` each).
+        faithful (`torch.Tensor`): Whether each candidate reaches `consistency_threshold`, boolean `(N,)`.
+        num_candidates (`int`): Candidates per prompt.
+        normalize (`bool`): Divide by the standard deviation of the advantages taking part.
+
+    Returns:
+        `torch.Tensor`: float32 advantages `(N,)`.
+    """
+    h = hardness.detach().float().cpu().view(-1, num_candidates)
+    mask = faithful.detach().cpu().bool().view(-1, num_candidates)
+    count = mask.sum(dim=1, keepdim=True)
+    mean = torch.where(mask, h, torch.zeros_like(h)).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    taking_part = mask & (count >= 2)
+    advantages = torch.where(taking_part, h - mean, torch.zeros_like(h)).flatten()
+    return _normalized(advantages, taking_part.flatten()) if normalize else advantages
+
+
+def _normalized(advantages: torch.Tensor, taking_part: torch.Tensor) -> torch.Tensor:
+    """`advantages / (std over the candidates taking part + eps)`; all 0 when none take part."""
+    if not bool(taking_part.any()):
+        return advantages
+    return advantages / (advantages[taking_part].std(unbiased=False) + ADVANTAGE_STD_EPS)
 
 
 class GenerationAdversary:
     """The perturber's step at the generation site: REINFORCE on the candidates a mining round has just decoded and
     scored.
 
-    Each candidate's reward is its hardness for U when it is faithful (consistency at least `consistency_threshold`),
-    else `generation_adversary_penalty`; its advantage is the reward minus the mean reward of the candidates of the
-    same prompt (optionally normalised). The loss `-mean(advantage * log p(tokens))` takes the log-probability of each
+    With `generation_adversary_reward="gated"`, each candidate's reward is its hardness for U when it is faithful
+    (consistency at least `consistency_threshold`), else `generation_adversary_penalty`, and its advantage is the
+    reward minus the mean reward of the candidates of the same prompt. With `"faithful"`, only faithful candidates
+    take part: each one's advantage is its hardness minus the mean hardness of the faithful candidates of the same
+    prompt (a prompt with fewer than two faithful candidates gives none). Advantages are optionally normalised. The loss `-mean(advantage * log p(tokens))` takes the log-probability of each
     candidate's sampled image tokens from one teacher-forced pass with the perturbation active at the generation site
     and the sampling's guidance and temperature; its gradient is taken for the perturber's parameters only
     (`torch.autograd.grad`), so U's weights and every `.grad` the trainer accumulates stay as they are. The step uses
@@ -105,7 +138,12 @@ class GenerationAdversary:
         rewards, faithful = candidate_rewards(
             hardness, consistency, args.consistency_threshold, args.generation_adversary_penalty
         )
-        advantages = candidate_advantages(rewards, args.num_candidates, args.generation_adversary_normalize)
+        if args.generation_adversary_reward == "faithful":
+            advantages = faithful_advantages(
+                hardness, faithful, args.num_candidates, args.generation_adversary_normalize
+            )
+        else:
+            advantages = candidate_advantages(rewards, args.num_candidates, args.generation_adversary_normalize)
         params = list(self.perturber.parameters())
         log_probs = self.log_probs(prompts, tokens)
         with torch.enable_grad():
@@ -122,8 +160,11 @@ class GenerationAdversary:
         if averaged is not None:
             self._apply(params, averaged)
             self.metrics.add("unigame/generation_adversary_loss", float(loss.detach()))
-        self.metrics.add("unigame/generation_reward_mean", float(rewards.mean()))
-        self.metrics.add("unigame/generation_reward_std", float(rewards.std(unbiased=False)))
+        if args.generation_adversary_reward == "faithful":
+            rewards = hardness.detach().float().cpu()[faithful]  # the rewards that take part: faithful hardness
+        if len(rewards):
+            self.metrics.add("unigame/generation_reward_mean", float(rewards.mean()))
+            self.metrics.add("unigame/generation_reward_std", float(rewards.std(unbiased=False)))
         self.metrics.add("unigame/generation_eps", float(self.perturber.site_eps_tensor("generation").detach()))
 
     def _apply(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None:

@@ -189,6 +189,8 @@ class Miner:
             self.metrics.add("unigame/consistency", float(consistency.mean()))
             faithful = (consistency >= args.consistency_threshold).float()
             self.metrics.add("unigame/faithful_fraction", float(faithful.mean()))
+            if bool(faithful.any()):
+                self.metrics.add("unigame/faithful_hardness", float(h[faithful.bool()].mean()))
         if len(keep):
             self.metrics.add("unigame/kept_hardness", float(h[keep].mean()))
         self._note_empty_round(kept=len(keep), consistency=consistency, step=step)
