@@ -112,12 +112,16 @@ def sampled_with_log_probs(interface, prompts, num_images, seed=0):
     return tokens, expected
 
 
+@pytest.mark.parametrize("row_scales", [None, [6.0, 0.5]], ids=["one-budget", "row-scales"])
 @pytest.mark.parametrize("family", ["janus", "emu3"])
-def test_teacher_forced_log_probs_equal_the_sampling_distribution(family):
+def test_teacher_forced_log_probs_equal_the_sampling_distribution(family, row_scales):
     model, processor = BUILDERS[family](seed=0)
     model.eval()
     interface = get_interface(model, processor)
-    perturber = Perturber.for_model(model, sites=["generation"], eps_max=0.5, eps_init=0.4).attach(model)
+    site_budgets = None if row_scales is None else {"generation": {"row_scales": row_scales}}
+    perturber = Perturber.for_model(
+        model, sites=["generation"], eps_max=0.5, eps_init=0.4, site_budgets=site_budgets
+    ).attach(model)
     prompts = ["A red circle.", "A small blue square on the left."]  # different lengths: left padding
     kwargs = dict(num_images=2, guidance_scale=GUIDANCE, temperature=TEMPERATURE)
     with perturber.active():
@@ -133,6 +137,40 @@ def test_teacher_forced_log_probs_equal_the_sampling_distribution(family):
     assert (clean - teacher_forced).abs().max() > 1e-3
     with pytest.raises(ValueError, match="Greedy"):
         interface.image_token_log_probs(prompts, tokens, num_images=2, temperature=0.0)
+
+
+@pytest.mark.parametrize("family", ["janus", "emu3"])
+def test_row_scales_multiply_the_generation_budget_row_by_row(family):
+    model, processor = BUILDERS[family](seed=0)
+    model.eval()
+    interface = get_interface(model, processor)
+    perturber = Perturber.for_model(
+        model, sites=["generation"], eps_max=0.5, eps_init=0.4, site_budgets={"generation": {"row_scales": [3.0, 0.5]}}
+    ).attach(model)
+    eps = float(perturber.site_eps_tensor("generation").detach())
+    prompts, kwargs = ["A red circle."], dict(num_images=2, guidance_scale=GUIDANCE, temperature=TEMPERATURE)
+    with perturber.active(), perturber.recording() as deltas:
+        _, tokens = interface.generate_images(
+            prompts, **kwargs, generator=torch.Generator().manual_seed(0), return_tokens=True
+        )
+    # the loop embeds every sampled token, one at a time (conditional and unconditional rows): each delta's norm is
+    # eps times the factor of the token's grid row (absolute budget)
+    per_row = len(tokens[0]) // interface.generation_grid()  # Emu3's rows end with an end-of-line token
+    fed_visual = [i for i in range(tokens.shape[1]) if family == "janus" or (i + 1) % per_row]
+    norms = [float(d.norm(dim=-1).mean()) for d in deltas]
+    assert len(norms) == len(fed_visual)
+    expected = [eps * ([3.0, 0.5] + [1.0] * 99)[i // per_row] for i in fed_visual]
+    assert norms == pytest.approx(expected, rel=1e-4)
+    with perturber.recording() as deltas, torch.no_grad():
+        interface.image_token_log_probs(prompts, tokens, **kwargs)  # the teacher-forced pass: every row at once
+    (delta,) = deltas
+    assert sorted({round(float(n) / eps, 3) for n in delta.norm(dim=-1).flatten()}) == [0.5, 1.0, 3.0]
+    # outside image generation (no grid rows) the site's budget is the plain one
+    ids = tokens[:, :3] if family == "janus" else None
+    if ids is not None:
+        with perturber.recording() as deltas, torch.no_grad():
+            model.prepare_embeddings_for_image_generation(ids)
+        assert float(deltas[0].norm(dim=-1).max()) == pytest.approx(eps, rel=1e-4)
 
 
 def test_rewards_gate_hardness_by_faithfulness_and_advantages_centre_per_prompt():
@@ -349,6 +387,7 @@ def test_resume_with_the_option_from_a_checkpoint_without_it_is_refused(tmp_path
         (dict(perturber_sites=["understanding"]), r"add 'generation' to `perturber_sites`"),
         (dict(generation_adversary_learning_rate=0.0), r"`generation_adversary_learning_rate` must be > 0"),
         (dict(generation_adversary_penalty=0.5), r"`generation_adversary_penalty` must be a finite number <= 0"),
+        (dict(perturber_generation_row_scales=[2.0, 0.0]), r"`perturber_generation_row_scales` must be None or a"),
         (dict(generation_adversary_reward="clip"), r"`generation_adversary_reward` must be one of \['gated', 'faithful'\]"),
     ],
 )

@@ -111,6 +111,9 @@ def test_hidden_size_mismatch_names_both_sizes(janus):
         (dict(hidden_size=8, eps_init=0.5), "eps_init"),
         (dict(hidden_size=8, depth=0), "depth"),
         (dict(hidden_size=8, sites=["vision"]), "sites"),
+        (dict(hidden_size=8, site_budgets={"understanding": {"row_scales": [2.0]}}), r"unknown keys \['row_scales'\]"),
+        (dict(hidden_size=8, site_budgets={"generation": {"row_scales": [2.0, -1.0]}}), "finite numbers > 0"),
+        (dict(hidden_size=8, site_budgets={"generation": {"row_scales": 2.0}}), "a factor per row"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -241,12 +244,17 @@ def test_each_site_uses_its_own_budget():
 def test_budget_mode_and_site_budgets_survive_save_and_load(tmp_path, janus):
     model, _ = janus
     perturber = Perturber.for_model(
-        model, budget="relative", eps_max=0.05, eps_init=0.02, site_budgets={"generation": {"budget": "absolute"}}
+        model,
+        budget="relative",
+        eps_max=0.05,
+        eps_init=0.02,
+        site_budgets={"generation": {"budget": "absolute", "row_scales": [4, 2]}},
     )
     perturber.save_pretrained(tmp_path / "p")
     loaded = Perturber.from_pretrained(tmp_path / "p")
     assert loaded.config.budget == "relative"
     assert loaded.config.site_budget("generation") == ("absolute", 0.0, 0.05)
+    assert loaded.config.row_scales("generation") == [4.0, 2.0] and loaded.config.row_scales("understanding") is None
     tokens = _tokens_of_norm(7.0, shape=(2, loaded.config.hidden_size))
     torch.testing.assert_close(loaded.delta(tokens), perturber.delta(tokens))
     assert "token's norm" in (tmp_path / "p" / "README.md").read_text()

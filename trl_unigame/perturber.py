@@ -16,6 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin
 from torch import nn
 
 from .interfaces import get_interface
+from .interfaces.generation import current_generation_rows
 
 
 PERTURBER_SITES = ("understanding", "generation")
@@ -62,7 +63,11 @@ class PerturberConfig:
             Per-site overrides, e.g. `{"generation": {"budget": "absolute", "eps_max": 0.02, "eps_min": 0.0}}`. A site
             not named uses `budget`, `eps_min`, `eps_max`. Every site shares the learnable fraction `sigmoid(rho)` of
             its own range `[eps_min, eps_max]`. The sites of a unified model can differ by an order of magnitude in
-            token norm (for example, Janus's aligner output versus its generation aligner output).
+            token norm (for example, Janus's aligner output versus its generation aligner output). The generation
+            site also takes `row_scales`, a list of positive factors on its budget for the first rows of the generated
+            token grid (`[4.0]`: four times the budget on the first row; later rows 1): the first rows decide where
+            the drawing starts, so a larger budget there lets the perturbation move it. Outside image generation (no
+            grid rows known) the factor is 1.
         inputs (`str`, *optional*, defaults to `"features"`):
             What the MLP reads per token. `"features"`: the visual token alone (the paper, the authors' code): the
             perturber can only learn a perturbation shared by every image. `"features_and_gradient"`: the token and
@@ -114,16 +119,31 @@ class PerturberConfig:
         for site, override in (self.site_budgets or {}).items():
             if site not in PERTURBER_SITES:
                 raise ValueError(f"`site_budgets` names an unknown site {site!r}; sites: {list(PERTURBER_SITES)}.")
-            unknown = set(override) - {"budget", "eps_min", "eps_max"}
+            allowed = {"budget", "eps_min", "eps_max"} | ({"row_scales"} if site == "generation" else set())
+            unknown = set(override) - allowed
             if unknown:
                 raise ValueError(
-                    f"`site_budgets[{site!r}]` has unknown keys {sorted(unknown)}: use budget, eps_min, eps_max."
+                    f"`site_budgets[{site!r}]` has unknown keys {sorted(unknown)}: use {', '.join(sorted(allowed))}."
                 )
+            if "row_scales" in override:
+                scales = override["row_scales"]
+                if isinstance(scales, (int, float)) or not all(
+                    isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scales
+                ):
+                    raise ValueError(
+                        f"`site_budgets['generation']['row_scales']` must be a list of finite numbers > 0 (a factor "
+                        f"per row of the generated token grid, e.g. [4.0]), got {scales!r}."
+                    )
+                override["row_scales"] = [float(v) for v in scales]
             budget, low, high = self.site_budget(site)
             if budget not in BUDGETS:
                 raise ValueError(f"`site_budgets[{site!r}]['budget']` must be one of {list(BUDGETS)}, got {budget!r}.")
             if not 0 <= low < high:
                 raise ValueError(f"`site_budgets[{site!r}]` needs 0 <= eps_min < eps_max, got {low} and {high}.")
+
+    def row_scales(self, site: str) -> list[float] | None:
+        """The budget factors of a site's first grid rows (`site_budgets[site]["row_scales"]`), or `None`."""
+        return (self.site_budgets or {}).get(site, {}).get("row_scales")
 
     def site_budget(self, site: str) -> tuple[str, float, float]:
         """`(budget, eps_min, eps_max)` of a site, with the per-site overrides applied."""
@@ -227,10 +247,15 @@ class Perturber(
         return self.config.inputs == "features_and_gradient"
 
     def delta(
-        self, tokens: torch.Tensor, site: str = "understanding", gradient: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        site: str = "understanding",
+        gradient: torch.Tensor | None = None,
+        row_factor: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The perturbation (float32) for `tokens` of shape `(..., hidden_size)` at `site`: each token's L2 norm equals
-        the site's `eps` (absolute budget) or `eps * ||token||` (relative budget)."""
+        the site's `eps` (absolute budget) or `eps * ||token||` (relative budget), times `row_factor` (one factor per
+        token, `tokens.shape[:-1]`) when given."""
         if tokens.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"The perturber has hidden_size {self.config.hidden_size} but the visual tokens have width "
@@ -249,13 +274,19 @@ class Perturber(
         scale = self.site_eps_tensor(site)
         if self.config.site_budget(site)[0] == "relative":
             scale = scale * tokens.detach().float().norm(dim=-1, keepdim=True).to(weight.device)
+        if row_factor is not None:
+            scale = scale * row_factor.to(device=weight.device, dtype=torch.float32).unsqueeze(-1)
         return scale * F.normalize(direction.float(), dim=-1, eps=1e-12)
 
     def forward(
-        self, tokens: torch.Tensor, site: str = "understanding", gradient: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        site: str = "understanding",
+        gradient: torch.Tensor | None = None,
+        row_factor: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Returns `tokens + delta(tokens)`, added in float32 and cast back to the dtype of `tokens`."""
-        delta = self.delta(tokens, site, gradient)
+        delta = self.delta(tokens, site, gradient, row_factor)
         if self.record_deltas:
             self.last_deltas.append(delta)
         perturbed = (tokens.float() + delta.to(tokens.device)).to(tokens.dtype)
@@ -361,14 +392,27 @@ class Perturber(
         gradient = self._gradients.get(site)
         if gradient is not None and gradient.shape != output.shape:
             gradient = None  # given for another call of the site (another batch): this call has none
+        factor = self._row_factor(site, output)
         if mask is None:
-            return self(output, site, gradient)
+            return self(output, site, gradient, factor)
         if not mask.any():
             return output
         # Only the visual-token positions are perturbed (and recorded); the others pass through unchanged.
         perturbed = output.clone()
-        perturbed[mask] = self(output[mask], site, None if gradient is None else gradient[mask])
+        perturbed[mask] = self(
+            output[mask], site, None if gradient is None else gradient[mask], None if factor is None else factor[mask]
+        )
         return perturbed
+
+    def _row_factor(self, site: str, output: torch.Tensor) -> torch.Tensor | None:
+        """The budget factor of each position of `output` (`output.shape[:-1]`) from the site's `row_scales` and the
+        grid rows of the image tokens being fed back; `None` without row scales or outside image generation."""
+        scales = self.config.row_scales(site)
+        rows = current_generation_rows() if scales else None
+        if rows is None:
+            return None
+        table = torch.tensor([*scales, 1.0], device=output.device)
+        return torch.broadcast_to(table[rows.to(output.device).clamp(max=len(scales))], output.shape[:-1])
 
     @contextlib.contextmanager
     def gradients(self, **by_site: torch.Tensor | None):

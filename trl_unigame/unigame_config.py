@@ -71,6 +71,12 @@ class UniGameArguments:
         perturber_generation_eps_max (`float`, *optional*):
             The generation site's largest budget; `None` uses `perturber_eps_max`. The two sites can differ by an
             order of magnitude in token norm, so one absolute budget rarely suits both.
+        perturber_generation_row_scales (`list[float]`, *optional*):
+            Factors on the generation site's budget for the first rows of the generated image's token grid (`[4.0]`:
+            four times the budget for the tokens of the first row; the rows after the list keep factor 1). The first
+            rows of a raster-ordered drawing decide where it starts on the canvas, so a larger budget there lets the
+            perturbation move the drawing, the budget elsewhere keeping it faithful. `None`: one budget for every
+            row. Not in the paper.
 
     > Parameters that control mining of decoded hard samples
 
@@ -248,6 +254,13 @@ class UniGameArguments:
     perturber_generation_eps_max: float | None = field(
         default=None, metadata={"help": "The generation site's largest budget (None: perturber_eps_max)."}
     )
+    perturber_generation_row_scales: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Factors on the generation site's budget for the first rows of the generated token grid, e.g. 4.0 "
+            "(four times the budget on the first row); None: the same budget everywhere."
+        },
+    )
     mining_interval: int = field(
         default=1, metadata={"help": "m: mine every m optimizer steps (once per step); 0 disables mining."}
     )
@@ -389,6 +402,15 @@ class UniGameArguments:
             "perturber_generation_eps_max",
             self.perturber_generation_eps_max is None or self.perturber_generation_eps_max > 0,
             "None or > 0",
+        )
+        check(
+            "perturber_generation_row_scales",
+            self.perturber_generation_row_scales is None
+            or (
+                len(self.perturber_generation_row_scales) > 0
+                and all(math.isfinite(v) and v > 0 for v in self.perturber_generation_row_scales)
+            ),
+            "None or a non-empty list of numbers > 0",
         )
         check("generation_check_interval", self.generation_check_interval >= 0, ">= 0 (0 turns the check off)")
         check("mining_interval", self.mining_interval >= 0, ">= 0 (0 disables mining)")

@@ -25,6 +25,8 @@ def generation_budget(args) -> dict | None:
         override["budget"] = args.perturber_generation_budget
     if args.perturber_generation_eps_max is not None:
         override["eps_max"] = args.perturber_generation_eps_max
+    if args.perturber_generation_row_scales is not None:
+        override["row_scales"] = list(args.perturber_generation_row_scales)
     return {"generation": override} if override else None
 
 

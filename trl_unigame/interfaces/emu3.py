@@ -260,6 +260,7 @@ class Emu3Interface(VisualTokenInterface):
             embed_image_tokens=self.embed_tokens,
             candidate_ids=visual,
             forced_token=lambda i: eol_id if i % (width + 1) == width else None,
+            tokens_per_row=width + 1,
         )
         return loop, (height, width)
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 from typing import Callable
 
@@ -14,6 +16,28 @@ from torch import nn
 DEFAULT_GUIDANCE_SCALE = 5.0
 #: Sampling temperature of image tokens when neither the caller nor the model's `generation_config` sets one.
 DEFAULT_TEMPERATURE = 1.0
+
+
+# The grid row of each image token being fed back through the generation site, while the loop (or its teacher-forced
+# pass) embeds it: what a perturber with per-row budgets (`site_budgets["generation"]["row_scales"]`) reads.
+_GENERATION_ROWS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("generation_rows", default=None)
+
+
+@contextlib.contextmanager
+def generation_rows(rows: torch.Tensor | None):
+    """Inside it, [`current_generation_rows`] is `rows`: the grid row of each position of the image tokens being fed
+    back, `(positions,)`, broadcast over the batch."""
+    token = _GENERATION_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _GENERATION_ROWS.reset(token)
+
+
+def current_generation_rows() -> torch.Tensor | None:
+    """The grid rows of the image tokens the generation site is embedding now (see [`generation_rows`]), or `None`
+    outside image generation."""
+    return _GENERATION_ROWS.get()
 
 
 def _kv_cache_keyword(language_model: nn.Module) -> str:
@@ -143,6 +167,7 @@ class ImageTokenLoop:
         compile_config=None,
         candidate_ids: torch.Tensor | None = None,
         forced_token: Callable[[int], int | None] | None = None,
+        tokens_per_row: int | None = None,
     ) -> torch.Tensor:
         """The image-generation loop of the unified families: samples `num_tokens` tokens for each of `num_images`
         images per prompt, with classifier-free guidance, on a `transformers.StaticCache` (see
@@ -176,6 +201,9 @@ class ImageTokenLoop:
                 The token id of each column of `image_scores`; `None` when the column is the id.
             forced_token (`Callable`, *optional*):
                 Step index to a token id that every row takes at that step without sampling, or `None` to sample.
+            tokens_per_row (`int`, *optional*):
+                Tokens per row of the generated grid (forced ones included): the fed-back token `i` is on row
+                `i // tokens_per_row`, which [`current_generation_rows`] gives the generation site.
 
         Returns:
             `torch.Tensor`: The tokens, `(num_prompts * num_images, num_tokens)`, grouped by prompt.
@@ -213,7 +241,9 @@ class ImageTokenLoop:
                 if candidate_ids is not None:
                     next_token = candidate_ids[next_token]
             tokens[:, i] = next_token
-            embeds = embed_image_tokens(torch.cat([next_token, next_token]).unsqueeze(-1))
+            rows = None if tokens_per_row is None else torch.tensor([i // tokens_per_row], device=tokens.device)
+            with generation_rows(rows):
+                embeds = embed_image_tokens(torch.cat([next_token, next_token]).unsqueeze(-1))
             full_mask[:, prompt_length + i] = 1
             position_ids = position_ids[:, -1:] + 1
         return tokens
@@ -232,6 +262,7 @@ class ImageTokenLoop:
         candidate_ids: torch.Tensor | None = None,
         forced_token: Callable[[int], int | None] | None = None,
         num_tokens: int | None = None,
+        tokens_per_row: int | None = None,
     ) -> torch.Tensor:
         """The log-probability of each of `tokens` under the distribution [`_generate_image_tokens`] samples from,
         teacher-forced: one pass of the LLM over the prompts followed by the tokens (fed back through
@@ -271,7 +302,12 @@ class ImageTokenLoop:
         prompt_length = input_ids.shape[1]
         tokens = tokens.to(input_ids.device)
         fed = torch.cat([tokens, tokens])[:, :-1]  # the last token is never fed back
-        embeds = torch.cat([self.base_model.get_input_embeddings()(input_ids), embed_image_tokens(fed)], dim=1)
+        rows = None
+        if tokens_per_row is not None:
+            rows = torch.arange(fed.shape[1], device=tokens.device) // tokens_per_row
+        with generation_rows(rows):
+            fed_embeds = embed_image_tokens(fed)
+        embeds = torch.cat([self.base_model.get_input_embeddings()(input_ids), fed_embeds], dim=1)
         attention_mask = torch.cat([mask, uncond_mask])
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(fed.shape)], dim=1)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)

@@ -258,6 +258,7 @@ class JanusInterface(VisualTokenInterface):
             prompt=(ids, mask),
             unconditional_prompt=(uncond_ids, mask),
             num_tokens=grid * grid,
+            tokens_per_row=grid,
             image_scores=model.model.generation_head,
             embed_image_tokens=model.prepare_embeddings_for_image_generation,
         )
