@@ -184,6 +184,7 @@ def run(name: str, args, judge, dataset) -> dict:
         "kept_faithful_and_misread_fraction": float((kept_faithful & kept_wrong).mean()) if kept else float("nan"),
         "diversity": diversity(kept_scans, kept_digits, scans[train], labels[train]) if kept else {},
         "faithful_hardness": float(np.mean(faithful_h)) if faithful_h else float("nan"),
+        "faithful_hardness_by_step": faithful_h,
         "faithful_hardness_late": float(np.mean(faithful_h[len(faithful_h) // 2 :])) if faithful_h else float("nan"),
         "generation_eps_last": logs[-1].get("unigame/generation_eps") if logs else None,
         "generation_reward_mean": float(np.mean([log.get("unigame/generation_reward_mean", np.nan) for log in logs]))

@@ -224,6 +224,9 @@ class ImageTokenLoop:
         embeds = self.base_model.get_input_embeddings()(input_ids)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         tokens = torch.empty((batch, num_tokens), dtype=torch.long, device=input_ids.device)
+        grid_rows = None  # the grid row of each token, made once: a view of it per step, no copy to the device
+        if tokens_per_row is not None:
+            grid_rows = torch.arange(num_tokens, device=input_ids.device) // tokens_per_row
         for i in range(num_tokens):
             hidden = (prompt_step if i == 0 else step)(embeds, full_mask, position_ids, cache)
             forced = forced_token(i) if forced_token is not None else None
@@ -241,8 +244,7 @@ class ImageTokenLoop:
                 if candidate_ids is not None:
                     next_token = candidate_ids[next_token]
             tokens[:, i] = next_token
-            rows = None if tokens_per_row is None else torch.tensor([i // tokens_per_row], device=tokens.device)
-            with generation_rows(rows):
+            with generation_rows(None if grid_rows is None else grid_rows[i : i + 1]):
                 embeds = embed_image_tokens(torch.cat([next_token, next_token]).unsqueeze(-1))
             full_mask[:, prompt_length + i] = 1
             position_ids = position_ids[:, -1:] + 1
