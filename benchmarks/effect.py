@@ -93,10 +93,22 @@ METHODS = {
     # on the decoded samples alone (no perturbed tokens, the paper's features-only perturber).
     "unigame-gradient-perturbed-genadv": dict(GRADIENT_PERTURBED, generation_adversary="reinforce"),
     "decoded-genadv": dict(UNIGAME, generation_adversary="reinforce", perturbed_weight=0.0),
-    # The same option rewarding faithful candidates only (hardness against the prompt's faithful mean).
-    "unigame-gradient-perturbed-genadv-faithful": dict(
-        GRADIENT_PERTURBED, generation_adversary="reinforce", generation_adversary_reward="faithful"
+    # The same option rewarding faithful candidates only (hardness against the prompt's faithful mean), with the
+    # generation budget raised from 5% to 20% of the token norm, or 4x on the first row of the token grid only; and
+    # the 20% budget without the option (what the budget alone does).
+    "unigame-gradient-perturbed-genadv-faithful-geneps0.2": dict(
+        GRADIENT_PERTURBED,
+        generation_adversary="reinforce",
+        generation_adversary_reward="faithful",
+        perturber_generation_eps_max=0.2,
     ),
+    "unigame-gradient-perturbed-genadv-faithful-rows4": dict(
+        GRADIENT_PERTURBED,
+        generation_adversary="reinforce",
+        generation_adversary_reward="faithful",
+        perturber_generation_row_scales=[4.0],
+    ),
+    "unigame-gradient-perturbed-geneps0.2": dict(GRADIENT_PERTURBED, perturber_generation_eps_max=0.2),
     # The validation sweep to buy back clean accuracy (docs/benchmarks.md): the perturbed tokens weighted 0.25, a
     # 5% understanding budget (half the game's), and the 5% budget with beta 0.1.
     "unigame-gradient-perturbed-w0.25": dict(GRADIENT_PERTURBED, perturbed_weight=0.25),
