@@ -91,22 +91,23 @@ METHODS = {
     "unigame-gradient-perturbed": GRADIENT_PERTURBED,
     # The generation-side adversary (REINFORCE on each mining round's candidates), on top of the previous method, and
     # on the decoded samples alone (no perturbed tokens, the paper's features-only perturber).
-    "unigame-gradient-perturbed-genadv": dict(GRADIENT_PERTURBED, generation_adversary="reinforce"),
-    "decoded-genadv": dict(UNIGAME, generation_adversary="reinforce", perturbed_weight=0.0),
+    # (The reward these two were measured with, "gated", was the option's default then.)
+    "unigame-gradient-perturbed-genadv": dict(
+        GRADIENT_PERTURBED, generation_adversary="reinforce", generation_adversary_reward="gated"
+    ),
+    "decoded-genadv": dict(
+        UNIGAME, generation_adversary="reinforce", generation_adversary_reward="gated", perturbed_weight=0.0
+    ),
     # The same option rewarding faithful candidates only (hardness against the prompt's faithful mean), with the
     # generation budget raised from 5% to 20% of the token norm, or 4x on the first row of the token grid only; and
     # the 20% budget without the option (what the budget alone does).
     "unigame-gradient-perturbed-genadv-faithful-geneps0.2": dict(
         GRADIENT_PERTURBED,
         generation_adversary="reinforce",
-        generation_adversary_reward="faithful",
         perturber_generation_eps_max=0.2,
     ),
     "unigame-gradient-perturbed-genadv-faithful-rows4": dict(
-        GRADIENT_PERTURBED,
-        generation_adversary="reinforce",
-        generation_adversary_reward="faithful",
-        perturber_generation_row_scales=[4.0],
+        GRADIENT_PERTURBED, generation_adversary="reinforce", perturber_generation_row_scales=[4.0]
     ),
     "unigame-gradient-perturbed-geneps0.2": dict(GRADIENT_PERTURBED, perturber_generation_eps_max=0.2),
     # The validation sweep to buy back clean accuracy (docs/benchmarks.md): the perturbed tokens weighted 0.25, a

@@ -50,7 +50,7 @@ SETTINGS = dict(
 SETTINGS.pop("max_steps")
 SETTINGS_BY_NAME = {
     "off": dict(generation_adversary="none"),
-    "on": dict(generation_adversary="reinforce"),
+    "gated": dict(generation_adversary="reinforce", generation_adversary_reward="gated"),
     "faithful": dict(generation_adversary="reinforce", generation_adversary_reward="faithful"),
 }
 
@@ -212,7 +212,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_candidates", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--settings", nargs="+", default=["off", "on"], choices=list(SETTINGS_BY_NAME))
+    parser.add_argument("--settings", nargs="+", default=["off", "faithful"], choices=list(SETTINGS_BY_NAME))
     parser.add_argument(
         "--set",
         nargs="*",

@@ -48,6 +48,7 @@ def main(output_dir: str):
         seed=0,
         dataloader_num_workers=0,
         generation_adversary="reinforce",
+        generation_adversary_reward="gated",  # every candidate takes part: each round has non-zero advantages
         generation_adversary_learning_rate=5e-2,
         generation_temperature=0.7,
         generation_guidance_scale=3.0,

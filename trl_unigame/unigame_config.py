@@ -151,7 +151,7 @@ class UniGameArguments:
             candidate is a cross-entropy (at least 0), so an unfaithful candidate never earns more than a faithful
             one; below 0 it earns less than the easiest faithful one, which steers the perturber away from breaking
             the drawing.
-        generation_adversary_reward (`str`, *optional*, defaults to `"gated"`):
+        generation_adversary_reward (`str`, *optional*, defaults to `"faithful"`):
             What the generation-side adversary rewards. `"gated"`: every candidate takes part, a faithful one earns
             its hardness `H`, an unfaithful one `generation_adversary_penalty`, and the baseline is the mean reward of
             the prompt's candidates; the step then mostly separates faithful from unfaithful drawings. `"faithful"`:
@@ -316,7 +316,7 @@ class UniGameArguments:
         default=-1.0, metadata={"help": "Reward of an unfaithful candidate (consistency below the threshold); <= 0."}
     )
     generation_adversary_reward: str = field(
-        default="gated",
+        default="faithful",
         metadata={
             "help": "gated: hardness if faithful, else the penalty, against the prompt's mean; faithful: faithful "
             "candidates only, hardness against the mean of the prompt's faithful candidates."
