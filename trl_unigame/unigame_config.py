@@ -135,10 +135,9 @@ class UniGameArguments:
         generation_adversary (`str`, *optional*, defaults to `"none"`):
             How the perturber learns at the generation site. `"none"` (the paper): it learns only from U's loss at the
             understanding site and acts at the generation site as it is. `"reinforce"`: once per mining round, the
-            perturber also takes a score-function (REINFORCE) step on that round's own candidates: each candidate's
-            reward is its hardness `H` when its consistency reaches `consistency_threshold` (faithful), else
-            `generation_adversary_penalty`; the baseline is the mean reward of the `num_candidates` candidates of
-            the same prompt, and the loss is `-mean(advantage * log p(candidate's image tokens))`, the
+            perturber also takes a score-function (REINFORCE) step on that round's own candidates, rewarded by their
+            hardness `H` for U among those whose consistency reaches `consistency_threshold` (faithful; see
+            `generation_adversary_reward`), and the loss is `-mean(advantage * log p(candidate's image tokens))`, the
             log-probability from one teacher-forced pass with the perturbation active, the same guidance and
             temperature. No gradient goes through sampling or the VQ decoder, and only the perturber's parameters
             get one. Needs mining, a consistency scorer, `num_candidates >= 2`, a positive
@@ -147,7 +146,8 @@ class UniGameArguments:
             Learning rate of the generation-side adversary's own AdamW over the perturber's parameters (its moments
             are kept apart from those of the understanding-site step; weight decay `perturber_weight_decay`).
         generation_adversary_penalty (`float`, *optional*, defaults to `-1.0`):
-            Reward of a candidate below `consistency_threshold` (unfaithful). At most 0: the hardness of a faithful
+            With `generation_adversary_reward="gated"`, the reward of a candidate below `consistency_threshold`
+            (unfaithful). At most 0: the hardness of a faithful
             candidate is a cross-entropy (at least 0), so an unfaithful candidate never earns more than a faithful
             one; below 0 it earns less than the easiest faithful one, which steers the perturber away from breaking
             the drawing.
@@ -306,7 +306,7 @@ class UniGameArguments:
         default="none",
         metadata={
             "help": "none: the perturber learns only at the understanding site; reinforce: also a REINFORCE step on "
-            "each mining round's candidates (reward: hardness if faithful, else the penalty)."
+            "each mining round's candidates (rewarded by their hardness among the faithful ones)."
         },
     )
     generation_adversary_learning_rate: float = field(
