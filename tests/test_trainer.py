@@ -102,11 +102,27 @@ def test_perturber_step_raises_the_adversarial_loss(tmp_path, vqa):
     for _ in range(3):
         step = StepContext(inputs=inputs, rows=None, step=0, window=1, last_micro_batch=True)
         trainer._exact_perturber_step(model, step)
-        trainer.adversary.end_window()
+        trainer.adversary.end_window(0)
     after = adversarial_loss()
     assert after > before
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(lora_before[n], p) for n, p in snapshot(model).items())
+
+
+def test_a_finite_window_with_a_non_finite_perturber_gradient_is_skipped_with_a_warning(tmp_path, vqa):
+    trainer = make_trainer(tmp_path, vqa)
+    adversary, perturber = trainer.adversary, trainer.perturber
+    before = snapshot(perturber)
+    for p in perturber.parameters():
+        p.grad = torch.ones_like(p)
+    perturber.rho.grad = torch.tensor(float("inf"))  # the losses were finite, one gradient is not
+    assert adversary.window_finite
+    with pytest.warns(UserWarning, match="step 3: the perturber's gradient is not finite"):
+        adversary.end_window(3)
+    assert all(torch.equal(before[n], p) for n, p in snapshot(perturber).items())
+    assert all(p.grad is None for p in perturber.parameters()) and not adversary.optimizer.state
+    assert trainer.game_metrics.reduce()["unigame/skipped_perturber_steps"] == 1
+    assert adversary.window_finite  # the next window starts afresh
 
 
 def test_buffer_fills_is_sampled_and_respects_capacity(tmp_path, vqa):

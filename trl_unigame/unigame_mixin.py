@@ -187,7 +187,7 @@ class UniGameMixin(GameCheckpointing):
         if self.adversary.exact:
             self._exact_perturber_step(unwrapped, ctx)
             if ctx.last_micro_batch:
-                self.adversary.end_window()  # mining and U's perturbed pass then meet the updated perturber
+                self.adversary.end_window(ctx.step)  # mining and U's perturbed pass then meet the updated perturber
         mining = rows is not None and self.miner.due(ctx.step, ctx.last_micro_batch)
         checking = rows is not None and self.miner.check_due(ctx.step, ctx.last_micro_batch)
         if mining or checking:
@@ -211,7 +211,7 @@ class UniGameMixin(GameCheckpointing):
         if self.adversary.first_order:
             self.adversary.first_order_step(ctx.capture, ctx.merged_rows, ctx.window, ctx.step)
             if ctx.last_micro_batch:
-                self.adversary.end_window()
+                self.adversary.end_window(ctx.step)
         if ctx.last_micro_batch and self.agreement.step_dropped(model):
             self.game_metrics.skip(ctx.step, "understanding", "the understanding loss or its gradient is not finite")
         return loss

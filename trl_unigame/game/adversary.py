@@ -246,11 +246,15 @@ class Adversary:
                 p.grad = g if p.grad is None else p.grad + g
         return True
 
-    def end_window(self) -> None:
+    def end_window(self, step: int) -> None:
         """Steps the perturber once per accumulation window with the gradient averaged over processes, or leaves it
-        and its optimizer exactly as they are when any micro-batch of the window, on any process, was not finite."""
+        and its optimizer exactly as they are when any micro-batch of the window, on any process, was not finite (a
+        finite loss can still give a non-finite gradient: that window is skipped, warned about and counted too)."""
         params = list(self.perturber.parameters())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self.window_finite and not all(bool(torch.isfinite(g).all()) for g in grads):
+            self.window_finite = False
+            self.metrics.skip(step, "perturber", "the perturber's gradient is not finite")
         averaged = self.agreement.mean_if_finite(grads, self.window_finite)
         self.window_finite = True
         if averaged is not None:
