@@ -3,10 +3,12 @@
 Does the generation-side adversary (`generation_adversary="reinforce"`) make mining find harder candidates that are
 still faithful? On the pretrained tiny digits Janus, the trainer runs a fixed number of steps with U frozen
 (learning rate 0, buffer weight 0: every round mines from the same U), mining every step with the digit judge as the
-consistency scorer, once with the option off and once on, from the same seed on the same rows. Every mined candidate
-is recorded (through the scorer), and afterwards:
+consistency scorer, once per setting (`--settings`: `off`, the option with the `gated` reward, with the `faithful`
+one; default `off faithful`), from the same seed on the same rows; `--set KEY=VALUE` changes config fields for every
+setting (e.g. the generation budget). Every mined candidate is recorded (through the scorer), and afterwards:
 
-- the mean hardness `H` of the kept candidates (the buffer, which keeps them all);
+- the mean hardness `H` of the kept candidates (the buffer, which keeps them all), and of the faithful candidates
+  over the run and over its second half (`unigame/faithful_hardness`, step by step in the report);
 - the share of all mined candidates, and of the kept ones, that are faithful (judge score at least
   `consistency_threshold`) and that U misreads (its greedy answer to "What digit is this?" is not the named digit);
 - the diversity of the kept candidates against the training scans: per digit, how far the mean ink centroid of the
@@ -15,6 +17,8 @@ is recorded (through the scorer), and afterwards:
 
 ```bash
 python benchmarks/generation_adversary.py --output_json generation_adversary.json            # 40 steps per setting
+python benchmarks/generation_adversary.py --steps 150 --settings off gated faithful \
+    --set perturber_generation_eps_max=0.2 --output_json generation_adversary_20.json       # the docs' 20% runs
 python benchmarks/generation_adversary.py --steps 3 --output_json smoke.json                # a smoke run
 ```
 """

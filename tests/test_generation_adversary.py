@@ -1,6 +1,7 @@
 """The generation-side adversary (`generation_adversary="reinforce"`): its teacher-forced log-probability, its update,
 its place in the trainer (Janus and Emu3, logs, exact resume) and the options it refuses."""
 
+import copy
 import os
 import warnings
 
@@ -165,6 +166,9 @@ def test_row_scales_multiply_the_generation_budget_row_by_row(family):
         interface.image_token_log_probs(prompts, tokens, **kwargs)  # the teacher-forced pass: every row at once
     (delta,) = deltas
     assert sorted({round(float(n) / eps, 3) for n in delta.norm(dim=-1).flatten()}) == [0.5, 1.0, 3.0]
+    if family == "janus":  # every position of the pass: (2 x candidates, tokens - 1), token j on row j // grid
+        factors = torch.tensor([([3.0, 0.5] + [1.0] * 99)[j // per_row] for j in range(tokens.shape[1] - 1)])
+        torch.testing.assert_close(delta.norm(dim=-1), (eps * factors).expand(delta.shape[:-1]), rtol=1e-4, atol=0)
     # outside image generation (no grid rows) the site's budget is the plain one
     ids = tokens[:, :3] if family == "janus" else None
     if ids is not None:
@@ -229,12 +233,62 @@ def test_faithful_reward_moves_probability_between_faithful_candidates_only(tmp_
     hardness, consistency = torch.tensor([3.0, 1.0, 9.0]), torch.tensor([1.0, 1.0, -1.0])
     advantages = faithful_advantages(hardness, consistency >= 0.0, 3, normalize=True)
     assert advantages[2] == 0 and advantages[0] > 0 > advantages[1]
-    adversary.step(prompts, tokens, hardness, consistency, step=0)
+    start = snapshot(trainer.perturber), copy.deepcopy(adversary.optimizer.state_dict())
+
+    def update(reward, third_counts=True):
+        """The perturber after one step from `start` with `reward`, the third candidate's log-probability cut off
+        from the graph unless `third_counts`."""
+        with torch.no_grad():
+            for n, p in trainer.perturber.named_parameters():
+                p.copy_(start[0][n])
+        adversary.optimizer.load_state_dict(copy.deepcopy(start[1]))
+        trainer.args.generation_adversary_reward = reward
+        log_probs = adversary.log_probs
+        if not third_counts:
+            adversary.log_probs = lambda *a: torch.cat([log_probs(*a)[:2], log_probs(*a)[2:].detach()])
+        try:
+            adversary.step(prompts, tokens, hardness, consistency, step=0)
+        finally:
+            adversary.log_probs = log_probs
+        return snapshot(trainer.perturber)
+
+    faithful = update("faithful")
     with torch.no_grad():
         after = adversary.log_probs(prompts, tokens)
     assert after[0] - after[1] > before[0] - before[1], (before, after)
     logged = trainer.game_metrics.reduce()
     assert logged["unigame/generation_reward_mean"] == pytest.approx(2.0)  # the faithful candidates' mean H
+    # the unfaithful candidate takes no part: the update is the same with its log-probability cut off the graph,
+    # where the gated reward's is not
+    without_third = update("faithful", third_counts=False)
+    assert all(torch.equal(faithful[n], without_third[n]) for n in faithful)
+    gated, gated_without_third = update("gated"), update("gated", third_counts=False)
+    assert any(not torch.equal(gated[n], gated_without_third[n]) for n in gated)
+
+
+def test_a_round_where_no_candidate_takes_part_leaves_the_perturber_and_its_optimizer_alone(
+    tmp_path, vqa, clip_scorer
+):
+    trainer = game_trainer("janus", tmp_path, vqa, clip_scorer, num_candidates=2, consistency_threshold=0.5)
+    trainer.model.eval()
+    adversary = trainer.generation_adversary
+    prompts = ["A red circle.", "A small blue square."]
+    with torch.no_grad(), trainer.perturber.active():
+        _, tokens = trainer.interface.generate_images(
+            prompts, num_images=2, guidance_scale=GUIDANCE, temperature=TEMPERATURE, return_tokens=True
+        )
+    passes = []
+    log_probs = adversary.log_probs
+    adversary.log_probs = lambda *a: passes.append(1) or log_probs(*a)
+    hardness = torch.tensor([2.0, 1.0, 3.0, 0.5])
+    # one faithful candidate per prompt: no prompt has two to compare
+    adversary.step(prompts, tokens, hardness, torch.tensor([0.9, 0.1, 0.1, 0.9]), step=0)
+    assert not passes and not adversary.optimizer.state
+    logged = trainer.game_metrics.reduce()
+    assert "unigame/generation_adversary_loss" not in logged
+    assert logged["unigame/generation_reward_mean"] == pytest.approx(1.25)  # still logged: the faithful ones' H
+    adversary.step(prompts, tokens, hardness, torch.tensor([0.9, 0.9, 0.1, 0.9]), step=1)  # prompt 0 has two
+    assert passes == [1] and adversary.optimizer.state
 
 
 def test_one_update_follows_the_advantages_and_touches_only_the_perturber(tmp_path, vqa, clip_scorer):
@@ -389,6 +443,7 @@ def test_resume_with_the_option_from_a_checkpoint_without_it_is_refused(tmp_path
         (dict(generation_adversary_learning_rate=0.0), r"`generation_adversary_learning_rate` must be > 0"),
         (dict(generation_adversary_penalty=0.5), r"`generation_adversary_penalty` must be a finite number <= 0"),
         (dict(perturber_generation_row_scales=[2.0, 0.0]), r"`perturber_generation_row_scales` must be None or a"),
+        (dict(perturber_generation_row_scales=2.0), r"`perturber_generation_row_scales` must be None or a"),
         (dict(generation_adversary_reward="clip"), r"`generation_adversary_reward` must be one of \['gated', 'faithful'\]"),
     ],
 )

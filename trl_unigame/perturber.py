@@ -127,7 +127,7 @@ class PerturberConfig:
                 )
             if "row_scales" in override:
                 scales = override["row_scales"]
-                if isinstance(scales, (int, float)) or not all(
+                if not isinstance(scales, (list, tuple)) or not scales or not all(
                     isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scales
                 ):
                     raise ValueError(
@@ -215,6 +215,7 @@ class Perturber(
             # perturber learns how much of each to keep.
             self.gradient_gain = nn.Parameter(torch.tensor(1.0))
         self._gradients: dict[str, torch.Tensor] = {}
+        self._row_tables: dict[tuple, torch.Tensor] = {}  # the generation site's row factors, per device
         self._handles: list = []
         self.enabled = True
         self.record_deltas = False
@@ -392,11 +393,11 @@ class Perturber(
         gradient = self._gradients.get(site)
         if gradient is not None and gradient.shape != output.shape:
             gradient = None  # given for another call of the site (another batch): this call has none
-        factor = self._row_factor(site, output)
         if mask is None:
-            return self(output, site, gradient, factor)
+            return self(output, site, gradient, self._row_factor(site, output))
         if not mask.any():
             return output
+        factor = self._row_factor(site, output)
         # Only the visual-token positions are perturbed (and recorded); the others pass through unchanged.
         perturbed = output.clone()
         perturbed[mask] = self(
@@ -411,8 +412,12 @@ class Perturber(
         rows = current_generation_rows() if scales else None
         if rows is None:
             return None
-        table = torch.tensor([*scales, 1.0], device=output.device)
-        return torch.broadcast_to(table[rows.to(output.device).clamp(max=len(scales))], output.shape[:-1])
+        # Made once per site and device: a copy to the device at every generated token would stall the loop.
+        key = (site, output.device)
+        table = self._row_tables.get(key)
+        if table is None:
+            table = self._row_tables[key] = torch.tensor([*scales, 1.0], device=output.device)
+        return torch.broadcast_to(table[rows.to(table.device).clamp(max=len(scales))], output.shape[:-1])
 
     @contextlib.contextmanager
     def gradients(self, **by_site: torch.Tensor | None):
@@ -459,6 +464,9 @@ class Perturber(
         for site in self.config.sites:
             budget, _, high = self.config.site_budget(site)
             what = f"L2 norm at most {high}" if budget == "absolute" else f"L2 norm at most {high} x the token's norm"
+            scales = self.config.row_scales(site)
+            if scales:
+                what += f", times {scales} on the first rows of the generated token grid"
             parts.append(f"{site} site: per-token {what}")
         return "; ".join(parts)
 

@@ -160,8 +160,8 @@ class UniGameArguments:
             `generation_adversary_penalty` is not used); the step moves probability towards the harder of the
             drawings the consistency scorer accepts.
         generation_adversary_normalize (`bool`, *optional*, defaults to `True`):
-            Divide the advantages of a round by their standard deviation (over the round's candidates on each
-            process), so the step's size does not follow the scale of the losses.
+            Divide the advantages of a round by their standard deviation (over the round's candidates that take
+            part, on each process), so the step's size does not follow the scale of the losses.
 
     > Parameters that control the buffer and the understanding update (player U)
 
@@ -407,8 +407,12 @@ class UniGameArguments:
             "perturber_generation_row_scales",
             self.perturber_generation_row_scales is None
             or (
-                len(self.perturber_generation_row_scales) > 0
-                and all(math.isfinite(v) and v > 0 for v in self.perturber_generation_row_scales)
+                isinstance(self.perturber_generation_row_scales, (list, tuple))
+                and len(self.perturber_generation_row_scales) > 0
+                and all(
+                    isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                    for v in self.perturber_generation_row_scales
+                )
             ),
             "None or a non-empty list of numbers > 0",
         )

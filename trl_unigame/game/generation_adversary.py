@@ -142,8 +142,17 @@ class GenerationAdversary:
             advantages = faithful_advantages(
                 hardness, faithful, args.num_candidates, args.generation_adversary_normalize
             )
+            rewards = hardness.detach().float().cpu()[faithful]  # logged: the faithful candidates' hardness
         else:
             advantages = candidate_advantages(rewards, args.num_candidates, args.generation_adversary_normalize)
+        if len(rewards):
+            self.metrics.add("unigame/generation_reward_mean", float(rewards.mean()))
+            self.metrics.add("unigame/generation_reward_std", float(rewards.std(unbiased=False)))
+        if not self.agreement.any_process(bool(advantages.any())):
+            # No candidate takes part on any process (e.g. no prompt with two faithful candidates): no pass, no step,
+            # so AdamW's momentum does not move the perturber on a round that carries no signal.
+            self.metrics.add("unigame/generation_eps", float(self.perturber.site_eps_tensor("generation").detach()))
+            return
         params = list(self.perturber.parameters())
         log_probs = self.log_probs(prompts, tokens)
         with torch.enable_grad():
@@ -160,11 +169,6 @@ class GenerationAdversary:
         if averaged is not None:
             self._apply(params, averaged)
             self.metrics.add("unigame/generation_adversary_loss", float(loss.detach()))
-        if args.generation_adversary_reward == "faithful":
-            rewards = hardness.detach().float().cpu()[faithful]  # the rewards that take part: faithful hardness
-        if len(rewards):
-            self.metrics.add("unigame/generation_reward_mean", float(rewards.mean()))
-            self.metrics.add("unigame/generation_reward_std", float(rewards.std(unbiased=False)))
         self.metrics.add("unigame/generation_eps", float(self.perturber.site_eps_tensor("generation").detach()))
 
     def _apply(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None:
