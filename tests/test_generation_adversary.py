@@ -75,6 +75,21 @@ def snapshot(module):
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
+def sample_candidates(trainer, prompts, num_images, seed=0):
+    """Candidates sampled as mining samples them (perturber active, seeded), and their log-probabilities under the
+    generation adversary's teacher-forced pass."""
+    with torch.no_grad(), trainer.perturber.active():
+        _, tokens = trainer.interface.generate_images(
+            prompts,
+            num_images=num_images,
+            guidance_scale=GUIDANCE,
+            temperature=TEMPERATURE,
+            generator=torch.Generator().manual_seed(seed),
+            return_tokens=True,
+        )
+        return tokens, trainer.generation_adversary.log_probs(prompts, tokens)
+
+
 def sampled_with_log_probs(interface, prompts, num_images, seed=0):
     """Samples through the interface's own loop, recording the scores it sampled each token from; returns the tokens
     and the log-probability of each under that recorded distribution (0 at forced tokens)."""
@@ -216,18 +231,9 @@ def test_faithful_reward_moves_probability_between_faithful_candidates_only(tmp_
         generation_adversary_learning_rate=1e-3,
     )
     trainer.model.eval()
-    adversary, interface = trainer.generation_adversary, trainer.interface
+    adversary = trainer.generation_adversary
     prompts = ["A red circle."]
-    with torch.no_grad(), trainer.perturber.active():
-        _, tokens = interface.generate_images(
-            prompts,
-            num_images=3,
-            guidance_scale=GUIDANCE,
-            temperature=TEMPERATURE,
-            generator=torch.Generator().manual_seed(0),
-            return_tokens=True,
-        )
-        before = adversary.log_probs(prompts, tokens)
+    tokens, before = sample_candidates(trainer, prompts, num_images=3)
     # faithful and hard, faithful and easy, unfaithful and hardest: the gated reward would push the third down (its
     # penalty), the faithful one leaves it out, so only the first two candidates' probabilities drive the step
     hardness, consistency = torch.tensor([3.0, 1.0, 9.0]), torch.tensor([1.0, 1.0, -1.0])
@@ -273,10 +279,7 @@ def test_a_round_where_no_candidate_takes_part_leaves_the_perturber_and_its_opti
     trainer.model.eval()
     adversary = trainer.generation_adversary
     prompts = ["A red circle.", "A small blue square."]
-    with torch.no_grad(), trainer.perturber.active():
-        _, tokens = trainer.interface.generate_images(
-            prompts, num_images=2, guidance_scale=GUIDANCE, temperature=TEMPERATURE, return_tokens=True
-        )
+    tokens, _ = sample_candidates(trainer, prompts, num_images=2)
     passes = []
     log_probs = adversary.log_probs
     adversary.log_probs = lambda *a: passes.append(1) or log_probs(*a)
@@ -303,18 +306,9 @@ def test_one_update_follows_the_advantages_and_touches_only_the_perturber(tmp_pa
         generation_adversary_learning_rate=1e-3,  # a small step: the first-order effect of the gradient shows
     )
     trainer.model.eval()  # as in mining: no dropout between the two measurements
-    adversary, interface = trainer.generation_adversary, trainer.interface
+    adversary = trainer.generation_adversary
     prompts = ["A red circle."]
-    with torch.no_grad(), trainer.perturber.active():
-        _, tokens = interface.generate_images(
-            prompts,
-            num_images=2,
-            guidance_scale=GUIDANCE,
-            temperature=TEMPERATURE,
-            generator=torch.Generator().manual_seed(0),
-            return_tokens=True,
-        )
-        before = adversary.log_probs(prompts, tokens)
+    tokens, before = sample_candidates(trainer, prompts, num_images=2)
     # U's accumulated gradients and the understanding-site step's, as they are mid-window
     for p in list(trainer.model.parameters()) + list(trainer.perturber.parameters()):
         if p.requires_grad:
