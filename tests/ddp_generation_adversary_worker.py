@@ -70,6 +70,9 @@ def main(output_dir: str):
         def __init__(self, agreement):
             self.agreement = agreement
 
+        def __getattr__(self, name):  # every other collective, as the agreement has it
+            return getattr(self.agreement, name)
+
         def mean_if_finite(self, tensors, finite):
             averaged = self.agreement.mean_if_finite(tensors, finite)
             own = [t.detach().cpu().clone() for t in tensors]

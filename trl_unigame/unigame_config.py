@@ -156,7 +156,7 @@ class UniGameArguments:
             its hardness `H`, an unfaithful one `generation_adversary_penalty`, and the baseline is the mean reward of
             the prompt's candidates; the step then mostly separates faithful from unfaithful drawings. `"faithful"`:
             only faithful candidates take part, each with its hardness minus the mean hardness of the faithful
-            candidates of the same prompt (a prompt with fewer than two faithful candidates gives no update, and
+            candidates of the same prompt (a prompt with fewer than two faithful candidates adds no gradient, and
             `generation_adversary_penalty` is not used); the step moves probability towards the harder of the
             drawings the consistency scorer accepts.
         generation_adversary_normalize (`bool`, *optional*, defaults to `True`):

@@ -148,11 +148,6 @@ class GenerationAdversary:
         if len(rewards):
             self.metrics.add("unigame/generation_reward_mean", float(rewards.mean()))
             self.metrics.add("unigame/generation_reward_std", float(rewards.std(unbiased=False)))
-        if not self.agreement.any_process(bool(advantages.any())):
-            # No candidate takes part on any process (e.g. no prompt with two faithful candidates): no pass, no step,
-            # so AdamW's momentum does not move the perturber on a round that carries no signal.
-            self.metrics.add("unigame/generation_eps", float(self.perturber.site_eps_tensor("generation").detach()))
-            return
         params = list(self.perturber.parameters())
         log_probs = self.log_probs(prompts, tokens)
         with torch.enable_grad():
