@@ -82,9 +82,11 @@ class GenerationAdversary:
     (consistency at least `consistency_threshold`), else `generation_adversary_penalty`, and its advantage is the
     reward minus the mean reward of the candidates of the same prompt. With `"faithful"`, only faithful candidates
     take part: each one's advantage is its hardness minus the mean hardness of the faithful candidates of the same
-    prompt (a prompt with fewer than two faithful candidates gives none). Advantages are optionally normalised. The loss `-mean(advantage * log p(tokens))` takes the log-probability of each
-    candidate's sampled image tokens from one teacher-forced pass with the perturbation active at the generation site
-    and the sampling's guidance and temperature; its gradient is taken for the perturber's parameters only
+    prompt (a prompt with fewer than two faithful candidates gives none; a round where none takes part still steps,
+    with a zero gradient, along AdamW's momentum). Advantages are optionally normalised. The loss
+    `-mean(advantage * log p(tokens))` takes the log-probability of each candidate's sampled image tokens from one
+    teacher-forced pass with the perturbation active at the generation site and the sampling's guidance and
+    temperature; its gradient is taken for the perturber's parameters only
     (`torch.autograd.grad`), so U's weights and every `.grad` the trainer accumulates stay as they are. The step uses
     its own AdamW (moments apart from the understanding-site step's), and under several processes the gradient is
     averaged across them first; when any process's loss or gradient is not finite, no process steps.
@@ -142,7 +144,7 @@ class GenerationAdversary:
             advantages = faithful_advantages(
                 hardness, faithful, args.num_candidates, args.generation_adversary_normalize
             )
-            rewards = hardness.detach().float().cpu()[faithful]  # logged: the faithful candidates' hardness
+            rewards = rewards[faithful]  # logged: the faithful candidates' hardness (their gated reward)
         else:
             advantages = candidate_advantages(rewards, args.num_candidates, args.generation_adversary_normalize)
         if len(rewards):

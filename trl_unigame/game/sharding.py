@@ -11,7 +11,8 @@ Three things accelerate does not do for the game:
   DeepSpeed started, so ZeRO shards across the processes as on GPUs.
 - Under FSDP2 (and DeepSpeed ZeRO-3) each process holds a shard of every parameter, gathered by hooks around the
   forward of each sharded module. The game calls submodules directly (mining's generation loop, the pictures'
-  answers, the evaluator), and processes may make different numbers of such calls (uneven evaluation rows, one process drawing pictures).
+  answers, the evaluator), and processes may make different numbers of such calls (uneven evaluation rows, one
+  process drawing pictures).
   [`full_parameters`] gathers every parameter once, for all processes together, and keeps them gathered without a
   collective until it exits, as TRL's `unwrap_model_for_generation` does for sharded engines.
 """
