@@ -123,15 +123,21 @@ def mining_throughput(args) -> dict:
     enc = processor(text=texts, generation_mode="image", return_tensors="pt", padding=True).to(interface.device)
     # transformers' defaults: inductor, "reduce-overhead" (CUDA graphs on a GPU; plain inductor on a CPU)
     compiled = CompileConfig()
-    runs = {
-        "generate_images": lambda: interface.generate_images(prompts, guidance_scale=3.0, temperature=0.0),
-        "generate_images_compiled": lambda: interface.generate_images(
-            prompts, guidance_scale=3.0, temperature=0.0, compile_config=compiled
-        ),
-        "transformers_generate": lambda: model.decode_image_tokens(
-            model.generate(**enc, generation_mode="image", do_sample=False, guidance_scale=3.0)
-        ),
-    }
+    sizes = args.mining_sizes or [None]  # the first: the model's own size
+
+    def ours(size, compile_config=None):
+        kwargs = {} if size == sizes[0] else {"image_size": size}
+        return lambda: interface.generate_images(
+            prompts, guidance_scale=3.0, temperature=0.0, compile_config=compile_config, **kwargs
+        )
+
+    runs = {"transformers_generate": lambda: model.decode_image_tokens(
+        model.generate(**enc, generation_mode="image", do_sample=False, guidance_scale=3.0)
+    )}  # fmt: skip
+    for size in sizes:
+        suffix = "" if size == sizes[0] else f"_{size}px"
+        runs[f"generate_images{suffix}"] = ours(size)
+        runs[f"generate_images_compiled{suffix}"] = ours(size, compiled)
     times = {name: [] for name in runs}
     with torch.no_grad():
         start = time.perf_counter()
@@ -146,11 +152,20 @@ def mining_throughput(args) -> dict:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
-    tokens = len(prompts) * interface.num_image_tokens
-    result = {name: tokens / statistics.median(t) for name, t in times.items()}
+    result = {}
+    for name, t in times.items():
+        grid = interface.generation_grid(int(name.rsplit("_", 1)[1][:-2])) if name.endswith("px") else None
+        per_image = grid * grid if grid else interface.num_image_tokens
+        result[name] = len(prompts) * per_image / statistics.median(t)
     reference = times["transformers_generate"]
-    for name in ("generate_images", "generate_images_compiled"):
-        result[f"{name}_ratio"] = statistics.median(r / t for r, t in zip(reference, times[name]))
+    for name in times:
+        if name.startswith("generate_images"):  # image tokens per second over transformers' (same prompts and batch)
+            tokens_ratio = result[name] / result["transformers_generate"]
+            result[f"{name}_ratio"] = (
+                tokens_ratio
+                if name.endswith("px")
+                else statistics.median(r / t for r, t in zip(reference, times[name]))
+            )
     result["compile_s"] = compile_s
     return result
 
@@ -270,6 +285,13 @@ def main():
         "--repeats", type=int, default=1, help="Rounds of all variants in turn; ratios are the median over rounds."
     )
     parser.add_argument("--skip_mining", action="store_true", help="Skip the mining-throughput comparison.")
+    parser.add_argument(
+        "--mining_sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Image sizes (px) of the mining-throughput runs of `generate_images`; the first is the model's own.",
+    )
     parser.add_argument("--variant", choices=list(VARIANTS) + ["mining"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.shapes:

@@ -19,6 +19,10 @@ Without `--model_name_or_path`, the settings of that run are the starting point 
 its own setting: `--dataset_name imagefolder --dataset_data_files 'pngs/*'` evaluates the digits model on those
 images with every condition, `--attack_eps 0.1` changes only the attack.
 
+An adapter written by `train_janus.py` is evaluated on what it was trained on, which the run recorded in its
+`training_data.json`: `--adapters unigame-janus-tiny` asks the new skill ("What digit is after this?") and the
+pretrained one, each apart; an adapter trained on your rows is evaluated on that dataset.
+
 `accelerate launch` (or `torchrun`) with several processes splits the rows between them; the main process writes the
 results.
 
@@ -47,11 +51,18 @@ from accelerate import PartialState
 from trl import TrlParser
 
 from trl_unigame.data import to_vqa_format
+from trl_unigame.digits import SKILL_QUESTIONS
 from trl_unigame.evaluation import DEFAULT_ATTACK_EPS, DEFAULT_CAPTION_QUESTION, UniGameEvaluator, reference_answers
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_janus import given_options, with_defaults  # noqa: E402  (the same command-line rule as the training script)
+from train_janus import (  # noqa: E402  (the same command-line rule and run record as the training script)
+    TRAINING_DATA_FILE,
+    given_options,
+    set_cpu_threads,
+    show_offline_defaults,
+    with_defaults,
+)
 
 
 # Columns kept beside `to_vqa_format`'s image/question/answer: all annotators' answers and the group keys.
@@ -197,9 +208,54 @@ def load_model(args):
     return model, AutoProcessor.from_pretrained(args.model_name_or_path)
 
 
-def load_data(args, given: frozenset[str] = frozenset()):
+# Metric prefixes of the digits skills, by what each asks.
+SKILL_NAMES = {"digit": "digit", "color": "color", "after": "next_digit", "even": "even"}
+# The dataset options a training run records, in `TRAINING_DATA_FILE`.
+RECORDED_OPTIONS = ("dataset_config", "dataset_data_files", "image_column", "question_column", "answer_column")
+
+
+def training_data(adapters: list[str]) -> dict | None:
+    """What the first adapter with a record was trained on: `train_janus.py` writes `training_data.json` to its
+    output folder (a `checkpoint-*` folder reads its parent's); `None` when no adapter has one."""
+    for path in adapters:
+        for folder in (path, os.path.dirname(os.path.normpath(path))):
+            record = os.path.join(folder, TRAINING_DATA_FILE)
+            if folder and os.path.isfile(record):
+                with open(record) as f:
+                    return json.load(f)
+    return None
+
+
+def apply_training_data(args, given: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """Points the evaluation at what the adapters were trained on, for each dataset option not given: the recorded
+    dataset (its test split), or the digits skills. Returns the digits skills to evaluate, the adapters' new skills
+    first and the pretrained one after it (its drop matters as much); `("digit",)` without a record."""
+    record = training_data(args.adapters)
+    if record is None or "dataset_name" in given:
+        return ("digit",)
+    if record.get("dataset_name") is None:
+        if args.model_name_or_path is not None:
+            return ("digit",)
+        skills = list(record.get("new_skills", [])) + list(record.get("digits_skills", []))
+        skills = tuple(dict.fromkeys(skills + ["digit"]))
+        questions = ", ".join(f"{SKILL_NAMES.get(s, s)} ({SKILL_QUESTIONS[s]!r})" for s in skills)
+        print(f"The adapters were trained on the digits' skills {skills}: evaluating each, {questions}.")
+        return skills
+    args.dataset_name = record["dataset_name"]
+    for name in RECORDED_OPTIONS:
+        if name not in given and record.get(name) is not None:
+            setattr(args, name, record[name])
+    if "dataset_split" not in given and record.get("dataset_test_split"):
+        args.dataset_split = record["dataset_test_split"]
+    print(
+        f"Evaluating the dataset the adapters were trained on ({args.dataset_name}), as {TRAINING_DATA_FILE} records."
+    )
+    return ("digit",)
+
+
+def load_data(args, given: frozenset[str] = frozenset(), skills: tuple[str, ...] = ("digit",)):
     """The rows evaluated: `--dataset_name` mapped by `to_vqa_format`, or (without a model) 120 scans of the digits
-    test split, which no training saw. `given` names the options set by the user."""
+    test split, which no training saw, asked each of `skills`. `given` names the options set by the user."""
     if args.dataset_name is None:
         if args.model_name_or_path is not None:
             raise ValueError(
@@ -207,7 +263,7 @@ def load_data(args, given: frozenset[str] = frozenset()):
             )
         from trl_unigame.testing import digits_vqa_dataset
 
-        dataset = digits_vqa_dataset("test", skills=("digit",), seed=1, max_scans=120)
+        dataset = digits_vqa_dataset("test", skills=skills, seed=1, max_scans=120)
         if args.max_samples:
             dataset = dataset.select(range(min(args.max_samples, len(dataset))))
         return dataset
@@ -217,7 +273,10 @@ def load_data(args, given: frozenset[str] = frozenset()):
     split = args.dataset_split
     if split not in splits and len(splits) == 1 and "dataset_split" not in given:
         split = next(iter(splits))  # e.g. `imagefolder` with one glob names its only split `train`
-        print(f"Evaluating the dataset's only split, {split!r} (choose another with --dataset_split).")
+        print(
+            f"Evaluating the dataset's only split, {split!r} (choose another with --dataset_split; with data a run "
+            "trained on, these may be its training rows)."
+        )
     if split not in splits:
         raise ValueError(
             f"Split {split!r} not found; the dataset has {list(splits)}. Choose one with --dataset_split."
@@ -246,8 +305,9 @@ def load_data(args, given: frozenset[str] = frozenset()):
 
 
 def load_model_and_data(args, given: frozenset[str] = frozenset()):
+    skills = apply_training_data(args, given)
+    dataset = load_data(args, given, skills)
     model, processor = load_model(args)
-    dataset = load_data(args, given)
     # Under `accelerate launch` / `torchrun` this is each process's own device, and the evaluator shards the rows.
     return model.to(PartialState().device), processor, dataset
 
@@ -277,14 +337,25 @@ def evaluate_models(args, model, processor, dataset) -> tuple[dict[str, dict[str
 
     predictions: list[dict] = []
     similarity = load_image_similarity(args)
+    # Several digits skills are evaluated apart, each metric named by its skill (`next_digit/clean/vqa_accuracy`).
+    skills = list(dict.fromkeys(dataset["skill"])) if "skill" in dataset.column_names else []
+    if len(skills) > 1:
+        parts = {SKILL_NAMES.get(s, s): dataset.filter(lambda x, s=s: x == s, input_columns="skill") for s in skills}
+    else:
+        parts = {None: dataset}
 
     def run(name, current):
         settings = {key: getattr(args, key) for key in EVALUATOR_ARGUMENTS}
         evaluator = UniGameEvaluator(current, processor, image_similarity=similarity, **settings)
-        metrics, rows = evaluator.evaluate(dataset, return_predictions=True)
-        for row in rows:
-            row["model"] = name
-        predictions.extend(rows)
+        metrics = {}
+        for skill, part in parts.items():
+            values, rows = evaluator.evaluate(part, return_predictions=True)
+            for row in rows:
+                row["model"] = name
+                if skill is not None:
+                    row["skill"] = skill
+            predictions.extend(rows)
+            metrics.update({(f"{skill}/{key}" if skill else key): value for key, value in values.items()})
         return metrics
 
     results = {"base": run("base", model)}
@@ -353,7 +424,7 @@ def main(args, given: frozenset[str] = frozenset()):
 
 
 def make_parser():
-    return TrlParser((EvaluationScriptArguments,))
+    return show_offline_defaults(TrlParser((EvaluationScriptArguments,)), offline_default_arguments())
 
 
 def parse_arguments(argv: list[str]) -> tuple[EvaluationScriptArguments, frozenset[str]]:
@@ -370,4 +441,5 @@ def parse_arguments(argv: list[str]) -> tuple[EvaluationScriptArguments, frozens
 
 
 if __name__ == "__main__":
+    set_cpu_threads()  # `OMP_NUM_THREADS` when set, else the free cores shared among this machine's processes
     main(*parse_arguments(sys.argv[1:]))

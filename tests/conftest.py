@@ -6,6 +6,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread per process: the tests run beside each other (xdist workers, the processes a test launches with
+# `torchrun`, `accelerate launch` or the example scripts, which inherit this environment), and threads that outnumber
+# the cores spin and wait on each other.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 

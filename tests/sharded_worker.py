@@ -172,6 +172,7 @@ def main(engine: str, output_dir: str, update: str, checkpointing: str, resume_f
             "deepspeed": trainer.is_deepspeed_enabled,
             "zero_stage": trainer.model_wrapped.zero_optimization_stage() if trainer.is_deepspeed_enabled else None,
             "skipped": [log.get("unigame/skipped_understanding_steps") for log in logs],
+            "skipped_perturber": [log.get("unigame/skipped_perturber_steps") for log in logs],
             "world": trainer.args.world_size,
         },
         os.path.join(output_dir, f"rank{rank}.pt"),

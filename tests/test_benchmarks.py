@@ -104,3 +104,31 @@ def test_adversary_strength_quick_mode_writes_every_mode_and_budget(tmp_path):
         assert set(rows) == {"0.05"}
         assert set(rows["0.05"]) == {"clean", "perturber", "fgsm", "pgd", "strength"}
         assert all(0 <= rows["0.05"][k] <= 100 for k in ("clean", "perturber", "fgsm", "pgd"))
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_mode_runs_every_stage_and_writes_its_report(tmp_path):
+    import subprocess
+
+    out = subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(tmp_path), "--smoke"],
+        capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHON": sys.executable},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["preflight"]["missing"] == [] and result["smoke"]
+    assert {name: stage["status"] for name, stage in result["stages"].items()} == {
+        "main_job": "ok",
+        "step_overhead": "ok",
+    }, result["stages"]
+    variants = result["step_overhead"]["variants"]
+    assert set(variants) == {"plain", "game_no_mining_first_order_gradient"}
+    assert all(v["step_s"] > 0 and v["peak_bytes"] > 0 for v in variants.values())
+    mining = result["step_overhead"]["mining"]
+    assert {"generate_images", "generate_images_compiled", "generate_images_8px", "transformers_generate"} <= set(
+        mining
+    )
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| game_no_mining_first_order_gradient |" in table and "<= 1.3" in table
+    assert result["main_job_table"] and result["main_job_table"] in table
+    assert len(os.listdir(tmp_path)) <= 8  # what a device machine sends back

@@ -9,7 +9,7 @@ from test_trainer import make_trainer as make_game_trainer  # noqa: E402
 from transformers import TrainerCallback
 
 from trl_unigame import HardSampleBuffer
-from trl_unigame.game.checkpoint import load_buffer, save_buffer
+from trl_unigame.game.checkpoint import load_buffer, load_game_state, save_buffer
 
 
 OVERRIDES = dict(max_steps=2, save_strategy="steps", save_steps=2, buffer_capacity=4, hardness_quantile=0.0)
@@ -207,3 +207,37 @@ def test_resume_counts_the_buffers_of_a_former_checkpoint_that_has_no_record(sav
         torch.save(state, checkpoint / f"unigame_buffer_rank{rank}.pt")
     resumed = make_trainer(tmp_path / "resumed", vqa, max_steps=4)
     refused(resumed, checkpoint, ValueError, r"written by 2 processes, but this run has 1\.")
+
+
+def test_resume_from_a_checkpoint_whose_perturber_optimizer_has_one_group(saved_run, checkpoint, tmp_path, vqa):
+    # Release 0.3 kept the perturber's AdamW in one group (every parameter decayed): it resumes as today's two.
+    trainer, _ = saved_run
+    state = torch.load(checkpoint / "perturber_optimizer.pt", weights_only=True)
+    assert len(state["param_groups"]) == 2
+    today = [p for group in trainer.perturber_optimizer.param_groups for p in group["params"]]
+    order = {id(p): j for j, p in enumerate(today)}
+    former = {
+        "state": {i: state["state"][order[id(p)]] for i, p in enumerate(trainer.perturber.parameters())},
+        "param_groups": [{**state["param_groups"][0], "params": list(range(len(today)))}],
+    }
+    torch.save(former, checkpoint / "perturber_optimizer.pt")
+
+    def restored(path, name):
+        trainer = make_trainer(tmp_path / name, vqa, max_steps=2)
+        load_game_state(
+            str(path),
+            perturber=trainer.perturber,
+            perturber_optimizer=trainer.perturber_optimizer,
+            buffer=trainer.buffer,
+            process_index=0,
+            num_processes=1,
+        )
+        return trainer
+
+    restored, expected = restored(checkpoint, "former"), restored(saved_run[1], "today")
+    a, b = restored.perturber_optimizer.state_dict(), expected.perturber_optimizer.state_dict()
+    assert [g["params"] for g in a["param_groups"]] == [g["params"] for g in b["param_groups"]]
+    assert [g["weight_decay"] for g in a["param_groups"]] == [g["weight_decay"] for g in b["param_groups"]]
+    for j, moments in b["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(a["state"][j][key], value), (j, key)

@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 
 import pytest
@@ -125,7 +126,9 @@ def test_generation_adversary_under_two_processes_averages_its_gradient_and_keep
     assert rank0["logged"] == rank1["logged"] and all(loss is not None for loss in rank0["logged"])
 
 
-def _launch_sharded_worker(engine, output_dir, port, update, checkpointing, resume_from=None, **env_extra):
+def _launch_sharded_worker(
+    engine, output_dir, port, update, checkpointing, resume_from=None, timeout=300, **env_extra
+):
     command = [
         "torchrun",
         "--nproc_per_node",
@@ -139,11 +142,17 @@ def _launch_sharded_worker(engine, output_dir, port, update, checkpointing, resu
         checkpointing,
     ] + ([str(resume_from)] if resume_from else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **env_extra}
+    # its own process group: a hang kills torchrun and both workers, which would otherwise wait on forever
+    launch = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        _, stderr = launch.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)
+        launch.communicate()
         pytest.fail(f"the 2-process {engine} run hung: the ranks stopped pairing their collectives")
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert launch.returncode == 0, stderr[-4000:]
     return [torch.load(output_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
@@ -232,6 +241,28 @@ def test_game_under_deepspeed_zero_on_two_cpu_processes(tmp_path, engine, update
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine, port", [("fsdp2", 29548), pytest.param("zero3", 29549, marks=deepspeed_installed)])
+def test_exact_step_with_a_non_finite_loss_on_one_sharded_process_skips_on_every_process(tmp_path, engine, port):
+    # Process 1's loss is not finite at step 1. The exact step's backward all-gathers the layers' shards (FSDP2,
+    # ZeRO-3), so process 1 runs it too, and both leave the perturber and U as they were for that step. A hang fails
+    # at the launch's timeout (the workers print their stacks first).
+    rank0, rank1 = _launch_sharded_worker(
+        engine, tmp_path, port, "exact", "off", NAN_AT_STEP="1", SHARDED_WORKER_DUMP_AFTER="270"
+    )
+    for rank in (rank0, rank1):
+        assert rank["world"] == 2 and (rank["fsdp"] if engine == "fsdp2" else rank["zero_stage"] == 3)
+        perturber = [seen["perturber"] for seen in rank["seen"]]
+        checksums = [seen["checksum"] for seen in rank["seen"]]
+        assert perturber[1] == perturber[0] and perturber[2] != perturber[1]
+        assert checksums[1] == checksums[0] and checksums[2] != checksums[1]
+        # each process counts the skip (counts are summed over processes)
+        for skipped in (rank["skipped_perturber"], rank["skipped"]):
+            assert skipped[1] == 2 and not any(skipped[i] for i in (0, 2, 3))
+    assert repr(rank0["logged"]) == repr(rank1["logged"])  # repr: step 1's losses are NaN
+    _check_identical_ranks_and_outputs(tmp_path, rank0, rank1)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "engine, update, ports",
     [
@@ -269,6 +300,39 @@ def test_separate_understanding_update_under_deepspeed_is_refused():
     check_deepspeed_options(
         SimpleNamespace(is_deepspeed_enabled=False, args=SimpleNamespace(understanding_update="separate"))
     )
+
+
+def test_fsdp_on_a_torch_older_than_the_tested_one_is_refused_at_set_up(monkeypatch):
+    from types import SimpleNamespace
+
+    from torch.torch_version import TorchVersion
+
+    from trl_unigame.game.sharding import check_fsdp_options
+
+    plugin = SimpleNamespace(activation_checkpointing=False)
+    trainer = SimpleNamespace(
+        is_fsdp_enabled=True,
+        model=torch.nn.Linear(2, 2),
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+    )
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.11.0+cu128"))
+    with pytest.raises(RuntimeError, match=r"needs torch>=2\.13 \(found 2\.11\.0\+cu128\)"):
+        check_fsdp_options(trainer)
+    check_fsdp_options(SimpleNamespace(is_fsdp_enabled=False))  # without FSDP, any torch
+    for version in ("2.13.0+cpu", "2.14.0a0+git1234"):
+        monkeypatch.setattr(torch, "__version__", TorchVersion(version))
+        check_fsdp_options(trainer)
+
+
+def test_fsdp2_private_state_of_an_unchecked_layout_fails_clearly():
+    # Releases before pytorch#173509 keep one `_fsdp_param_group`, not a list: a clear error, not an AttributeError.
+    from types import SimpleNamespace
+
+    from trl_unigame.game.sharding import _FSDP2PrivateState
+
+    state = SimpleNamespace(_fsdp_param_group=None, _lazy_init=lambda: None, _auto_reshard_after_forward=True)
+    with pytest.raises(RuntimeError, match="differs from the one UniGame's `full_parameters` was checked on"):
+        _FSDP2PrivateState(SimpleNamespace(_get_fsdp_state=lambda: state))
 
 
 def test_fsdp_activation_checkpointing_with_an_adapter_is_refused():
@@ -341,7 +405,7 @@ def test_example_shards_through_accelerate_launch_on_cpu(tmp_path, config, port)
     sharded = "pytorch_model_fsdp_0" if config == "fsdp_cpu" else "global_step2"
     assert (out / "checkpoint-2" / sharded).is_dir()
     assert (out / "checkpoint-2" / "perturber" / "model.safetensors").is_file()
-    assert "| 'digit' clean |" in result.stdout  # the before/after table, evaluated sharded
+    assert "| this digit (pretrained): clean |" in result.stdout  # the before/after table, evaluated sharded
     assert (out / "hard_samples.png").is_file() and (out / "pictures" / "hard_samples_step2.png").is_file()
     base, _ = pretrained_tiny_janus()
     model = PeftModel.from_pretrained(base, str(out))

@@ -33,6 +33,15 @@ def digits_inputs(interface, n=3):
     return interface.build_understanding_inputs(rows["image"], rows["question"], rows["answer"])
 
 
+def table_rows(printed: str) -> dict[str, list[float]]:
+    """The before/after table the offline default prints: each row's label and its percentages."""
+    return {
+        line.split("|")[1].strip(): [float(cell.strip().rstrip("%")) for cell in line.split("|")[2:-1]]
+        for line in printed.splitlines()
+        if line.startswith("| ") and line.rstrip().endswith("% |")
+    }
+
+
 def usage_snippet(card: str) -> str:
     """The Python code block of a model card (its usage section)."""
     import re
@@ -55,10 +64,9 @@ def test_offline_default_saves_what_loads_back(tmp_path, capsys):
     assert "unigame/" not in printed and "grad_norm" not in printed
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 6
-    assert all(
-        {"grad_norm", "unigame/eps", "unigame/clean_loss", "unigame/buffer_size", "unigame/token_norm"} <= set(log)
-        for log in logs
-    )
+    # (the first-order step measures the perturbation where mining draws: the generation site)
+    keys = {"grad_norm", "unigame/eps", "unigame/clean_loss", "unigame/buffer_size", "unigame/generation_token_norm"}
+    assert all(keys <= set(log) for log in logs)
     files = set(os.listdir(out))
     assert {
         "adapter_model.safetensors",
@@ -116,14 +124,10 @@ def test_accelerate_launch_with_no_arguments(tmp_path):
     assert (out / "checkpoint-200" / "unigame_buffer_rank0.safetensors").is_file()
     assert (out / "hard_samples.png").is_file()
     # The model learned the new skill and kept the old one: before/after on held-out scans.
-    rows = {
-        line.split("|")[1].strip(): [float(cell.strip().rstrip("%")) for cell in line.split("|")[2:4]]
-        for line in result.stdout.splitlines()
-        if line.startswith("| '")
-    }
-    before, after = rows["'after' clean"]
+    rows = table_rows(result.stdout)
+    before, after = rows["next digit: clean"]
     assert before < 10 and after > 60
-    before, after = rows["'digit' clean"]
+    before, after = rows["this digit (pretrained): clean"]
     assert after > 80
 
 
@@ -173,7 +177,8 @@ def test_console_line_is_short_beside_the_progress_bar_too(tmp_path, capsys):
     printed = captured.out + captured.err
     assert "step 1/2 | loss " in printed and "step 2/2 | loss " in printed
     assert "unigame/" not in printed and "'grad_norm'" not in printed
-    assert all("unigame/realized_delta_norm" in log for log in trainer.state.log_history if "loss" in log)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert logs and all("unigame/generation_realized_delta_norm" in log for log in logs)
 
 
 def test_load_in_4bit_quantizes_the_shipped_model(tmp_path):
@@ -368,7 +373,7 @@ def test_example_trains_on_two_processes_with_accelerate_launch(tmp_path):
     assert result.stdout.count("Saved the LoRA adapter") == 1
     # The before/after table, printed by the main process only.
     assert result.stdout.count("Accuracy on 16 held-out test scans, before and after training") == 1
-    assert sum(line.startswith("| 'after' clean |") for line in result.stdout.splitlines()) == 1
+    assert sum(line.startswith("| next digit: clean |") for line in result.stdout.splitlines()) == 1
 
     rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
     assert rank0["world"] == rank1["world"] == 2
@@ -618,8 +623,9 @@ def test_processes_launched_together_that_would_train_apart_are_refused(tmp_path
     out = tmp_path / "run"
     command = ["accelerate", "launch", "--config_file", str(config), "--main_process_port", port]
     command.append(os.path.join(ROOT, "examples", "train_janus.py"))
+    # `--use_cpu false` given: the CPU FSDP launch is not read as `--use_cpu true` (which shards, see below)
     result = subprocess.run(
-        command + ["--max_steps", "2", "--output_dir", str(out)],
+        command + ["--max_steps", "2", "--output_dir", str(out), "--use_cpu", "false"],
         cwd=tmp_path,
         env=env(),
         capture_output=True,
@@ -644,6 +650,277 @@ def test_help_and_start_name_the_offline_defaults_settings():
     ).stdout
     shown = " ".join(shown.split())  # argparse wraps the description
     assert "the offline default runs" in shown and "--learning_rate 1e-3" in shown  # not only the generic 2e-05
+    # each option the offline default sets shows the value it runs with beside its own default
+    assert "Without --model_name_or_path: relative. (default: absolute)" in shown  # --perturber_budget
+    assert "Without --model_name_or_path: digit_judge. (default: openai/clip-vit-base-patch16)" in shown
+    import evaluate_janus
+
+    shown = " ".join(evaluate_janus.make_parser().format_help().split())
+    assert "Without --model_name_or_path: 0.02 0.05. (default: [0.02])" in shown
+    assert "Without --model_name_or_path: relative. (default: absolute)" in shown
+    assert "Without --model_name_or_path: noise_3 blur_3 jpeg_3 contrast_3. (default: [])" in shown
     _, training_args, model_args = parse_arguments(["--max_steps", "7"])
     line = effective_settings(["--max_steps", "7"], training_args, model_args)
     assert "max_steps=7" in line and "learning_rate=0.001" in line and "perturber_budget=relative" in line
+
+
+# ------------------------------------------------------------------------------------- your own data
+def digits_imagefolder(folder, skills=("even",), scans=12):
+    """An `imagefolder` of digit scans with a `metadata.jsonl` (`file_name`, `question`, `answer`), as a user's."""
+    import json
+
+    from trl_unigame.testing import digits_vqa_dataset
+
+    folder.mkdir(parents=True)
+    rows = digits_vqa_dataset("train", skills=skills, seed=2, max_scans=scans)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for index, row in enumerate(rows):
+            row["image"].save(folder / f"{index}.png")
+            f.write(json.dumps({"file_name": f"{index}.png", "question": row["question"], "answer": row["answer"]}))
+            f.write("\n")
+    return rows
+
+
+def test_own_imagefolder_trains_the_shipped_model_with_the_working_settings(tmp_path, capsys):
+    import json
+
+    from train_janus import run
+
+    from trl_unigame.digit_judge import DigitJudge
+
+    rows = digits_imagefolder(tmp_path / "mydata" / "train")
+    out = tmp_path / "run"
+    data_files = str(tmp_path / "mydata" / "train" / "*")
+    argv = ["--dataset_name", "imagefolder", "--dataset_data_files", data_files, "--max_steps", "2"]
+    trainer = run(argv + ["--output_dir", str(out), "--disable_tqdm", "true", "--picture_steps", "0"])
+    # the user's rows, not the built-in digits
+    assert len(trainer.train_dataset) == len(rows) == 12
+    assert set(trainer.train_dataset["question"]) == set(rows["question"]) == {"Is the digit even?"}
+    assert sorted(trainer.train_dataset["answer"]) == sorted(rows["answer"])
+    # the shipped model with the offline default's settings: LoRA, relative budgets, the digit judge (no CLIP)
+    assert isinstance(trainer.model, PeftModel) and trainer.args.learning_rate == 1e-3
+    assert trainer.args.perturber_budget == "relative" and trainer.args.num_candidates == 3
+    assert isinstance(trainer.consistency_scorer, DigitJudge) and trainer.args.consistency_model is None
+    printed = capsys.readouterr().out
+    assert "on your dataset" in printed and "dataset_name=imagefolder" in printed
+    assert "step 1/2 | loss " in printed and "step 2/2 | loss " in printed
+    assert "held-out test scans" not in printed  # the digits' before/after table is not about these rows
+    assert f"python examples/evaluate_janus.py --adapters {out}" in printed
+    with open(out / "training_data.json") as f:
+        record = json.load(f)
+    assert record["dataset_name"] == "imagefolder" and record["dataset_data_files"] == data_files
+    assert (out / "adapter_model.safetensors").is_file()
+
+    # evaluate_janus.py reads the record back: the user's rows, their only split
+    import evaluate_janus
+
+    args, given = evaluate_janus.parse_arguments(["--adapters", str(out)])
+    assert evaluate_janus.apply_training_data(args, given) == ("digit",)
+    assert (args.dataset_name, args.dataset_data_files) == ("imagefolder", data_files)
+    dataset = evaluate_janus.load_data(args, given)
+    assert len(dataset) == 12 and set(dataset["question"]) == {"Is the digit even?"}
+
+
+def test_consistency_model_none_on_the_command_line_turns_the_filter_off():
+    from train_janus import consistency_scorer_for, parse_arguments
+
+    _, training_args, _ = parse_arguments(["--consistency_model", "none"])
+    assert training_args.consistency_model is None and consistency_scorer_for(training_args) is None
+    _, training_args, _ = parse_arguments([])
+    assert training_args.consistency_model == "digit_judge"
+
+
+def test_the_shipped_models_folder_named_as_the_model_gets_the_offline_defaults_settings():
+    from train_janus import parse_arguments
+
+    from trl_unigame.testing import pretrained_tiny_janus_path
+
+    argv = ["--model_name_or_path", pretrained_tiny_janus_path(), "--dataset_name", "imagefolder", "--max_steps", "3"]
+    script_args, training_args, model_args = parse_arguments(argv)
+    assert model_args.model_name_or_path is None and script_args.dataset_name == "imagefolder"
+    assert training_args.perturber_budget == "relative" and training_args.consistency_model == "digit_judge"
+    assert training_args.max_steps == 3 and model_args.use_peft
+
+
+# ------------------------------------------------------------------------------- bad command lines
+def usage_error(argv):
+    """The one-line refusal of a command line, from the checks the script runs before loading anything."""
+    from train_janus import UsageError, check_arguments, parse_arguments
+
+    with pytest.raises(UsageError) as error:
+        check_arguments(*parse_arguments(argv))
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_command_lines_are_refused_before_anything_loads(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    out = ["--output_dir", str(tmp_path / "run")]
+    assert "--max_steps N with N >= 1" in usage_error(["--max_steps", "0", *out])
+    # an output folder that cannot be written: under a file, on a read-only file system
+    (tmp_path / "file").write_text("")
+    assert "cannot be written" in usage_error(["--output_dir", str(tmp_path / "file" / "run")])
+    with monkeypatch.context() as patch:
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        patch.setattr(tempfile, "mkdtemp", read_only)
+        message = usage_error(["--output_dir", str(tmp_path / "ro" / "run")])
+        assert "cannot be written" in message and "Read-only file system" in message
+    # a model folder that does not exist, however it is written
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name in ("./janus", str(tmp_path / "janus"), "~/no-such-janus", "models/janus", "not a repo id"):
+        message = usage_error(["--model_name_or_path", name, "--dataset_name", "parquet", *out])
+        assert f"--model_name_or_path {name}: the folder does not exist" in message
+    # a Hub id that is not cached while the Hub is off (HF_HUB_OFFLINE=1 in the tests)
+    message = usage_error(["--model_name_or_path", "someone/no-such-model", "--dataset_name", "parquet", *out])
+    assert "HF_HUB_OFFLINE=1" in message and "local cache" in message
+    assert "needs --dataset_name" in usage_error(["--model_name_or_path", str(tmp_path / "models"), *out])
+    # the CLIP default while offline: at once, with the command line's syntax
+    message = usage_error(["--consistency_model", "someone/no-such-clip", *out])
+    assert "--consistency_model none" in message and "consistency_model=None" not in message
+    # uploading while offline, and with no network
+    assert "--push_to_hub needs the Hub" in usage_error(["--push_to_hub", *out])
+    import socket
+
+    import trl_unigame.consistency
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(trl_unigame.consistency, "hub_offline", lambda: False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    message = usage_error(["--push_to_hub", *out])
+    assert "cannot be reached (Name or service not known)" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_command_line_fails_at_once_in_one_line_printed_once(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", port]
+    command += [os.path.join(ROOT, "examples", "train_janus.py"), "--max_steps", "0", "--output_dir", "run"]
+    start = time.time()
+    result = subprocess.run(
+        command, cwd=tmp_path, env={**env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0 and time.time() - start < 120
+    lines = [line for line in result.stderr.splitlines() if "error: --max_steps 0 trains nothing" in line]
+    assert len(lines) == 1, result.stderr[-3000:]  # one line, from the first process only
+    assert "Traceback" not in result.stderr.split(lines[0])[0]  # nothing raised before it
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_fsdp_launch_on_the_cpu_is_use_cpu(monkeypatch):
+    import train_janus
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if hasattr(torch, "accelerator"):
+        monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert train_janus.parse_arguments(["--max_steps", "2"])[1].use_cpu is True
+    assert train_janus.parse_arguments(["--use_cpu", "false"])[1].use_cpu is False  # given: kept
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert train_janus.launcher_options(set()) == []
+
+
+@pytest.mark.slow
+def test_fsdp_cpu_config_alone_shards_on_two_cpu_processes(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    config = os.path.join(ROOT, "examples", "accelerate_configs", "fsdp_cpu.yaml")
+    command = ["accelerate", "launch", "--config_file", config, "--main_process_port", port]
+    command += [os.path.join(ROOT, "examples", "train_janus.py"), "--max_steps", "2", "--output_dir", "run"]
+    command += ["--compare_scans", "0", "--picture_steps", "0", "--disable_tqdm", "true", "--save_steps", "2"]
+    result = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2/2 | loss " in result.stdout
+    assert (tmp_path / "run" / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # FSDP's own sharded checkpoint
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------- threads
+def test_the_example_shares_the_cores_among_its_processes(monkeypatch):
+    import train_janus
+
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # set by the launcher (and by these tests): kept
+        assert train_janus.set_cpu_threads() == torch.get_num_threads() == threads
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert train_janus.set_cpu_threads() == torch.get_num_threads() == 4
+        monkeypatch.setattr(os, "getloadavg", lambda: (6.8, 6.0, 5.0))  # other work keeps 7 of the 8 cores busy
+        assert train_janus.set_cpu_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_subprocesses_of_the_tests_run_one_thread():
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    code = "import torch; print(torch.get_num_threads())"
+    shown = subprocess.run([sys.executable, "-c", code], env=os.environ, capture_output=True, text=True, timeout=120)
+    assert shown.stdout.strip() == "1"
+
+
+# ---------------------------------------------------------------------- evaluating what was trained
+def test_evaluation_asks_the_adapter_the_skill_it_was_trained_on_and_the_old_one(tmp_path, capsys):
+    import json
+
+    import evaluate_janus
+
+    out = tmp_path / "unigame-janus-tiny"
+    run_example(out, "--max_steps", "1", "--picture_steps", "0", "--save_steps", "100")
+    with open(out / "training_data.json") as f:
+        assert json.load(f)["digits_skills"] == ["after", "digit"]
+    options = ["--adapters", str(out), "--max_samples", "8", "--attack_steps", "1", "--attack_eps", "0.02"]
+    options += ["--corruptions", "blur_1", "--consistency", "false", "--reverse_consistency", "false"]
+    results = evaluate_janus.main(*evaluate_janus.parse_arguments(options + ["--output_dir", str(tmp_path / "ev")]))
+    assert list(results) == ["base", "unigame-janus-tiny"]
+    for metrics in results.values():
+        assert {"next_digit/clean/vqa_accuracy", "digit/clean/vqa_accuracy"} <= set(metrics)
+        assert {"next_digit/attack_rel0.02/vqa_accuracy", "digit/corrupt_blur_1/vqa_accuracy"} <= set(metrics)
+    printed = capsys.readouterr().out
+    assert "'What digit is after this?'" in printed and "| unigame-janus-tiny | next_digit/clean |" in printed
+    # without a record (an adapter from elsewhere), the pretrained skill as before
+    (out / "training_data.json").unlink()
+    args, given = evaluate_janus.parse_arguments(["--adapters", str(out)])
+    assert evaluate_janus.apply_training_data(args, given) == ("digit",)
+
+
+def test_before_after_table_names_the_skill_and_compares_plain_fine_tuning(tmp_path, capsys):
+    argv = offline_default_arguments(str(tmp_path / "run")) + ["--disable_tqdm", "true", "--picture_steps", "0"]
+    trainer = main(*make_parser().parse_args_and_config(args=argv + ["--max_steps", "2", "--save_steps", "100",
+                                                                     "--compare_scans", "8", "--compare_sft", "true"]))  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| | before training | after UniGame | after plain fine-tuning |" in printed
+    rows = table_rows(printed)
+    assert set(rows) == {
+        "next digit: clean",
+        "next digit: under attack (2%)",
+        "next digit: round trip",
+        "generation judged right",
+        "this digit (pretrained): clean",
+    }
+    assert all(len(values) == 3 for values in rows.values())
+    assert "'after'" not in printed  # the skill is named by what it asks
+    # the run's own settings are the recipe that measured best (docs/benchmarks.md)
+    assert trainer.args.perturber_inputs == "features_and_gradient" and trainer.args.perturber_update == "first_order"
+    assert trainer.args.perturbed_weight == 0.5
+    assert not any(name.startswith("tmp") for name in os.listdir(tmp_path / "run"))  # the plain run saved nothing

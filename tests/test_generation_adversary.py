@@ -7,7 +7,9 @@ import warnings
 
 import pytest
 import torch
+from host_reads import HostReads
 from peft import LoraConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from trl_unigame import Perturber, UniGameConfig, UniGameTrainer, get_interface
 from trl_unigame.game.generation_adversary import candidate_advantages, candidate_rewards, faithful_advantages
@@ -250,8 +252,13 @@ def test_faithful_reward_moves_probability_between_faithful_candidates_only(tmp_
         adversary.optimizer.load_state_dict(copy.deepcopy(start[1]))
         trainer.args.generation_adversary_reward = reward
         log_probs = adversary.log_probs
+
+        def third_cut_off(chunk_prompts, chunk_tokens):  # the passes take only the candidates that take part
+            values = log_probs(chunk_prompts, chunk_tokens)
+            return torch.where((chunk_tokens == tokens[2]).all(-1), values.detach(), values)
+
         if not third_counts:
-            adversary.log_probs = lambda *a: torch.cat([log_probs(*a)[:2], log_probs(*a)[2:].detach()])
+            adversary.log_probs = third_cut_off
         try:
             adversary.step(prompts, tokens, hardness, consistency, step=0)
         finally:
@@ -270,6 +277,114 @@ def test_faithful_reward_moves_probability_between_faithful_candidates_only(tmp_
     assert all(torch.equal(faithful[n], without_third[n]) for n in faithful)
     gated, gated_without_third = update("gated"), update("gated", third_counts=False)
     assert any(not torch.equal(gated[n], gated_without_third[n]) for n in gated)
+
+
+def test_a_round_where_no_candidate_takes_part_leaves_the_perturber_and_its_optimizer_alone(
+    tmp_path, vqa, clip_scorer
+):
+    trainer = game_trainer("janus", tmp_path, vqa, clip_scorer, num_candidates=2, consistency_threshold=0.5)
+    trainer.model.eval()
+    adversary = trainer.generation_adversary
+    prompts = ["A red circle.", "A small blue square."]
+    tokens, _ = sample_candidates(trainer, prompts, num_images=2)
+    passes, log_probs = [], adversary.log_probs
+    adversary.log_probs = lambda p, t: passes.append(len(t)) or log_probs(p, t)
+    before = snapshot(trainer.perturber)
+    hardness = torch.tensor([2.0, 1.0, 3.0, 0.5])
+    # one faithful candidate per prompt: no prompt has two to compare, so no advantage, on the only process
+    adversary.step(prompts, tokens, hardness, torch.tensor([0.9, 0.1, 0.1, 0.9]), step=0)
+    assert not passes and not adversary.optimizer.state
+    assert all(torch.equal(before[n], p) for n, p in trainer.perturber.named_parameters())
+    logged = trainer.game_metrics.reduce()
+    assert "unigame/generation_adversary_loss" not in logged and "unigame/generation_eps" in logged
+    assert logged["unigame/generation_reward_mean"] == pytest.approx(1.25)  # still logged: the faithful ones' H
+    # the same round where another process has candidates that take part: every process steps on the averaged
+    # gradient (this one adds zeros without a pass of its own), so the processes' perturbers stay the same
+    votes, any_process = [], adversary.agreement.any_process
+    adversary.agreement.any_process = lambda flag: votes.append(flag) or True
+    try:
+        adversary.step(prompts, tokens, hardness, torch.tensor([0.9, 0.1, 0.1, 0.9]), step=1)
+    finally:
+        adversary.agreement.any_process = any_process
+    assert votes == [False] and not passes and adversary.optimizer.state
+    adversary.step(prompts, tokens, hardness, torch.tensor([0.9, 0.9, 0.1, 0.9]), step=2)  # prompt 0 has two
+    assert passes == [2]  # only the two candidates that take part
+
+
+@pytest.mark.parametrize("family", ["janus", "emu3"])
+def test_chunked_checkpointed_passes_give_the_log_probs_and_gradient_of_one_plain_pass(
+    family, tmp_path, vqa, clip_scorer
+):
+    trainer = game_trainer(family, tmp_path, vqa, clip_scorer, num_candidates=3)
+    trainer.model.eval()  # as in mining; LoRA's dropout (0.05) must stay off under checkpointing too
+    adversary = trainer.generation_adversary
+    prompts = ["A red circle.", "A small blue square on the left."]
+    tokens, _ = sample_candidates(trainer, prompts, num_images=3)
+    advantages = torch.tensor([1.0, -0.5, 0.0, 2.0, -1.5, -0.5])  # the third takes no part
+    base = adversary.interface.base_model
+    language_model = base.model.language_model if family == "janus" else base.model.text_model
+    layers = [m for m in language_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    runs = []
+    for layer in layers:  # each run of a layer's MLP, recomputations included (a checkpoint's recompute stops inside
+        # the MLP, once it has what the backward needs: a pre-hook sees it)
+        layer.mlp.register_forward_pre_hook(lambda *a: runs.append(1))
+
+    def pass_(chunk_size):
+        runs.clear()
+        trainer.args.generation_adversary_chunk_size = chunk_size
+        loss, grads = adversary.policy_gradient(prompts, tokens, advantages)
+        with torch.enable_grad():
+            per_candidate = torch.cat(
+                [adversary.log_probs([prompts[i // 3]], tokens[i : i + 1]) for i in range(len(tokens))]
+            )
+        return loss, grads, per_candidate.detach(), len(runs)
+
+    plain_loss, plain_grads, plain_log_probs, plain_runs = pass_(chunk_size=6)
+    with torch.enable_grad():
+        whole = adversary.log_probs(prompts, tokens).detach()
+    torch.testing.assert_close(plain_log_probs, whole, rtol=0, atol=1e-5)  # one candidate per pass or all at once
+    # the run's gradient checkpointing, reentrant (which `torch.autograd.grad` cannot use: the pass swaps it)
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    loss, grads, log_probs, checkpointed_runs = pass_(chunk_size=1)
+    assert not any(layer.training for layer in base.modules())  # eval mode as it was
+    torch.testing.assert_close(log_probs, plain_log_probs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in plain_grads)
+    for g, expected in zip(grads, plain_grads):
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-7)
+    # plain: one run per layer for the one pass (5 candidates taking part) and 6 for the log-probabilities; chunked and
+    # checkpointed: 5 passes, each layer run again in its backward, and 6
+    assert plain_runs == len(layers) * (1 + 6)
+    assert checkpointed_runs == len(layers) * (5 * 2 + 6)
+
+
+@pytest.mark.parametrize("family", ["janus", "emu3"])
+def test_the_token_loop_of_a_mining_round_reads_nothing_back_to_the_host(family, tmp_path, vqa, clip_scorer):
+    trainer = game_trainer(family, tmp_path, vqa, clip_scorer, max_steps=1, perturber_generation_row_scales=[2.0])
+    interface = trainer.interface
+    loop, reads, fed = interface._generate_image_tokens, HostReads(), []
+
+    def counted_loop(**kwargs):
+        """The loop, with the host reads counted from its first fed-back token to its last (its prompt step before
+        and its one check after are once a round)."""
+        embed, num_tokens, calls = kwargs["embed_image_tokens"], kwargs["num_tokens"], []
+
+        def embed_and_count(ids):
+            calls.append(1)
+            fed.append(1)
+            reads.counting = len(calls) < num_tokens  # on from the first fed-back token, off at the last
+            return embed(ids)
+
+        reads.counting = False
+        with reads, reads.tolist_counted():
+            return loop(**{**kwargs, "embed_image_tokens": embed_and_count})
+
+    interface._generate_image_tokens = counted_loop
+    trainer.train()
+    assert len(fed) >= interface.generation_grid() ** 2  # a mining round ran, its loop fed back every token
+    assert reads.total == 0, f"host reads in the token loop: {dict(reads.counts)}"
+    log = next(log for log in trainer.state.log_history if "loss" in log)
+    assert log["unigame/generation_realized_delta_cosine"] == pytest.approx(1.0, abs=1e-3)  # read once, after it
 
 
 def test_one_update_follows_the_advantages_and_touches_only_the_perturber(tmp_path, vqa, clip_scorer):

@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+from host_reads import HostReads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -190,6 +191,47 @@ def test_realized_perturbation_equals_the_intended_one_in_float32():
     assert m["token_norm"] == pytest.approx(30.0, rel=1e-4)
     perturber(_tokens_of_norm(30.0))
     assert perturber.last_measurements == measured  # nothing measured outside `measuring()`
+
+
+def test_measuring_covers_every_call_and_reads_the_device_once_on_exit():
+    perturber = Perturber(PerturberConfig(hidden_size=2048, width=32, eps_max=0.02, eps_init=0.01))
+    eps, tokens = perturber.eps, [_tokens_of_norm(10.0), _tokens_of_norm(30.0, seed=1)]
+    with HostReads() as reads, reads.tolist_counted():
+        with perturber.measuring() as measured:
+            for t in tokens:  # e.g. two generated tokens
+                perturber(t)
+            inside = dict(measured), reads.total
+        on_exit = reads.total
+    assert inside == ({}, 0)  # nothing read back while the site runs: sums on the device
+    assert on_exit == 1  # one read for the site, on exit
+    m = measured["understanding"]
+    assert m["token_norm"] == pytest.approx(20.0, rel=1e-4)  # both calls, not only the last
+    assert m["realized_delta_norm"] == pytest.approx(eps, rel=1e-2)
+    assert m["realized_delta_cosine"] == pytest.approx(1.0, abs=1e-3) and m["dtype"] == "float32"
+
+
+def test_a_masked_site_without_a_graph_perturbs_and_measures_only_its_visual_positions():
+    """Without a graph (image generation) a masked site computes every position and keeps the visual ones, reading
+    nothing back to the host; with one it selects them. Both give the same output and the same measurements."""
+    site = torch.nn.Identity()
+    perturber = Perturber(PerturberConfig(hidden_size=16, width=8, eps_max=0.5, eps_init=0.3))
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    perturber._handles.append(
+        site.register_forward_hook(lambda m, a, o: perturber._hook(m, a, o, mask_fn=lambda *_: mask))
+    )
+    tokens = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0)) * 3
+    outputs, measurements = {}, {}
+    for graph in (False, True):
+        with torch.set_grad_enabled(graph), HostReads() as reads, perturber.measuring() as measured:
+            outputs[graph] = site(tokens).detach()
+            if not graph:
+                assert reads.total == 0
+        measurements[graph] = measured["understanding"]
+    torch.testing.assert_close(outputs[False], outputs[True])
+    assert torch.equal(outputs[False][~mask], tokens[~mask])
+    assert (outputs[False][mask] - tokens[mask]).norm(dim=-1) == pytest.approx([perturber.eps] * 3, rel=1e-4)
+    for key in ("realized_delta_norm", "intended_delta_norm", "realized_delta_cosine", "token_norm"):
+        assert measurements[False][key] == pytest.approx(measurements[True][key], rel=1e-5), key
 
 
 def test_bf16_rounds_an_absolute_budget_away_on_large_tokens_but_not_a_relative_one():

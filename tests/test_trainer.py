@@ -1008,3 +1008,100 @@ def test_an_uncached_consistency_model_fails_at_once_when_the_hub_is_offline(tmp
     with pytest.raises(OSError, match=r"(?s)Hub is offline.*local folder.*consistency_model=None"):
         UniGameTrainer(model, args, train_dataset=vqa, processing_class=processor)
     assert time.perf_counter() - start < 10  # no retries
+
+
+@pytest.mark.parametrize("adversarial_weight", [1.0, 0.0])
+def test_one_optimizer_decays_the_perturber_and_never_its_scalars(tmp_path, vqa, clip_scorer, adversarial_weight):
+    from test_generation_adversary import game_trainer
+
+    trainer = game_trainer(
+        "janus",
+        tmp_path,
+        vqa,
+        clip_scorer,
+        perturber_weight_decay=0.5,
+        perturber_inputs="features_and_gradient",
+        perturber_sites=["understanding", "generation"],
+        adversarial_weight=adversarial_weight,
+    )
+    perturber = trainer.perturber
+    before = snapshot(perturber)
+    for optimizer in (trainer.perturber_optimizer, trainer.generation_adversary_optimizer):
+        for p in perturber.parameters():
+            p.grad = torch.zeros_like(p)  # no signal: whatever moves is weight decay
+        optimizer.step()
+    decay = 1 - 0.5 * 5e-2  # one decoupled decay step at the perturber's learning rate
+    for name, p in perturber.named_parameters():
+        if p.dim() < 2:  # the eps logit, the gradient gain, biases
+            assert torch.equal(p, before[name]), name
+        else:  # decayed once: by the understanding-site step, or by the generation-side one when the other never steps
+            torch.testing.assert_close(p, before[name] * decay, msg=name)
+
+
+def test_a_resumed_run_logs_the_game_metrics_of_the_uninterrupted_run(tmp_path, vqa, clip_scorer):
+    # The checkpoint falls between two logs: what the game recorded since the last log (and its run of empty mining
+    # rounds) resumes with it.
+    overrides = dict(
+        max_steps=4,
+        logging_steps=2,
+        save_strategy="steps",
+        save_steps=3,
+        buffer_capacity=4,
+        hardness_quantile=0.0,
+        consistency_threshold=1.0,  # every mining round keeps nothing: the empty-round counter runs on
+    )
+    full = make_trainer(tmp_path / "full", vqa, scorer=clip_scorer, **overrides)
+    full.train()
+    checkpoint = os.path.join(full.args.output_dir, "checkpoint-3")
+    assert "unigame_log_state_rank0.json" in os.listdir(checkpoint)
+    resumed = make_trainer(tmp_path / "resumed", vqa, scorer=clip_scorer, **overrides)
+    resumed.train(resume_from_checkpoint=checkpoint)
+
+    def game_log(trainer):
+        (log,) = [log for log in trainer.state.log_history if log.get("step") == 4 and "loss" in log]
+        return {key: value for key, value in log.items() if key.startswith("unigame/")}
+
+    expected, got = game_log(full), game_log(resumed)
+    assert expected["unigame/empty_mining_rounds"] == 3.5  # rounds 3 and 4 of a run of empty rounds
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_load_best_model_at_end_keeps_the_best_adapter_and_its_perturber_paired(tmp_path, vqa):
+    model, processor = tiny_janus(seed=0)
+    args = make_args(
+        tmp_path,
+        max_steps=3,
+        mining_interval=0,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+    )
+    trainer = UniGameTrainer(
+        model,
+        args,
+        train_dataset=vqa,
+        eval_dataset=vqa.select(range(4)),
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05),
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-3")  # the highest eval loss: not the last step's
+    from safetensors.torch import load_file
+
+    perturber = load_file(os.path.join(best, "perturber", "model.safetensors"))
+    last = load_file(os.path.join(trainer.args.output_dir, "checkpoint-3", "perturber", "model.safetensors"))
+    assert any(not torch.equal(last[n], perturber[n]) for n in perturber)
+    for name, value in trainer.perturber.state_dict().items():
+        assert torch.equal(value, perturber[name]), name
+    adapter = load_file(os.path.join(best, "adapter_model.safetensors"))
+    weights = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert len(adapter) == len(weights)
+    for name, value in adapter.items():
+        assert torch.equal(weights[name.replace(".weight", ".default.weight")], value), name

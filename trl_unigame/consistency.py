@@ -89,7 +89,7 @@ def load_consistency_scorer(args, scorer=None, can_mine: bool = True):
             f"The consistency model {args.consistency_model!r} (`consistency_model`, used to score mined candidates) "
             f"could not be loaded{offline}: {error}. Without a connection to the Hub, pass a local folder holding a CLIP model "
             "and its processor (`consistency_model=/path/to/clip`), pass your own `consistency_scorer`, or turn the "
-            "filter off with `consistency_model=None`."
+            "filter off with `consistency_model=None` (on the command line: `--consistency_model none`)."
         ) from error
 
 

@@ -222,6 +222,7 @@ class Perturber(
         self.last_deltas: list[torch.Tensor] = []
         self.measure = False
         self.last_measurements: dict[str, dict[str, float]] = {}
+        self._measured: dict[str, tuple[torch.Tensor, str]] = {}  # per site: on-device sums inside `measuring()`
 
     # --------------------------------------------------------------------------------------------------- math
     def site_eps_tensor(self, site: str = "understanding") -> torch.Tensor:
@@ -296,31 +297,68 @@ class Perturber(
         return perturbed
 
     @torch.no_grad()
-    def _measure(self, site: str, tokens: torch.Tensor, delta: torch.Tensor, perturbed: torch.Tensor) -> None:
-        """What reached the model after the cast, on a sample of tokens: norm of the realized perturbation, its cosine
-        to the intended one, and the tokens' norm."""
+    def _measure(
+        self,
+        site: str,
+        tokens: torch.Tensor,
+        delta: torch.Tensor,
+        perturbed: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Adds to the site's sums, on the device, what reached the model after the cast on a sample of tokens (the
+        first `MEASURED_TOKENS` positions, those of them in `mask` when given): the norms of the realized and the
+        intended perturbation, their cosine, the tokens' median norm (weighted by the tokens measured) and the count.
+        Nothing is read back to the host here: this runs at every generated token."""
         flat = lambda t: t.detach().reshape(-1, t.shape[-1])[:MEASURED_TOKENS].float()  # noqa: E731
         z, intended, reached = flat(tokens), flat(delta).to(tokens.device), flat(perturbed)
         realized = reached - z
         cosine = F.cosine_similarity(realized, intended, dim=-1, eps=1e-30)
-        self.last_measurements[site] = {
-            "realized_delta_norm": float(realized.norm(dim=-1).mean()),
-            "intended_delta_norm": float(intended.norm(dim=-1).mean()),
-            "realized_delta_cosine": float(cosine.mean()),
-            "token_norm": float(z.norm(dim=-1).median()),
-            "dtype": str(tokens.dtype).replace("torch.", ""),
-        }
+        norms = z.norm(dim=-1)
+        if mask is None:
+            counted = torch.ones_like(norms, dtype=torch.bool)
+            median = norms.median()
+        else:
+            counted = mask.detach().reshape(-1)[:MEASURED_TOKENS].to(norms.device)
+            median = torch.where(counted, norms, float("nan")).nanmedian()
+        count = counted.sum().float()
+        kept = lambda values: torch.where(counted, values, 0.0).sum()  # noqa: E731
+        sums = torch.stack(
+            [
+                kept(realized.norm(dim=-1)),
+                kept(intended.norm(dim=-1)),
+                kept(cosine),
+                torch.where(count > 0, median, 0.0) * count,  # no token measured: nanmedian is nan
+                count,
+            ]
+        )
+        running = self._measured.get(site)
+        self._measured[site] = (sums if running is None else running[0] + sums, str(tokens.dtype))
 
     @contextlib.contextmanager
     def measuring(self):
         """Context manager that records, at each site the perturbation acts on inside it, what reached the model after
-        the cast to its dtype (`last_measurements[site]`: `realized_delta_norm`, `intended_delta_norm`,
-        `realized_delta_cosine`, `token_norm`, and the tokens' `dtype`), on up to `MEASURED_TOKENS` tokens per call."""
-        self.last_measurements, self.measure = {}, True
+        the cast to its dtype, over every call of the site inside it, on up to `MEASURED_TOKENS` tokens per call.
+
+        On exit, `last_measurements[site]` (the dictionary it yields) holds the means over the measured tokens of
+        `realized_delta_norm`, `intended_delta_norm` and `realized_delta_cosine`, `token_norm` (each call's median
+        token norm, weighted by its tokens) and the tokens' `dtype`; a site that measured no token is left out. The
+        sums stay on the device while the context runs and are read once on exit (a generation loop calls the site at
+        every token: no host read there)."""
+        self.last_measurements, self.measure, self._measured = {}, True, {}
         try:
             yield self.last_measurements
+            for site, (sums, dtype) in self._measured.items():
+                realized, intended, cosine, token_norm, count = sums.tolist()  # the one read per site
+                if count:
+                    self.last_measurements[site] = {
+                        "realized_delta_norm": realized / count,
+                        "intended_delta_norm": intended / count,
+                        "realized_delta_cosine": cosine / count,
+                        "token_norm": token_norm / count,
+                        "dtype": dtype.replace("torch.", ""),
+                    }
         finally:
-            self.measure = False
+            self.measure, self._measured = False, {}
 
     def num_parameters(self, only_trainable: bool = False) -> int:
         """Number of parameters of the perturber."""
@@ -393,11 +431,19 @@ class Perturber(
         gradient = self._gradients.get(site)
         if gradient is not None and gradient.shape != output.shape:
             gradient = None  # given for another call of the site (another batch): this call has none
+        factor = self._row_factor(site, output)
         if mask is None:
-            return self(output, site, gradient, self._row_factor(site, output))
+            return self(output, site, gradient, factor)
+        if not (torch.is_grad_enabled() or self.record_deltas):
+            # No graph to keep (image generation, at every token): every position is computed and only the visual
+            # ones kept, where selecting them would read the mask back to the host.
+            delta = self.delta(output, site, gradient, factor)
+            perturbed = (output.float() + delta.to(output.device)).to(output.dtype)
+            if self.measure:
+                self._measure(site, output, delta, perturbed, mask)
+            return torch.where(mask.unsqueeze(-1), perturbed, output)
         if not mask.any():
             return output
-        factor = self._row_factor(site, output)
         # Only the visual-token positions are perturbed (and recorded); the others pass through unchanged.
         perturbed = output.clone()
         perturbed[mask] = self(

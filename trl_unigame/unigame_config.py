@@ -162,6 +162,11 @@ class UniGameArguments:
         generation_adversary_normalize (`bool`, *optional*, defaults to `True`):
             Divide the advantages of a round by their standard deviation (over the round's candidates that take
             part, on each process), so the step's size does not follow the scale of the losses.
+        generation_adversary_chunk_size (`int`, *optional*, defaults to `4`):
+            Candidates per teacher-forced pass of the generation-side step: the passes run one after the other, each
+            adding its gradient before the next, so the step's memory is one chunk's activations and full-vocabulary
+            scores (each layer's input only under `gradient_checkpointing`, which the pass follows). Lower it when
+            the step runs out of memory; the gradient is the same.
 
     > Parameters that control the buffer and the understanding update (player U)
 
@@ -324,6 +329,10 @@ class UniGameArguments:
     )
     generation_adversary_normalize: bool = field(
         default=True, metadata={"help": "Divide a round's advantages by their standard deviation."}
+    )
+    generation_adversary_chunk_size: int = field(
+        default=4,
+        metadata={"help": "Candidates per teacher-forced pass of the generation-side step (memory, not the result)."},
     )
     buffer_weight: float = field(default=0.5, metadata={"help": "beta: weight of the buffer loss."})
     buffer_max_loss_ratio: float | None = field(
@@ -491,6 +500,10 @@ class UniGameArguments:
             raise ValueError(
                 "`generation_adversary_penalty` must be a finite number <= 0 (an unfaithful candidate must not earn "
                 f"more than a faithful one), got {self.generation_adversary_penalty!r}."
+            )
+        if not (isinstance(self.generation_adversary_chunk_size, int) and self.generation_adversary_chunk_size >= 1):
+            raise ValueError(
+                f"`generation_adversary_chunk_size` must be an integer >= 1, got {self.generation_adversary_chunk_size!r}."
             )
         if self.generation_adversary == "none":
             return

@@ -28,6 +28,7 @@ from .game.context import STEP_KEY, StepContext
 from .game.generation_adversary import GenerationAdversary
 from .game.metrics import GameMetrics
 from .game.mining import Miner
+from .game.precision import active_grad_scaler, backward_loss_scale
 from .game.sharding import check_deepspeed_options, check_fsdp_options, full_parameters, reshard, shard_on_cpu
 from .game.understanding import HostHooks, UnderstandingPasses, host_metrics_paused, host_normalises_over_window
 from .interfaces import VisualTokenInterface, to_pil_images, unwrap_model
@@ -209,11 +210,14 @@ class UniGameMixin(GameCheckpointing):
         if mining or checking:
             reshard(model)  # FSDP2 would otherwise keep its root's parameters whole after this step
         if self.adversary.first_order:
-            self.adversary.first_order_step(ctx.capture, ctx.merged_rows, ctx.window, ctx.step)
+            # under fp16 the host's backward left the token gradient times the loss scale
+            scale = backward_loss_scale(self.accelerator, model)
+            self.adversary.first_order_step(ctx.capture, ctx.merged_rows, ctx.window, ctx.step, loss_scale=scale)
             if ctx.last_micro_batch:
                 self.adversary.end_window(ctx.step)
-        if ctx.last_micro_batch and self.agreement.step_dropped(model):
-            self.game_metrics.skip(ctx.step, "understanding", "the understanding loss or its gradient is not finite")
+        scaler = active_grad_scaler(self.accelerator)
+        if ctx.last_micro_batch and self.agreement.step_dropped(model, scaler):
+            self.game_metrics.skip(ctx.step, "understanding", _non_finite_reason(scaler))
         return loss
 
     def _exact_perturber_step(self, model: nn.Module, ctx: StepContext) -> None:
@@ -258,8 +262,11 @@ class UniGameMixin(GameCheckpointing):
         self.accelerator.backward(loss)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
-        if Agreement.drop_non_finite_gradients(model):
-            self.game_metrics.skip(self.state.global_step, "understanding", "the buffer step's loss is not finite")
+        scaler = active_grad_scaler(self.accelerator)
+        if self.agreement.drop_non_finite_gradients(model, scaler):
+            self.game_metrics.skip(
+                self.state.global_step, "understanding", _non_finite_reason(scaler, "buffer step's ")
+            )
         self.optimizer.step()
         model.zero_grad()
 
@@ -320,6 +327,16 @@ class UniGameMixin(GameCheckpointing):
         self.log(generated)
         metrics.update(generated)
         return metrics
+
+
+def _non_finite_reason(scaler, what: str = "") -> str:
+    """Why an update of U is skipped: a non-finite loss or gradient, or, under an fp16 scaler, its overflow."""
+    if scaler is not None:
+        return (
+            f"the {what}gradient overflowed under fp16 loss scaling (the GradScaler skips the update and lowers its "
+            "scale)"
+        )
+    return f"the {what or 'understanding '}loss or its gradient is not finite"
 
 
 def _warn_embedding_only_game(args, model_name: str) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from .agreement import Agreement
 from .metrics import GameMetrics
+from .precision import unscaled
 
 
 # Below this cosine between the perturbation that reached the model and the intended one, the trainer warns.
@@ -44,6 +45,28 @@ def build_perturber(model, args):
         budget=args.perturber_budget,
         site_budgets=generation_budget(args),
         inputs=args.perturber_inputs,
+    )
+
+
+def perturber_optimizer(perturber, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the perturber's parameters that decays its weight matrices only: its scalars (the eps logit, the
+    gradient gain) and biases are not pulled to 0, which would move eps to mid-range whatever the game does.
+
+    Args:
+        perturber ([`Perturber`]): The perturber.
+        lr (`float`): The learning rate.
+        weight_decay (`float`): The decay of its weight matrices.
+
+    Returns:
+        `torch.optim.AdamW`: Two parameter groups, the matrices (`weight_decay`) then the rest (no decay).
+    """
+    params = list(perturber.parameters())
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=lr,
     )
 
 
@@ -170,9 +193,9 @@ class Adversary:
         self.args = args
         self.metrics = metrics
         self.agreement = agreement
-        self.optimizer = torch.optim.AdamW(
-            perturber.parameters(), lr=args.perturber_learning_rate, weight_decay=args.perturber_weight_decay
-        )
+        # This step owns the perturber's weight decay whenever it steps (the generation-side step then decays nothing).
+        decay = args.perturber_weight_decay if args.adversarial_weight else 0.0
+        self.optimizer = perturber_optimizer(perturber, args.perturber_learning_rate, decay)
         self.window_finite = True
         self._warned_precision: set[str] = set()
 
@@ -191,29 +214,42 @@ class Adversary:
         with self.perturber.active(), self.perturber.recording() as deltas, self.perturber.measuring() as measured:
             adversarial = loss_fn()
         self.log_realized_perturbation(measured)
-        if self._ascend(adversarial * scale, deltas, window, step):
+        if self._ascend(adversarial * scale, deltas, window, step, agree=True):
             # as a mean over the micro-batch, as `unigame/clean_loss` is, whichever way the host normalises
             self.metrics.add("unigame/adversarial_loss", float(adversarial.detach()) * scale * window)
 
-    def first_order_step(self, capture: SiteCapture, rows: tuple[int, int] | None, window: int, step: int) -> None:
+    def first_order_step(
+        self, capture: SiteCapture, rows: tuple[int, int] | None, window: int, step: int, loss_scale: float = 1.0
+    ) -> None:
         """Ascent on the first-order change of the clean loss, `<g, delta(z)>`, with `g` the gradient at the visual
         tokens `z` that the clean backward has just computed (already a micro-batch's share of the window): no extra
-        pass through the model. Only the clean rows' tokens count (`rows`)."""
+        pass through the model. Only the clean rows' tokens count (`rows`). `loss_scale` is the factor the host's
+        backward scaled the loss by (fp16 loss scaling, see `game.precision`): `g` is divided by it, so the ascent and
+        its regularisers do not move with the scaler."""
         found = capture.tokens_and_gradients(rows)
         if found is None:
             self.window_finite = False
             self.metrics.skip(step, "perturber", "the clean backward left no gradient at the visual tokens")
             return
         tokens, gradient = found
+        gradient = unscaled(gradient, loss_scale)
         with self.perturber.recording() as deltas:
             delta = self.perturber.delta(tokens, "understanding", gradient if self.perturber.sees_gradient else None)
         gain = (gradient.float().to(delta.device) * delta).sum()
         if self._ascend(gain, deltas, window, step):
             self.metrics.add("unigame/adversarial_gain_estimate", float(gain.detach()) * window)
 
-    def _ascend(self, adversarial: torch.Tensor, deltas: list[torch.Tensor], window: int, step: int) -> bool:
+    def _ascend(
+        self, adversarial: torch.Tensor, deltas: list[torch.Tensor], window: int, step: int, agree: bool = False
+    ) -> bool:
         """Accumulates the perturber's gradient of `-lambda * adversarial + regularisers / window` (`adversarial`
-        already a micro-batch's share); returns `False` (and marks the window) when it is not finite."""
+        already a micro-batch's share); returns `False` (and marks the window) when it is not finite.
+
+        With `agree` (the exact step, whose backward runs through the model: under FSDP2 and ZeRO-3 it all-gathers
+        each layer's shards), the processes vote first; every process then runs the backward, a non-finite objective
+        as a zero with the same graph, and when any process's objective was not finite every process marks the window
+        and returns `False`. Without it (the first-order step, whose backward stays in the perturber), the decision
+        is this process's, and [`~Adversary.end_window`] makes it for all."""
         args = self.args
         params = list(self.perturber.parameters())
         penalty = torch.zeros((), device=self.perturber.rho.device)
@@ -236,11 +272,22 @@ class Adversary:
         if args.eps_reg_weight:
             penalty = penalty + args.eps_reg_weight * self.perturber.eps_tensor.pow(2)
         objective = -args.adversarial_weight * adversarial + penalty / window
-        if not torch.isfinite(objective):
+        finite = torch.isfinite(objective)
+        own_finite = bool(finite)
+        skipped = self.agreement.any_process(not own_finite) if agree else not own_finite
+        if agree or not skipped:
+            # not `objective * 0` (NaN * 0 is NaN): a zero whose backward walks the same graph, collectives included
+            zeroed = torch.where(finite, objective, torch.zeros_like(objective))
+            grads = torch.autograd.grad(zeroed, params, allow_unused=True)
+        if skipped:
             self.window_finite = False
-            self.metrics.skip(step, "perturber", "the perturber's loss is not finite")
+            why = (
+                "the perturber's loss is not finite"
+                if not own_finite
+                else "another process's perturber loss is not finite"
+            )
+            self.metrics.skip(step, "perturber", why)
             return False
-        grads = torch.autograd.grad(objective, params, allow_unused=True)
         for p, g in zip(params, grads):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
@@ -252,7 +299,7 @@ class Adversary:
         finite loss can still give a non-finite gradient: that window is skipped, warned about and counted too)."""
         params = list(self.perturber.parameters())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if self.window_finite and not all(bool(torch.isfinite(g).all()) for g in grads):
+        if self.window_finite and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             self.window_finite = False
             self.metrics.skip(step, "perturber", "the perturber's gradient is not finite")
         averaged = self.agreement.mean_if_finite(grads, self.window_finite)

@@ -12,6 +12,12 @@ import math
 import torch
 from torch import nn
 
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support holds no sharded gradients
+    DTensor = ()
+
 from .sharding import is_deepspeed_engine
 
 
@@ -51,14 +57,14 @@ class Agreement:
             return None
         return [part.view_as(t) for part, t in zip(torch.split(flat[:-1], [t.numel() for t in tensors]), tensors)]
 
-    def step_dropped(self, model: nn.Module) -> bool:
+    def step_dropped(self, model: nn.Module, scaler=None) -> bool:
         """After the backward of an optimizer step's last micro-batch: whether its update is dropped because a
         gradient is not finite.
 
         A DeepSpeed engine steps inside the backward (at the accumulation boundary) and skips a step whose gradient
         norm is not finite itself, on every process (its gradients live in the engine's partitions, not in `p.grad`):
         this asks it whether the step was applied. Otherwise [`~Agreement.drop_non_finite_gradients`] drops the update
-        before the optimizer's step."""
+        before the optimizer's step, or, with an fp16 `scaler`, leaves the skip to it."""
         if is_deepspeed_engine(model):
             if not model.was_step_applied():
                 return True
@@ -71,19 +77,36 @@ class Agreement:
                     "check on, so a non-finite step is skipped."
                 )
             return False
-        return self.drop_non_finite_gradients(model)
+        return self.drop_non_finite_gradients(model, scaler)
 
-    @staticmethod
-    def drop_non_finite_gradients(model: nn.Module) -> bool:
-        """After the (all-reduced) backward of a step: when any gradient is not finite, clears them all so the
-        optimizer leaves every weight as it is (`None` gradients are skipped, weight decay included). Returns whether
-        it dropped them. The gradients are the same on every process, so is the decision."""
+    def gradients_finite(self, params) -> bool:
+        """Whether every `.grad` of `params` is finite: one flag per tensor on the device, one host read for all of
+        them. Sharded gradients (FSDP2's `DTensor`s) are checked shard by shard and the processes vote in the same
+        read, so every process takes the same decision."""
+        grads = [p.grad for p in params if p.grad is not None]
+        sharded = any(isinstance(g, DTensor) for g in grads)
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        flags = [torch.isfinite(g).all().to(self.device) for g in local if g.numel()]
+        bad = (~torch.stack(flags)).sum(dtype=torch.float32) if flags else torch.zeros((), device=self.device)
+        if sharded and self.num_processes > 1:
+            bad = self.accelerator.reduce(bad.reshape(1), reduction="sum")
+        return not bool(bad.sum() > 0)
+
+    def drop_non_finite_gradients(self, model: nn.Module, scaler=None) -> bool:
+        """After the (all-reduced) backward of a step: whether a gradient is not finite, in which case the update is
+        dropped, on every process alike (the gradients are the same everywhere, or voted on when sharded).
+
+        Without a scaler every gradient is cleared, so the optimizer leaves every weight as it is (`None` gradients
+        are skipped, weight decay included). With an fp16 `scaler` (`GradScaler`) the gradients stay: the scaler
+        finds the overflow in its unscale, skips the optimizer's step and lowers its scale (cleared gradients would
+        leave it no overflow check to record, and its `update()` would raise)."""
         params = [p for p in model.parameters() if p.grad is not None]
-        if params and not all(torch.isfinite(p.grad).all() for p in params):
+        if not params or self.gradients_finite(params):
+            return False
+        if scaler is None:
             for p in params:
                 p.grad = None
-            return True
-        return False
+        return True
 
 
 def check_one_run_across_processes(args) -> None:

@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import uuid
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -38,6 +39,7 @@ GENERATION_ADVERSARY_OPTIMIZER_NAME = "generation_adversary_optimizer.pt"
 BUFFER_NAME = "unigame_buffer_rank{rank}.safetensors"
 LEGACY_BUFFER_NAME = "unigame_buffer_rank{rank}.pt"
 GAME_STATE_NAME = "unigame_state.json"
+LOG_STATE_NAME = "unigame_log_state_rank{rank}.json"
 FORMAT_VERSION = 1
 
 _BUFFER_FORMAT = "unigame_hard_sample_buffer"
@@ -135,9 +137,34 @@ def load_game_state(
     except ValueError as err:
         raise ValueError(f"{buffer_file} is not a valid buffer file: {err}") from None
     perturber.load_state_dict(perturber_weights)  # copied onto the perturber's device in place
-    perturber_optimizer.load_state_dict(optimizer_state)
+    parameters = list(perturber.parameters())
+    perturber_optimizer.load_state_dict(_regrouped(optimizer_state, perturber_optimizer, parameters))
     if adversary_state is not None:
-        generation_adversary_optimizer.load_state_dict(adversary_state)
+        generation_adversary_optimizer.load_state_dict(
+            _regrouped(adversary_state, generation_adversary_optimizer, parameters)
+        )
+
+
+def _regrouped(state: dict[str, Any], optimizer: torch.optim.Optimizer, parameters: list) -> dict[str, Any]:
+    """An optimizer `state` saved with one parameter group over `parameters` (checkpoints of release 0.3 and earlier),
+    laid out in `optimizer`'s groups (today's: the decayed matrices, then the rest), each keeping its own decay;
+    any other state as it is."""
+    if len(state["param_groups"]) != 1 or len(optimizer.param_groups) == 1:
+        return state
+    (saved,) = state["param_groups"]
+    if len(saved["params"]) != len(parameters):
+        return state  # not this perturber's: `load_state_dict` says what is wrong
+    old_index = {id(p): saved["params"][i] for i, p in enumerate(parameters)}
+    groups, moments, j = [], {}, 0
+    for group in optimizer.param_groups:
+        indices = []
+        for p in group["params"]:
+            if old_index[id(p)] in state["state"]:
+                moments[j] = state["state"][old_index[id(p)]]
+            indices.append(j)
+            j += 1
+        groups.append({**saved, "weight_decay": group["weight_decay"], "params": indices})
+    return {"state": moments, "param_groups": groups}
 
 
 def checkpoint_world_size(checkpoint: str) -> int | None:
@@ -361,6 +388,7 @@ class GameCheckpointing:
         if self.args.should_save and not os.path.isfile(os.path.join(output_dir, PERTURBER_DIR, "model.safetensors")):
             # FSDP's sharded checkpoints skip `_save`: the perturber (replicated, small) is saved whole all the same.
             self.perturber.save_pretrained(os.path.join(output_dir, PERTURBER_DIR))
+        self._save_log_state(output_dir)  # before the buffer: `save_game_state` ends by waiting for every process
         save_game_state(
             output_dir,
             perturber_optimizer=self.perturber_optimizer,
@@ -376,6 +404,7 @@ class GameCheckpointing:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
+        log_state = read_log_state(checkpoint, self.args.process_index)
         load_game_state(
             checkpoint,
             perturber=self.perturber,
@@ -385,6 +414,46 @@ class GameCheckpointing:
             num_processes=self.args.world_size,
             generation_adversary_optimizer=self.generation_adversary_optimizer,
         )
+        if log_state is not None:
+            self.game_metrics.load_state_dict(log_state["metrics"])
+            self.miner.load_state_dict(log_state["miner"])
+
+    def _save_log_state(self, output_dir: str) -> None:
+        """This process's metrics recorded since the last log and its mining counters, beside its buffer."""
+        state = {"metrics": self.game_metrics.state_dict(), "miner": self.miner.state_dict()}
+        os.makedirs(output_dir, exist_ok=True)  # another process may not have made the checkpoint's folder yet
+        path = os.path.join(output_dir, LOG_STATE_NAME.format(rank=self.args.process_index))
+        _atomic_write_text(json.dumps(state) + "\n", path)
+
+    def _load_best_model(self) -> None:
+        # The host loads the best checkpoint's weights (or adapter): the perturber that played against them comes too.
+        super()._load_best_model()
+        weights = os.path.join(self.state.best_model_checkpoint, PERTURBER_DIR, "model.safetensors")
+        if not os.path.isfile(weights):
+            warnings.warn(
+                f"`load_best_model_at_end`: {self.state.best_model_checkpoint} has no {PERTURBER_DIR}/, so the perturber "
+                "stays the last one and is not paired with the best model's weights.",
+                stacklevel=2,
+            )
+            return
+        from safetensors.torch import load_file
+
+        self.perturber.load_state_dict(load_file(weights))
+
+
+def read_log_state(checkpoint: str, process_index: int) -> dict[str, Any] | None:
+    """The log state a process saved in `checkpoint` (see `GameCheckpointing._save_log_state`); `None` in checkpoints
+    that predate it, whose resumed runs log from the resumed step on."""
+    path = os.path.join(checkpoint, LOG_STATE_NAME.format(rank=process_index))
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    if not (
+        isinstance(state, dict) and isinstance(state.get("metrics"), dict) and isinstance(state.get("miner"), dict)
+    ):
+        raise ValueError(f"{path} is not a valid UniGame log state: resume from another checkpoint.")
+    return state
 
 
 def _sharded_state_dict(trainer) -> bool:

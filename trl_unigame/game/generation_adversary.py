@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .adversary import perturber_optimizer
 from .agreement import Agreement
 from .metrics import GameMetrics
 
@@ -82,11 +83,12 @@ class GenerationAdversary:
     (consistency at least `consistency_threshold`), else `generation_adversary_penalty`, and its advantage is the
     reward minus the mean reward of the candidates of the same prompt. With `"faithful"`, only faithful candidates
     take part: each one's advantage is its hardness minus the mean hardness of the faithful candidates of the same
-    prompt (a prompt with fewer than two faithful candidates gives none; a round where none takes part still steps,
-    with a zero gradient, along AdamW's momentum). Advantages are optionally normalised. The loss
-    `-mean(advantage * log p(tokens))` takes the log-probability of each candidate's sampled image tokens from one
-    teacher-forced pass with the perturbation active at the generation site and the sampling's guidance and
-    temperature; its gradient is taken for the perturber's parameters only
+    prompt (a prompt with fewer than two faithful candidates gives none). Advantages are optionally normalised. A
+    round where no candidate takes part on any process (every advantage 0) makes no pass and no step: AdamW would
+    otherwise move the perturber along its momentum alone. The loss `-mean(advantage * log p(tokens))` takes the
+    log-probability of each candidate's sampled image tokens from teacher-forced passes (`generation_adversary_chunk_size`
+    candidates each, only those taking part) with the perturbation active at the generation site and the sampling's
+    guidance and temperature; its gradient is taken for the perturber's parameters only
     (`torch.autograd.grad`), so U's weights and every `.grad` the trainer accumulates stay as they are. The step uses
     its own AdamW (moments apart from the understanding-site step's), and under several processes the gradient is
     averaged across them first; when any process's loss or gradient is not finite, no process steps.
@@ -105,21 +107,19 @@ class GenerationAdversary:
         self.args = args
         self.metrics = metrics
         self.agreement = agreement
-        self.optimizer = torch.optim.AdamW(
-            perturber.parameters(),
-            lr=args.generation_adversary_learning_rate,
-            weight_decay=args.perturber_weight_decay,
-        )
+        # One owner of the perturber's weight decay: the understanding-site step when it steps, else this one.
+        decay = 0.0 if args.adversarial_weight else args.perturber_weight_decay
+        self.optimizer = perturber_optimizer(perturber, args.generation_adversary_learning_rate, decay)
 
     def log_probs(self, prompts: list[str], tokens: torch.Tensor) -> torch.Tensor:
         """The log-probability of each candidate's sampled tokens `(N,)` under the perturbed generator, with its graph
-        (the caller's model in eval mode, as it sampled)."""
+        (the caller's model in eval mode, as it sampled): `tokens` grouped by prompt, `N / len(prompts)` each."""
         args = self.args
         with torch.enable_grad(), self.perturber.active():
             per_token = self.interface.image_token_log_probs(
                 prompts,
                 tokens,
-                num_images=args.num_candidates,
+                num_images=len(tokens) // len(prompts),
                 guidance_scale=args.generation_guidance_scale,
                 temperature=args.generation_temperature,
                 image_size=args.mining_image_size,
@@ -150,13 +150,14 @@ class GenerationAdversary:
         if len(rewards):
             self.metrics.add("unigame/generation_reward_mean", float(rewards.mean()))
             self.metrics.add("unigame/generation_reward_std", float(rewards.std(unbiased=False)))
+        if not self.agreement.any_process(bool(advantages.any())):
+            # No candidate takes part on any process (e.g. no prompt with two faithful candidates): no pass and no
+            # step, so AdamW's momentum does not move the perturber on a round that carries no signal.
+            self.metrics.add("unigame/generation_eps", float(self.perturber.site_eps_tensor("generation").detach()))
+            return
         params = list(self.perturber.parameters())
-        log_probs = self.log_probs(prompts, tokens)
-        with torch.enable_grad():
-            loss = -(advantages.to(log_probs.device) * log_probs).mean()
-            finite = bool(torch.isfinite(loss))
-            grads = torch.autograd.grad(loss, params, allow_unused=True) if finite else [None] * len(params)
-        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+        loss, grads = self.policy_gradient(prompts, tokens, advantages)
+        finite = bool(torch.isfinite(loss))
         if not finite:
             self.metrics.skip(step, "generation_adversary", "the generation adversary's loss is not finite")
         elif not all(bool(torch.isfinite(g).all()) for g in grads):
@@ -167,6 +168,45 @@ class GenerationAdversary:
             self._apply(params, averaged)
             self.metrics.add("unigame/generation_adversary_loss", float(loss.detach()))
         self.metrics.add("unigame/generation_eps", float(self.perturber.site_eps_tensor("generation").detach()))
+
+    def policy_gradient(
+        self, prompts: list[str], tokens: torch.Tensor, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The loss `-mean(advantage * log p(tokens))` over the round's `N` candidates and its gradient for each of the
+        perturber's parameters, from teacher-forced passes over the candidates whose advantage is not 0 (the others
+        add nothing), `generation_adversary_chunk_size` candidates per pass.
+
+        Each chunk's graph is freed once its gradient is added, so the pass holds one chunk's activations (under the
+        run's gradient checkpointing, each layer's input only; see [`~ImageTokenLoop._image_token_log_probs`]) and one
+        chunk's full-vocabulary scores; only the sampled tokens' log-probabilities are kept.
+
+        Args:
+            prompts (`list[str]`): One per prompt.
+            tokens (`torch.Tensor`): The sampled tokens `(N, tokens)`, grouped by prompt (`N / len(prompts)` each).
+            advantages (`torch.Tensor`): Each candidate's advantage `(N,)`.
+
+        Returns:
+            `tuple[torch.Tensor, list[torch.Tensor]]`: The loss (detached, a scalar) and one gradient per parameter
+            (zeros where the loss does not reach it); not finite where a log-probability is not.
+        """
+        params = list(self.perturber.parameters())
+        per_prompt = len(tokens) // len(prompts)
+        advantages = advantages.detach().float().cpu()
+        taking = advantages.nonzero().flatten().tolist()  # on the host already: no device read
+        size = self.args.generation_adversary_chunk_size
+        loss = torch.zeros((), device=params[0].device)
+        grads = [torch.zeros_like(p) for p in params]
+        for start in range(0, len(taking), size):
+            rows = taking[start : start + size]
+            log_probs = self.log_probs([prompts[i // per_prompt] for i in rows], tokens[rows])
+            with torch.enable_grad():
+                chunk = -(advantages[rows].to(log_probs.device) * log_probs).sum() / len(advantages)
+                chunk_grads = torch.autograd.grad(chunk, params, allow_unused=True)
+            for total, g in zip(grads, chunk_grads):
+                if g is not None:
+                    total.add_(g.detach())
+            loss = loss + chunk.detach().to(loss.device)
+        return loss, grads
 
     def _apply(self, params: list[torch.nn.Parameter], grads: list[torch.Tensor]) -> None:
         """Steps the adversary's optimizer on `grads`, leaving each parameter's `.grad` (the understanding-site step's

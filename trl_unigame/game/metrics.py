@@ -30,6 +30,16 @@ class GameMetrics:
         warnings.warn(f"UniGame step {step}: {why}; the {player} update of this step is skipped.", stacklevel=3)
         self.add(f"unigame/skipped_{player}_steps", 1.0)
 
+    def state_dict(self) -> dict[str, list[float]]:
+        """The values recorded since the last log (this process's), for a checkpoint: a resumed run logs them as the
+        uninterrupted run would have."""
+        return {key: list(values) for key, values in self._values.items() if values}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self._values.clear()
+        for key, values in state.items():
+            self._values[key].extend(float(v) for v in values)
+
     def __contains__(self, key: str) -> bool:
         return bool(self._values.get(key))
 

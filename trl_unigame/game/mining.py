@@ -83,6 +83,14 @@ class Miner:
         self._empty_rounds = 0
         self._warned_empty = False
 
+    def state_dict(self) -> dict[str, Any]:
+        """The run of empty rounds so far (and whether it was warned about), for a checkpoint."""
+        return {"empty_rounds": self._empty_rounds, "warned_empty": self._warned_empty}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._empty_rounds = int(state["empty_rounds"])
+        self._warned_empty = bool(state["warned_empty"])
+
     def due(self, step: int, last_micro_batch: bool) -> bool:
         return bool(self.interval) and last_micro_batch and step % self.interval == 0
 

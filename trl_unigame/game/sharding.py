@@ -82,6 +82,106 @@ def fsdp2_modules(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+# The oldest torch the FSDP2 paths run on in the tests (pyproject's floor): `FSDPModule`, `unshard`/`reshard` and the
+# setters are public from earlier releases, but FSDP2's private state read below changed shape before it.
+MIN_FSDP2_TORCH = (2, 13)
+# The torch releases on which `_FSDP2PrivateState` was checked against FSDP2's sources.
+FSDP2_PRIVATE_STATE_CHECKED_ON = ("2.13",)
+
+
+def _torch_release() -> tuple[int, ...]:
+    from packaging.version import Version
+
+    return Version(str(torch.__version__)).release
+
+
+def check_fsdp2_torch() -> None:
+    """Refuses a torch older than the FSDP2 paths are tested on.
+
+    Raises:
+        RuntimeError: naming this torch and the release needed.
+    """
+    if _torch_release()[:2] < MIN_FSDP2_TORCH:
+        floor = ".".join(map(str, MIN_FSDP2_TORCH))
+        raise RuntimeError(
+            f"UniGame under FSDP needs torch>={floor} (found {torch.__version__}): the game's direct calls of sharded "
+            f"submodules (mining, the generation check, evaluation) are tested on FSDP2 from torch {floor}. Upgrade "
+            "torch, or train with DDP or DeepSpeed."
+        )
+
+
+class _FSDP2PrivateState:
+    """The only code that touches FSDP2's private state, for the two things its public API does not give (checked on
+    the torch releases in `FSDP2_PRIVATE_STATE_CHECKED_ON`):
+
+    - setting up the root before a submodule's first forward ([`full_parameters`] before any training forward);
+    - reading back, and restoring, what `set_reshard_after_forward`, `set_reshard_after_backward` and
+      `set_requires_gradient_sync` set (they have no getters).
+
+    Args:
+        module (`torch.distributed.fsdp.FSDPModule`): A module that `fully_shard` sharded.
+
+    Raises:
+        RuntimeError: this torch's FSDP2 state is not the one checked (a release older than `MIN_FSDP2_TORCH`, or a
+            newer one that changed it).
+    """
+
+    GROUP_FIELDS = ("post_forward_mesh_info", "reshard_after_backward", "reduce_grads", "all_reduce_grads")
+
+    def __init__(self, module):
+        check_fsdp2_torch()
+        state_of = getattr(module, "_get_fsdp_state", None)
+        self.state = state_of() if state_of is not None else None
+        self.groups = list(getattr(self.state, "_fsdp_param_groups", None) or [])
+        if (
+            not hasattr(self.state, "_fsdp_param_groups")
+            or not hasattr(self.state, "_lazy_init")
+            or not hasattr(self.state, "_auto_reshard_after_forward")
+            or not all(hasattr(g, f) for g in self.groups for f in self.GROUP_FIELDS)
+        ):
+            raise RuntimeError(
+                f"FSDP2's internal state in torch {torch.__version__} differs from the one UniGame's "
+                f"`full_parameters` was checked on (torch {', '.join(FSDP2_PRIVATE_STATE_CHECKED_ON)}). Install a "
+                "checked torch release, or train with DDP or DeepSpeed; please report the torch version."
+            )
+
+    def set_up_root(self) -> None:
+        """Makes this module FSDP2's root, as its first forward would (a no-op once a forward has run)."""
+        self.state._lazy_init()
+
+    def settings(self) -> tuple:
+        """What the setters have set on this module, for [`~_FSDP2PrivateState.restore`]."""
+        groups = [tuple(getattr(g, f) for f in self.GROUP_FIELDS) for g in self.groups]
+        return self.state._auto_reshard_after_forward, groups
+
+    def restore(self, settings: tuple) -> None:
+        auto, groups = settings
+        self.state._auto_reshard_after_forward = auto
+        for group, values in zip(self.groups, groups):
+            for field, value in zip(self.GROUP_FIELDS, values):
+                setattr(group, field, value)
+
+
+@contextmanager
+def _fsdp2_whole_without_collectives(modules: list):
+    """FSDP2 `modules` (outermost first) set, through the public setters, to neither reshard after a forward or a
+    backward nor reduce gradients inside the context; their settings as they were afterwards."""
+    states = [_FSDP2PrivateState(module) for module in modules]
+    # FSDP2 takes the first module to run forward for its root: a submodule called first (mining before any
+    # training forward) would otherwise take itself for the root.
+    states[0].set_up_root()
+    saved = [state.settings() for state in states]
+    for module in modules:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.set_reshard_after_backward(False, recurse=False)
+        module.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for state, settings in zip(states, saved):
+            state.restore(settings)
+
+
 def is_deepspeed_engine(model) -> bool:
     """Whether `model` is a DeepSpeed engine (`trainer.model_wrapped` under DeepSpeed), without importing DeepSpeed
     (an engine exists only once it is imported)."""
@@ -112,6 +212,9 @@ def full_parameters(model: torch.nn.Module):
 
     Memory: the whole model is held on each process inside the context. Nested inside another such context, it
     leaves the parameters gathered.
+
+    Raises:
+        RuntimeError: under FSDP2, on a torch whose FSDP2 it was not checked on (see [`check_fsdp2_torch`]).
     """
     global _gathered
     engine = deepspeed_zero3_engine(model)
@@ -131,42 +234,16 @@ def full_parameters(model: torch.nn.Module):
     if not modules or _gathered:
         yield model
         return
-    # FSDP2 sets up its root at the first forward of the outermost module: a submodule called first (mining before
-    # any training forward) would otherwise take itself for the root.
-    modules[0]._get_fsdp_state()._lazy_init()
-    saved = []
-    for module in modules:
-        state = module._get_fsdp_state()
-        groups = list(state._fsdp_param_groups)
-        saved.append(
-            (
-                state,
-                state._auto_reshard_after_forward,
-                [
-                    (g, g.post_forward_mesh_info, g.reshard_after_backward, g.reduce_grads, g.all_reduce_grads)
-                    for g in groups
-                ],
-            )
-        )
-        module.set_reshard_after_forward(False, recurse=False)
-        module.set_reshard_after_backward(False, recurse=False)
-        module.set_requires_gradient_sync(False, recurse=False)
-    try:
-        for module in modules:
-            module.unshard()
-        _gathered += 1
-        yield model
-    finally:
-        _gathered = max(_gathered - 1, 0)
-        for module in modules:
-            module.reshard()
-        for state, auto, groups in saved:
-            state._auto_reshard_after_forward = auto
-            for group, mesh_info, after_backward, reduce_grads, all_reduce_grads in groups:
-                group.post_forward_mesh_info = mesh_info
-                group.reshard_after_backward = after_backward
-                group.reduce_grads = reduce_grads
-                group.all_reduce_grads = all_reduce_grads
+    with _fsdp2_whole_without_collectives(modules):
+        try:
+            for module in modules:
+                module.unshard()
+            _gathered += 1
+            yield model
+        finally:
+            _gathered = max(_gathered - 1, 0)
+            for module in modules:
+                module.reshard()
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -264,17 +341,20 @@ def check_deepspeed_options(trainer) -> None:
 
 
 def check_fsdp_options(trainer) -> None:
-    """Refuses FSDP settings under which the run would lose its LoRA adapter without an error.
+    """Refuses an FSDP run on a torch older than the one tested ([`check_fsdp2_torch`]), and FSDP settings under which
+    the run would lose its LoRA adapter without an error.
 
     FSDP's own activation checkpointing (`fsdp_config['activation_checkpointing']`) wraps each layer in a
     `CheckpointWrapper`, which puts `_checkpoint_wrapped_module` into the modules' names but not into the state dict's
     keys; PEFT finds the adapter's weights by module name, finds none, and saves (and resumes) an empty adapter.
 
     Raises:
+        RuntimeError: torch older than `MIN_FSDP2_TORCH`.
         ValueError: a PEFT model with FSDP's own activation checkpointing.
     """
     if not getattr(trainer, "is_fsdp_enabled", False):
         return
+    check_fsdp2_torch()
     from peft import PeftModel
 
     plugin = trainer.accelerator.state.fsdp_plugin

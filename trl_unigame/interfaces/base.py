@@ -128,6 +128,7 @@ class VisualTokenInterface(ImageTokenLoop, ABC):
         Returns `None` (the default) when every position of the site's output is a visual token. Otherwise returns a
         callable `(module, args, output) -> mask` that the perturber's forward hook calls: `mask` is a boolean tensor
         of shape `output.shape[:-1]` (only its `True` positions are perturbed), or `None` to perturb every position.
+        It runs at every generated token, so it should read nothing back to the host.
         Emu3 uses it: its site is the LLM's `embed_tokens`, which embeds text and visual tokens alike.
 
         Args:

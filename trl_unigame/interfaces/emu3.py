@@ -94,12 +94,20 @@ class Emu3Interface(VisualTokenInterface):
         model = self.base_model
         generating = site == "generation"
         visual = self.visual_token_ids()
+        largest = max(self.mapping.image_tokens)
+        tables: dict[torch.device, torch.Tensor] = {}  # whether each id is a visual token, made once per device
 
         def mask(module, args, output):
             ids = args[0] if args else None
             if not isinstance(ids, torch.Tensor) or (model in _GENERATING) != generating:
                 return torch.zeros(output.shape[:-1], dtype=torch.bool, device=output.device)
-            return torch.isin(ids, visual.to(ids.device))
+            # A lookup, not `torch.isin` (which sorts and reads back to the host) nor a copy per call: this runs at
+            # every generated token.
+            table = tables.get(ids.device)
+            if table is None:
+                table = tables[ids.device] = torch.zeros(largest + 2, dtype=torch.bool, device=ids.device)
+                table[visual.to(ids.device)] = True
+            return table[ids.clamp(0, len(table) - 1)]  # the last entry (never visual) stands for every larger id
 
         return mask
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 from typing import Callable
 
@@ -38,6 +39,66 @@ def current_generation_rows() -> torch.Tensor | None:
     """The grid rows of the image tokens the generation site is embedding now (see [`generation_rows`]), or `None`
     outside image generation."""
     return _GENERATION_ROWS.get()
+
+
+@contextlib.contextmanager
+def checkpointed_in_eval(language_model: nn.Module):
+    """Inside it, the layers of `language_model` that the run checkpoints (`gradient_checkpointing_enable`) checkpoint
+    in eval mode too: a differentiable pass then keeps each such layer's input, not its activations.
+
+    Transformers checkpoints a layer only in training mode. Only each checkpointed layer's own `training` flag is set,
+    not its submodules', so dropout (attention's, LoRA's) stays off and the pass computes what eval mode computes. A
+    reentrant checkpoint function is swapped for the non-reentrant one with the same options: `torch.autograd.grad`
+    (which leaves every other `.grad` alone) needs it, and in eval mode both recompute the same values.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [
+        m
+        for m in language_model.modules()
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and not m.training
+    ]
+    swapped = []
+    for layer in layers:
+        layer.training = True  # this module only: `.train()` would turn on its dropout too
+        function = layer.__dict__.get("_gradient_checkpointing_func")
+        if function is not None and _reentrant(function):
+            layer._gradient_checkpointing_func = _without_reentrance(function)
+            swapped.append((layer, function))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
+        for layer, function in swapped:
+            layer._gradient_checkpointing_func = function
+
+
+def _reentrant(function: Callable) -> bool:
+    """Whether a checkpoint function (`torch.utils.checkpoint.checkpoint`, or a `functools.partial` over it or over a
+    wrapper that passes its options on, as transformers makes them) runs the reentrant variant, torch's default."""
+    from torch.utils.checkpoint import checkpoint
+
+    if function is checkpoint:
+        return True
+    if isinstance(function, functools.partial):
+        return function.keywords.get("use_reentrant", function.func is checkpoint)
+    return False
+
+
+def _without_reentrance(function: Callable) -> Callable:
+    """The same checkpoint function with `use_reentrant=False`."""
+    if isinstance(function, functools.partial):
+        return functools.partial(function.func, *function.args, **{**function.keywords, "use_reentrant": False})
+    return functools.partial(function, use_reentrant=False)
+
+
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of `probs` `(rows, candidates)`: `torch.multinomial(probs, 1)`'s own algorithm
+    (`argmax(probs / q)`, `q ~ Exp(1)`), so the same generator draws the same tokens, without the validity checks it
+    reads back to the host on every call (the caller checks once per loop)."""
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(-1)
 
 
 def _kv_cache_keyword(language_model: nn.Module) -> str:
@@ -207,6 +268,10 @@ class ImageTokenLoop:
 
         Returns:
             `torch.Tensor`: The tokens, `(num_prompts * num_images, num_tokens)`, grouped by prompt.
+
+        Raises:
+            RuntimeError: when a sampling distribution was not finite (checked once, after the loop: the loop reads
+                nothing back to the host).
         """
         guidance_scale, temperature = self.generation_settings(guidance_scale, temperature)
         ids, mask = (t.repeat_interleave(num_images, dim=0) for t in prompt)
@@ -225,6 +290,7 @@ class ImageTokenLoop:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         tokens = torch.empty((batch, num_tokens), dtype=torch.long, device=input_ids.device)
         grid_rows = None  # the grid row of each token, made once: a view of it per step, no copy to the device
+        valid = torch.ones((), dtype=torch.bool, device=input_ids.device)  # every sampling distribution finite
         if tokens_per_row is not None:
             grid_rows = torch.arange(num_tokens, device=input_ids.device) // tokens_per_row
         for i in range(num_tokens):
@@ -238,7 +304,8 @@ class ImageTokenLoop:
                 logits = uncond + guidance_scale * (cond - uncond)
                 if temperature > 0:
                     probs = torch.softmax(logits / temperature, dim=-1)
-                    next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                    next_token = _sample(probs, generator)
+                    valid = valid & torch.isfinite(probs).all()
                 else:
                     next_token = logits.argmax(-1)
                 if candidate_ids is not None:
@@ -248,6 +315,8 @@ class ImageTokenLoop:
                 embeds = embed_image_tokens(torch.cat([next_token, next_token]).unsqueeze(-1))
             full_mask[:, prompt_length + i] = 1
             position_ids = position_ids[:, -1:] + 1
+        if not bool(valid):  # read once, after the loop
+            raise RuntimeError("Image generation sampled from scores that are not finite (inf or nan).")
         return tokens
 
     def _image_token_log_probs(
@@ -313,9 +382,10 @@ class ImageTokenLoop:
         attention_mask = torch.cat([mask, uncond_mask])
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(fed.shape)], dim=1)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state[:, prompt_length - 1 :]  # position prompt_length - 1 + i predicts token i
+        with checkpointed_in_eval(language_model):
+            hidden = language_model(
+                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state[:, prompt_length - 1 :]  # position prompt_length - 1 + i predicts token i
         scores = image_scores(hidden.reshape(-1, hidden.shape[-1])).float().view(2 * batch, length, -1)
         cond, uncond = scores[:batch], scores[batch:]
         log_probs = torch.log_softmax((uncond + guidance_scale * (cond - uncond)) / temperature, dim=-1)
