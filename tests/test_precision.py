@@ -152,3 +152,18 @@ def test_the_finite_check_of_a_step_reads_the_host_once(tmp_path, vqa, finite):
     assert reads.count == 1  # before: one read per gradient
     assert dropped is not finite
     assert all((p.grad is None) is not finite for p in params)
+
+
+def test_mining_runs_under_the_runs_mixed_precision(tmp_path, vqa):
+    # bf16=True on a float32-loaded model: the host's forward runs under autocast, and so must mining's generation.
+    trainer = make_trainer(tmp_path, vqa, max_steps=1, bf16=True)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    dtypes = []
+    head = trainer.interface.base_model.model.generation_head
+    handle = head.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # before: float32
+    assert len(trainer.buffer)

@@ -30,7 +30,9 @@ class UniGameArguments:
         perturber_learning_rate (`float`, *optional*, defaults to `5e-3`):
             AdamW learning rate of the perturber (paper 5e-3; authors' code 3e-2).
         perturber_weight_decay (`float`, *optional*, defaults to `0.0`):
-            AdamW weight decay of the perturber.
+            AdamW weight decay of the perturber's weight matrices; its scalars (the eps logit, the gradient gain) and
+            biases are never decayed. One optimizer decays: the understanding-site step's, or the generation-side
+            adversary's when `adversarial_weight=0`.
         adversarial_weight (`float`, *optional*, defaults to `120.0`):
             `lambda`: weight of the understanding loss that the perturber ascends (authors' code: 120). `0` skips the
             perturber's pass.
@@ -144,7 +146,8 @@ class UniGameArguments:
             `generation_temperature` and the perturber's generation site. Not in the paper.
         generation_adversary_learning_rate (`float`, *optional*, defaults to `5e-3`):
             Learning rate of the generation-side adversary's own AdamW over the perturber's parameters (its moments
-            are kept apart from those of the understanding-site step; weight decay `perturber_weight_decay`).
+            are kept apart from those of the understanding-site step; it decays the weights only when that step never
+            runs).
         generation_adversary_penalty (`float`, *optional*, defaults to `-1.0`):
             With `generation_adversary_reward="gated"`, the reward of a candidate below `consistency_threshold`
             (unfaithful). At most 0: the hardness of a faithful
@@ -221,7 +224,9 @@ class UniGameArguments:
     """
 
     perturber_learning_rate: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the perturber."})
-    perturber_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the perturber."})
+    perturber_weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay of the perturber's weight matrices (not its scalars)."}
+    )
     adversarial_weight: float = field(
         default=120.0, metadata={"help": "lambda: weight of the understanding loss the perturber ascends."}
     )

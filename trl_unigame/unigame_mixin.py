@@ -193,7 +193,9 @@ class UniGameMixin(GameCheckpointing):
         checking = rows is not None and self.miner.check_due(ctx.step, ctx.last_micro_batch)
         if mining or checking:
             # Generation calls submodules directly: under FSDP2 or ZeRO-3 the parameters are gathered whole around it.
-            with full_parameters(model):
+            # The host's mixed precision (bf16/fp16 autocast) covers its model's forward only: generation calls the
+            # submodules directly, so it would otherwise run in the weights' dtype (float32 for a float32-loaded model).
+            with full_parameters(model), self.accelerator.autocast():
                 if mining:
                     self.miner.mine(unwrapped, rows, inputs, ctx.step, self.args.process_index, self._prepare_inputs)
                 if checking:

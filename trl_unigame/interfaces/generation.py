@@ -196,6 +196,10 @@ class ImageTokenLoop:
         cache_keyword = _kv_cache_keyword(language_model)
 
         def step(embeds, attention_mask, position_ids, cache):
+            if torch.is_autocast_enabled(embeds.device.type):
+                # Under autocast the rotary tables take the embeddings' dtype: float32 embeddings would give float32
+                # keys beside autocast's values, which the static cache cannot hold in one dtype.
+                embeds = embeds.to(torch.get_autocast_dtype(embeds.device.type))
             out = language_model(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
