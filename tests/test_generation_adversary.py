@@ -470,11 +470,19 @@ def test_trainer_trains_the_perturber_from_mining_logs_and_resumes_exactly(famil
     overrides = dict(max_steps=4, save_strategy="steps", save_steps=2)
     full = game_trainer(family, tmp_path / "full", vqa, clip_scorer, **overrides)
     before = snapshot(full.model)
-    steps = []
+    steps, changed = [], []
     step = full.generation_adversary.step
-    full.generation_adversary.step = lambda *a, **k: steps.append(a[-1]) or step(*a, **k)
+
+    def watched(*args, **kwargs):  # the perturber as the round's update found it and as it left it
+        steps.append(args[-1])
+        perturber = snapshot(full.perturber)
+        step(*args, **kwargs)
+        changed.append([n for n, p in full.perturber.named_parameters() if not torch.equal(perturber[n], p)])
+
+    full.generation_adversary.step = watched
     full.train()
     assert steps == [0, 1, 2, 3]  # once per mining round
+    assert all(changed), changed  # each round's update moved the perturber
     moved = [n for n, p in full.model.named_parameters() if not torch.equal(before[n], p)]
     assert moved and all("lora_" in n for n in moved)
     logs = [log for log in full.state.log_history if "loss" in log]
@@ -531,7 +539,10 @@ def test_resume_with_the_option_from_a_checkpoint_without_it_is_refused(tmp_path
         (dict(generation_adversary_penalty=0.5), r"`generation_adversary_penalty` must be a finite number <= 0"),
         (dict(perturber_generation_row_scales=[2.0, 0.0]), r"`perturber_generation_row_scales` must be None or a"),
         (dict(perturber_generation_row_scales=2.0), r"`perturber_generation_row_scales` must be None or a"),
-        (dict(generation_adversary_reward="clip"), r"`generation_adversary_reward` must be one of \['gated', 'faithful'\]"),
+        (
+            dict(generation_adversary_reward="clip"),
+            r"`generation_adversary_reward` must be one of \['gated', 'faithful'\]",
+        ),
     ],
 )
 def test_config_refuses_what_the_option_cannot_use(tmp_path, overrides, match):
@@ -580,21 +591,27 @@ def test_benchmark_runs_the_trainer_with_the_option_off_and_on(tmp_path):
 
 @pytest.mark.slow
 def test_the_faithful_reward_makes_the_digits_model_draw_harder_faithful_candidates(tmp_path):
-    """The option's purpose, on a fixed run: the pretrained digits Janus with U frozen, mining every step with the
-    digit judge (threshold 0.9), the generation budget at 20% of the token norm, 150 steps from the same seed and rows
-    with the option off and with `generation_adversary_reward="faithful"`. Over the second half of the run, the
-    candidates the judge accepts are harder for U with the option on (measured 0.28 against 0.19 on seed 0; +0.03 to
-    +0.09 on seeds 0-2, docs/benchmarks.md)."""
+    """The option's purpose: the pretrained digits Janus with U frozen, mining every step with the digit judge
+    (threshold 0.9), the generation budget at 20% of the token norm, 150 steps with the option off and with
+    `generation_adversary_reward="faithful"` from the same seed and rows, on seeds 0, 1 and 2. The understanding-site
+    step is off (`adversarial_weight=0`), so the option's step is the only thing that moves the perturber: in the full
+    game both steps move the same parameters and the runs with and without the option part ways, so the difference of
+    one run pair swings in sign from seed to seed (docs/benchmarks.md). Over the second half of the runs, the
+    candidates the judge accepts are harder for U with the option on, on average over the seeds."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import generation_adversary
 
-    report = generation_adversary.main(
-        ["--steps", "150", "--settings", "off", "faithful", "--set", "perturber_generation_eps_max=0.2"]
-    )
-    off, on = report["results"]
-    assert off["setting"] == "off" and on["setting"] == "faithful"
-    assert on["mined"] == off["mined"] == 150 * 8 * 3
-    assert on["faithful_hardness_late"] > off["faithful_hardness_late"] + 0.02, (off, on)
-    assert on["faithful_fraction"] > 0.3  # still drawing digits the judge accepts
+    rises = []
+    for seed in (0, 1, 2):
+        report = generation_adversary.main(
+            ["--steps", "150", "--seed", str(seed), "--settings", "off", "faithful"]
+            + ["--set", "perturber_generation_eps_max=0.2", "adversarial_weight=0.0"]
+        )
+        off, on = report["results"]
+        assert off["setting"] == "off" and on["setting"] == "faithful"
+        assert on["mined"] == off["mined"] == 150 * 8 * 3
+        assert on["faithful_fraction"] > 0.3  # still drawing digits the judge accepts
+        rises.append(on["faithful_hardness_late"] - off["faithful_hardness_late"])
+    assert sum(rises) / len(rises) > 0.02, rises

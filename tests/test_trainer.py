@@ -873,6 +873,7 @@ def test_mining_on_a_smaller_grid_fills_the_buffer_with_understanding_sized_imag
 
 
 def test_mining_with_a_compiled_step_fills_the_buffer_and_compiles_once(tmp_path, vqa):
+    # aot_eager checks the tracing (one graph, one kept cache); CUDA-graph replay needs a GPU: tests/test_gpu.py.
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     trainer = make_trainer(

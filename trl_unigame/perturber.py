@@ -127,8 +127,10 @@ class PerturberConfig:
                 )
             if "row_scales" in override:
                 scales = override["row_scales"]
-                if not isinstance(scales, (list, tuple)) or not scales or not all(
-                    isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scales
+                if (
+                    not isinstance(scales, (list, tuple))
+                    or not scales
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scales)
                 ):
                     raise ValueError(
                         f"`site_budgets['generation']['row_scales']` must be a list of finite numbers > 0 (a factor "

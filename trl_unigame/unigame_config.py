@@ -159,9 +159,9 @@ class UniGameArguments:
             its hardness `H`, an unfaithful one `generation_adversary_penalty`, and the baseline is the mean reward of
             the prompt's candidates; the step then mostly separates faithful from unfaithful drawings. `"faithful"`:
             only faithful candidates take part, each with its hardness minus the mean hardness of the faithful
-            candidates of the same prompt (a prompt with fewer than two faithful candidates adds no gradient, and
-            `generation_adversary_penalty` is not used); the step moves probability towards the harder of the
-            drawings the consistency scorer accepts.
+            candidates of the same prompt (a prompt with fewer than two faithful candidates adds no gradient, a round
+            where no candidate takes part on any process makes no step, and `generation_adversary_penalty` is not
+            used); the step moves probability towards the harder of the drawings the consistency scorer accepts.
         generation_adversary_normalize (`bool`, *optional*, defaults to `True`):
             Divide the advantages of a round by their standard deviation (over the round's candidates that take
             part, on each process), so the step's size does not follow the scale of the losses.

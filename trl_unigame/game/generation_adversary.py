@@ -39,7 +39,9 @@ def candidate_advantages(rewards: torch.Tensor, num_candidates: int, normalize: 
     each, as generated), divided by the standard deviation of the advantages with `normalize`."""
     grouped = rewards.view(-1, num_candidates)
     advantages = (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
-    return _normalized(advantages, advantages.new_ones(advantages.shape, dtype=torch.bool)) if normalize else advantages
+    return (
+        _normalized(advantages, advantages.new_ones(advantages.shape, dtype=torch.bool)) if normalize else advantages
+    )
 
 
 def faithful_advantages(
