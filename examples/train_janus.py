@@ -142,6 +142,24 @@ OFFLINE_GAME = {
 }
 
 
+# A model of the user's own (`--model_name_or_path`): the recommended recipe with budgets relative to its token norm
+# (an absolute budget would mean something else at every model's token scale); mining at the model's own image size
+# and with its own generation config (guidance, temperature), which the config's defaults already take.
+USER_MODEL_GAME = {
+    **RECOMMENDED_RECIPE,
+    "perturber_budget": "relative",
+    "perturber_eps_max": "0.1",
+    "perturber_eps_init": "0.05",
+    "perturber_generation_budget": "relative",
+    "perturber_generation_eps_max": "0.05",
+}
+
+
+def user_model_default_arguments() -> list[str]:
+    """The settings a run on a user's own model starts from (`USER_MODEL_GAME`); each option given replaces its own."""
+    return [part for key, value in USER_MODEL_GAME.items() for part in (f"--{key}", value)]
+
+
 # The built-in data's skills: the new one ("What digit is after this?") mixed with a pretrained one.
 DIGITS_SKILLS = ("after", "digit")
 # What a run trained on, written to `output_dir` for `evaluate_janus.py` to read back.
@@ -463,6 +481,9 @@ def show_offline_defaults(parser, default_argv: list[str]):
         if action.dest in values and action.help is not None:
             value = values[action.dest].replace("%", "%%")
             action.help = f"{action.help} Without --model_name_or_path: {value}."
+    for action in parser._actions:
+        if action.dest in USER_MODEL_GAME and action.help is not None:
+            action.help = f"{action.help} With a model of your own: {USER_MODEL_GAME[action.dest]}."
     return parser
 
 
@@ -540,7 +561,7 @@ def parse_arguments(argv: list[str]):
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     if model_args.model_name_or_path is not None:
         if not _is_shipped_model(model_args.model_name_or_path):
-            return script_args, training_args, model_args
+            return parser.parse_args_and_config(args=with_defaults(argv, user_model_default_arguments(), given))
         # The shipped model's folder named on the command line: the run it would be without the option, whose
         # settings are sized to that model.
         argv = [part for group in _options(argv) if _option_name(group[0]) != "model_name_or_path" for part in group]
