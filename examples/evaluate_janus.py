@@ -7,7 +7,7 @@ caption -> its own drawing of it -> similarity to the real image).
 
 With no arguments, evaluates the tiny Janus pretrained on real digit scans (shipped in the package) on 120 held-out
 test scans ("What digit is this?"; shifted and corrupted scans included), on a CPU, in seconds, and writes
-`unigame-eval/results.json`. The tiny model cannot caption in words of its own: its caption is its answers to "What
+`unigame-eval/results.json` (with `--adapters`: `evaluation/results.json` inside the last adapter's folder). The tiny model cannot caption in words of its own: its caption is its answers to "What
 color is the digit?" and "What digit is this?" in the dataset's caption format ("a {0} {1}", e.g. "a red seven"), and
 the digit judge compares its drawing with the real scan (same digit and colour):
 
@@ -122,7 +122,9 @@ class EvaluationScriptArguments:
         generation_temperature (`float`, *optional*): Temperature of the round trip's generation; the model's own
             (`generation_config.temperature`, else 1.0) when not given.
         seed (`int`, *optional*, defaults to `0`): Seed of the corruptions and of image generation.
-        output_dir (`str`, *optional*, defaults to `"unigame-eval"`): Folder of the results (created when missing).
+        output_dir (`str`, *optional*): Folder of the results (created when missing). By default `evaluation/` inside
+            the folder of the last adapter of `adapters` (a local one), beside what was evaluated; `unigame-eval` in the
+            working folder when no adapter is evaluated.
         output_file (`str`, *optional*, defaults to `"results.json"`): Results and config, as JSON; a relative path is
             inside `output_dir`, an absolute one is used as it is.
         predictions_file (`str`, *optional*): Also write the per-row answers and scores (JSON lines); relative paths
@@ -172,7 +174,13 @@ class EvaluationScriptArguments:
         default=None, metadata={"help": "Temperature of the round trip's images (None: the model's)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the corruptions and of image generation."})
-    output_dir: str = field(default="unigame-eval", metadata={"help": "Folder of the results."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the results (default: evaluation/ inside the last adapter's folder; without an adapter, "
+            "unigame-eval)."
+        },
+    )
     output_file: str = field(
         default="results.json", metadata={"help": "Results and config, as JSON (relative: inside output_dir)."}
     )
@@ -392,6 +400,17 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+#: The folder of the results when no adapter is evaluated and `--output_dir` is not given.
+BASE_OUTPUT_DIR = "unigame-eval"
+
+
+def default_output_dir(args) -> str:
+    """The folder of the results when `--output_dir` is not given: `evaluation/` inside the last local adapter's
+    folder (the results stay with what they measure, not in the working folder), else `unigame-eval`."""
+    local = [path for path in args.adapters if os.path.isdir(path)]
+    return os.path.join(local[-1], "evaluation") if local else BASE_OUTPUT_DIR
+
+
 def output_path(args, path: str) -> str:
     """`path` inside `--output_dir` when relative; as it is when absolute."""
     return os.path.join(args.output_dir, path)
@@ -407,6 +426,8 @@ def main(args, given: frozenset[str] = frozenset()):
         return results
     table = markdown_table(results)
     print(table)
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(args)
     os.makedirs(args.output_dir, exist_ok=True)
     path = output_path(args, args.output_file)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -119,16 +119,18 @@ def test_gpu_check_smoke_mode_runs_every_stage_and_writes_its_report(tmp_path):
     assert result["preflight"]["missing"] == [] and result["smoke"]
     assert {name: stage["status"] for name, stage in result["stages"].items()} == {
         "main_job": "ok",
-        "step_overhead": "ok",
+        "steps": "ok",
+        "reinforce": "ok",
+        "mining": "ok",
     }, result["stages"]
     variants = result["step_overhead"]["variants"]
-    assert set(variants) == {"plain", "game_no_mining_first_order_gradient"}
+    assert set(variants) == {"plain", "game_no_mining_first_order_gradient", "game_generation_adversary"}
     assert all(v["step_s"] > 0 and v["peak_bytes"] > 0 for v in variants.values())
     mining = result["step_overhead"]["mining"]
     assert {"generate_images", "generate_images_compiled", "generate_images_8px", "transformers_generate"} <= set(
         mining
     )
     table = (tmp_path / "gpu_check.md").read_text()
-    assert "| game_no_mining_first_order_gradient |" in table and "<= 1.3" in table
+    assert "| game_no_mining_first_order_gradient |" in table and "<= 1.3" in table and ">= 1.3" in table
     assert result["main_job_table"] and result["main_job_table"] in table
     assert len(os.listdir(tmp_path)) <= 8  # what a device machine sends back

@@ -651,7 +651,8 @@ def test_help_and_start_name_the_offline_defaults_settings():
     shown = " ".join(shown.split())  # argparse wraps the description
     assert "the offline default runs" in shown and "--learning_rate 1e-3" in shown  # not only the generic 2e-05
     # each option the offline default sets shows the value it runs with beside its own default
-    assert "Without --model_name_or_path: relative. (default: absolute)" in shown  # --perturber_budget
+    # --perturber_budget
+    assert "Without --model_name_or_path: relative. With a model of your own: relative. (default: absolute)" in shown
     assert "Without --model_name_or_path: digit_judge. (default: openai/clip-vit-base-patch16)" in shown
     import evaluate_janus
 
@@ -924,3 +925,82 @@ def test_before_after_table_names_the_skill_and_compares_plain_fine_tuning(tmp_p
     assert trainer.args.perturber_inputs == "features_and_gradient" and trainer.args.perturber_update == "first_order"
     assert trainer.args.perturbed_weight == 0.5
     assert not any(name.startswith("tmp") for name in os.listdir(tmp_path / "run"))  # the plain run saved nothing
+
+
+# ---------------------------------------------------------------------- what a user runs prints no warning
+def run_python(code, cwd):
+    """Runs `code` as a user's script would run, every emission of a user-visible warning printed."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env={**env(), "PYTHONWARNINGS": "always::UserWarning,always::FutureWarning"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_model_cards_usage_code_runs_without_a_warning(tmp_path):
+    out = tmp_path / "run"
+    run_example(out, "--max_steps", "1", "--picture_steps", "0", "--save_steps", "100")
+    code = usage_snippet((out / "README.md").read_text())
+    result = run_python(code + "\nprint(type(model).__name__, perturber.config.hidden_size)", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PeftModelForCausalLM 128" in result.stdout
+    for warning in ("FutureWarning", "UserWarning", "config.json not found"):
+        assert warning not in result.stderr, result.stderr[-3000:]
+
+
+def test_the_quick_starts_python_code_runs_without_a_peft_warning(tmp_path):
+    import json
+    import re
+    import tempfile
+
+    with open(os.path.join(ROOT, "docs", "quickstart.md")) as f:
+        code = re.search(r"## In Python\n\n```python\n(.*?)```", f.read(), flags=re.DOTALL).group(1)
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Could not find a config file" not in result.stderr, result.stderr[-3000:]
+    out = tmp_path / "unigame-tiny"
+    with open(out / "adapter_config.json") as f:  # the tiny model's temporary folder is gone: it is not named
+        assert json.load(f)["base_model_name_or_path"] is None
+    assert tempfile.gettempdir() not in (out / "README.md").read_text()
+
+
+def test_the_evaluation_writes_beside_the_adapter_not_into_the_working_folder(tmp_path):
+    out = tmp_path / "unigame-janus-tiny"
+    run_example(out, "--max_steps", "1", "--picture_steps", "0", "--save_steps", "100")
+    work = tmp_path / "clone"
+    work.mkdir()
+    options = ["--adapters", str(out), "--max_samples", "4", "--attack_steps", "1", "--corruptions", "noise_1"]
+    options += ["--consistency", "false", "--reverse_consistency", "false"]
+    script = os.path.join(ROOT, "examples", "evaluate_janus.py")
+    result = subprocess.run(
+        [sys.executable, script, *options], cwd=work, env=env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.listdir(work) == []  # nothing left in the working folder (a clone stays clean)
+    assert f"written to {out / 'evaluation' / 'results.json'}" in result.stdout
+    assert (out / "evaluation" / "results.json").is_file()
+
+
+def test_a_model_of_your_own_starts_from_the_recipe_with_relative_budgets(tmp_path):
+    from train_janus import make_parser, parse_arguments, show_offline_defaults
+
+    folder = str(tmp_path / "my-janus")  # parsing only: nothing is loaded
+    _, training, model = parse_arguments(["--model_name_or_path", folder, "--dataset_name", "imagefolder"])
+    assert model.model_name_or_path == folder
+    assert (training.perturber_inputs, training.perturber_update, training.perturbed_weight) == (
+        "features_and_gradient",
+        "first_order",
+        0.5,
+    )
+    assert (training.perturber_budget, training.perturber_generation_budget) == ("relative", "relative")
+    assert training.mining_image_size is None and training.generation_guidance_scale is None  # the model's own
+    assert training.max_steps == -1  # nothing of the digits run's sizes
+    _, kept, _ = parse_arguments(
+        ["--model_name_or_path", folder, "--perturber_update", "exact", "--perturber_budget", "absolute"]
+    )
+    assert (kept.perturber_update, kept.perturber_budget, kept.perturbed_weight) == ("exact", "absolute", 0.5)
+    help_text = show_offline_defaults(make_parser(), []).format_help()
+    assert "With a model of your own: features_and_gradient." in " ".join(help_text.split())

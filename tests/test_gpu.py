@@ -84,11 +84,13 @@ def test_fp16_with_the_real_grad_scaler_skips_an_overflow_and_goes_on(tmp_path, 
     assert trainer.state.global_step == 4 and watch.scale_after == 2.0**126
     assert all(torch.equal(watch.ends[1][n], p) for n, p in watch.ends[2].items())
     assert any(not torch.equal(watch.ends[2][n], p) for n, p in watch.ends[4].items())
-    gains = [log["unigame/adversarial_gain_estimate"] for log in trainer.state.log_history if "loss" in log]
-    assert max(abs(g) for g in gains[2:]) < 10.0  # unscaled: a scale of 2**10 would show as ~1000x
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    gains = [log.get("unigame/adversarial_gain_estimate") for log in logs[2:]]  # step 2 overflowed: no gain logged
+    assert all(g is not None for g in gains) and max(abs(g) for g in gains) < 10.0  # unscaled: 2**10 would be ~1000x
 
 
 def test_qlora_4bit_trains_the_game_on_the_shipped_digits_model(tmp_path):
+    pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     from trl_unigame.interfaces import quantization_skip_modules_for

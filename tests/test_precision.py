@@ -63,7 +63,7 @@ def test_an_fp16_overflow_is_skipped_by_the_grad_scaler_and_training_goes_on(
     scaler = fp16(trainer, init_scale=2.0**16)
     watch = OverflowAtStep(trainer, scaler, step=2)
     trainer.add_callback(watch)
-    with pytest.warns(UserWarning, match="overflowed under fp16 loss scaling"):
+    with pytest.warns(UserWarning, match="not finite under fp16 loss scaling"):
         trainer.train()  # before: `AssertionError: No inf checks were recorded prior to update`
     assert trainer.state.global_step == 4
     # the scaler saw the overflow and halved its scale (twice with the separate buffer step's own overflow)
@@ -167,3 +167,17 @@ def test_mining_runs_under_the_runs_mixed_precision(tmp_path, vqa):
         handle.remove()
     assert dtypes and set(dtypes) == {torch.bfloat16}  # before: float32
     assert len(trainer.buffer)
+
+
+def test_mining_stays_out_of_fp16_autocast(tmp_path, vqa, fp16):
+    # fp16 generation would run the whole residual stream in fp16 and overflow where training's float32 one does not.
+    trainer = make_trainer(tmp_path, vqa, max_steps=1)
+    fp16(trainer, init_scale=2.0**8, autocast=True)
+    dtypes = []
+    head = trainer.interface.base_model.model.generation_head
+    handle = head.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    assert dtypes and set(dtypes) == {torch.float32}

@@ -85,10 +85,14 @@ def use_short_console_logs(trainer) -> None:
 class HardSamplePicturesCallback(TrainerCallback):
     r"""
     Every `every_n_steps` optimizer steps, draws (with PIL only) and writes to `output_dir/pictures/`:
-    - `hard_samples_step{N}.png`: a titled table of the hardest decoded candidates in the buffer, each beside the
-      real image it was mined from, with its question, answer, the model's prediction, hardness `H` and consistency
-      `s`, under column headers and a line saying what `H` and `s` are ([`hard_sample_gallery`]);
-    - `curves.png`: the clean, adversarial and buffer losses and eps over steps ([`training_curves`]).
+    - `hard_samples_step{N}.png`: a titled table of the hardest decoded candidates in the buffer (the model's own
+      drawings), each beside the real image it was mined from, with its question, answer, the model's answer, how hard
+      it is for the model (the hardness, a loss) and how well it matches its prompt (the consistency), under column
+      headers and a legend saying what the two numbers are ([`hard_sample_gallery`]);
+    - `curves.png`: the total loss, the clean, adversarial and buffer losses, the adversarial minus the clean loss,
+      and eps over steps ([`training_curves`]).
+
+    Both PNGs hold what they say (texts, legend labels, lines) as a text chunk ([`~gallery.picture_contents`]).
 
     The same two pictures are logged as images (tags `unigame/hard_samples` and `unigame/curves`) to the `report_to`
     integrations that are active: TensorBoard (`add_image` on the `TensorBoardCallback`'s writer), Weights & Biases
@@ -125,34 +129,31 @@ class HardSamplePicturesCallback(TrainerCallback):
     def _write_pictures(self, args, state) -> None:
         directory = os.path.join(args.output_dir, "pictures")
         os.makedirs(directory, exist_ok=True)
-        from .gallery import training_curves
+        from .gallery import save_picture, training_curves
 
         pictures = {}
         gallery = self.hard_samples_picture(state.global_step)
         if gallery is not None:
-            gallery.save(os.path.join(directory, f"hard_samples_step{state.global_step}.png"))
+            save_picture(gallery, os.path.join(directory, f"hard_samples_step{state.global_step}.png"))
             pictures[self.TAGS["hard_samples"]] = gallery
         curves = training_curves(state.log_history)
         if curves is not None:
-            curves.save(os.path.join(directory, "curves.png"))
+            save_picture(curves, os.path.join(directory, "curves.png"))
             pictures[self.TAGS["curves"]] = curves
         self.log_images(pictures, state.global_step)
 
     def hard_samples_picture(self, step: int | None = None):
         """The gallery of the hardest buffer entries as a PIL image, or `None` while the buffer is empty."""
-        from .gallery import hard_sample_gallery
+        from .gallery import gallery_title, hard_sample_gallery
 
         entries = self.trainer.buffer.entries[: self.max_samples]
         if not entries:
             return None
         args = self.trainer.args
-        title = "Hard samples: the hardest decoded candidates in the buffer"
-        if step is not None:
-            title = f"Hard samples at step {step}: the hardest decoded candidates in the buffer"
         return hard_sample_gallery(
             entries,
             self._predict(entries),
-            title=title,
+            title=gallery_title(step),
             consistency_weight=getattr(args, "consistency_weight", None),
             consistency_threshold=getattr(args, "consistency_threshold", None),
         )
@@ -160,10 +161,12 @@ class HardSamplePicturesCallback(TrainerCallback):
     def write_hard_samples(self, path: str, step: int | None = None) -> str | None:
         """Writes [`hard_samples_picture`] to `path`; returns `path`, or `None` (nothing written) while the buffer
         is empty."""
+        from .gallery import save_picture
+
         picture = self.hard_samples_picture(step)
         if picture is None:
             return None
-        picture.save(path)
+        save_picture(picture, path)
         return path
 
     def _predict(self, entries) -> list[str]:
@@ -185,12 +188,12 @@ class HardSamplePicturesCallback(TrainerCallback):
     @staticmethod
     def write_curves(log_history: list[dict], path: str) -> str | None:
         """Writes [`training_curves`] of `log_history` to `path`; returns `path`, or `None` before the first log."""
-        from .gallery import training_curves
+        from .gallery import save_picture, training_curves
 
         picture = training_curves(log_history)
         if picture is None:
             return None
-        picture.save(path)
+        save_picture(picture, path)
         return path
 
     def log_images(self, images: dict, step: int) -> list[str]:

@@ -87,7 +87,8 @@ def load_image(value, column: str = "image"):
 def check_rows(dataset, name: str = "train_dataset", columns=("image", "question", "answer")) -> None:
     """Reads up to `ROWS_CHECKED` rows spread over `dataset` and raises a `ValueError` naming the column and the row
     index of the first missing image or text, or of an image file that cannot be read, before any training starts.
-    Warns once when rows have an empty question or answer (all rows are counted)."""
+    Warns once when rows have an empty question or answer (all rows are counted), and once when text columns hold
+    numbers (an integer `answer` column), which are converted to text (`3` -> `"3"`, `3.0` -> `"3.0"`)."""
     if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "select"):
         return
     n = len(dataset)
@@ -104,15 +105,27 @@ def check_rows(dataset, name: str = "train_dataset", columns=("image", "question
             checked = checked.cast_column("image", Image(decode=False))
         except (TypeError, ValueError):  # not castable (e.g. a list of images): checked decoded
             pass
+    numbers = {}  # column -> (row index, value, its text) of the column's first number among the rows checked
     for index, row in zip(indices, checked):
         for column in present:
             try:
                 if column == "image":
                     load_image(row[column], column)
+                elif _is_number(row[column]) and column not in numbers:
+                    numbers[column] = (index, row[column], as_text(row[column], column))
                 else:
                     as_text(row[column], column)
             except ValueError as error:
                 raise ValueError(f"`{name}` row {index}: {error}") from None
+    if numbers:
+        found = "; ".join(f"`{c}` (row {i}: {v!r} is read as {t!r})" for c, (i, v, t) in numbers.items())
+        cast = ", ".join(f'`dataset.cast_column("{c}", datasets.Value("string"))`' for c in numbers)
+        warnings.warn(
+            f"`{name}` has numbers where text is expected, in {found}: they are converted to text. Cast the "
+            f"column(s) yourself to choose the text (and silence this warning): {cast}.",
+            UserWarning,
+            stacklevel=3,
+        )
     texts = [dataset[c] for c in ("question", "answer") if c in present]  # columns only: no image is decoded
     empty = [index for index, values in enumerate(zip(*texts)) if any(_is_empty_text(v) for v in values)]
     if empty:
@@ -124,6 +137,13 @@ def check_rows(dataset, name: str = "train_dataset", columns=("image", "question
             UserWarning,
             stacklevel=3,
         )
+
+
+def _is_number(value) -> bool:
+    """Whether a text field holds a number (or, as a list, starts with one) that `as_text` turns into text."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else ""
+    return isinstance(value, (int, float))
 
 
 def _is_empty_text(value) -> bool:

@@ -1,14 +1,74 @@
 """Pictures for people, drawn with PIL only: a grid of images, a gallery of hard samples and line plots of the
-game's curves."""
+game's curves. Each picture records what it says (its texts and their boxes, a plot's legend and lines) in
+`image.info["drawn"]`, which [`save_picture`] writes into the PNG and [`picture_contents`] reads back."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
 from .interfaces.base import to_pil_images
+
+
+#: The PNG text chunk that holds what a picture says (see [`save_picture`]).
+CONTENTS_KEY = "unigame:drawn"
+
+
+class _Canvas:
+    """`ImageDraw.Draw` of `image` that records each text with the box it covers, and a plot's legend and lines."""
+
+    def __init__(self, image: Image.Image):
+        self.image, self.draw = image, ImageDraw.Draw(image)
+        self.texts: list[dict] = []
+        self.legend: list[str] = []
+        self.styles: dict[str, str] = {}
+        self.lines = 0
+
+    def text(self, xy, text: str, font, **kwargs) -> None:
+        self.draw.text(xy, text, font=font, **kwargs)
+        box = self.draw.textbbox(xy, text, font=font, anchor=kwargs.get("anchor"))
+        self.texts.append({"text": text, "box": [round(v) for v in box]})
+
+    def multiline_text(self, xy, text: str, font, spacing: int = 4, **kwargs) -> None:
+        self.draw.multiline_text(xy, text, font=font, spacing=spacing, **kwargs)
+        box = self.draw.multiline_textbbox(xy, text, font=font, spacing=spacing)
+        self.texts.append({"text": text, "box": [round(v) for v in box]})
+
+    def finish(self) -> Image.Image:
+        drawn = {"texts": self.texts, "legend": self.legend, "styles": self.styles, "lines": self.lines}
+        self.image.info["drawn"] = drawn
+        return self.image
+
+
+def save_picture(picture: Image.Image, path: str) -> None:
+    """Saves `picture` as a PNG, with what it says (`picture.info["drawn"]`: its texts and their boxes, a plot's legend
+    labels, their line styles and the number of lines) as a text chunk, read back by [`picture_contents`]."""
+    from PIL.PngImagePlugin import PngInfo
+
+    metadata = PngInfo()
+    if "drawn" in picture.info:
+        metadata.add_text(CONTENTS_KEY, json.dumps(picture.info["drawn"]))
+    picture.save(path, format="PNG", pnginfo=metadata)
+
+
+def picture_contents(path: str) -> dict | None:
+    r"""
+    What a picture written by [`save_picture`] says.
+
+    Args:
+        path (`str`): The PNG file.
+
+    Returns:
+        `dict` or `None`: `{"size": [width, height], "texts": [{"text", "box": [left, top, right, bottom]}, ...],
+        "legend": [label, ...], "styles": {label: line style}, "lines": int}` (pixels); `None` for a picture saved
+        without them.
+    """
+    with Image.open(path) as picture:
+        drawn = getattr(picture, "text", {}).get(CONTENTS_KEY)
+        return None if drawn is None else {"size": list(picture.size), **json.loads(drawn)}
 
 
 def _pil(image) -> Image.Image:
@@ -84,14 +144,23 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
 
 
 def hardness_legend(consistency_weight: float | None = None, consistency_threshold: float | None = None) -> str:
-    """What `H` and `s` mean in the gallery, with the trainer's `w_clip` and `tau_clip` when they are known."""
+    """What the gallery's two numbers mean, in plain words, with the trainer's `w_clip` and `tau_clip` when they are
+    known: how hard a candidate is for the model (the hardness, `trl_unigame.selection.hardness`) and how well it
+    matches its prompt (the consistency)."""
     w = "w" if consistency_weight is None else f"{consistency_weight:g}"
-    tau = "tau" if consistency_threshold is None else f"{consistency_threshold:g}"
+    tau = "t" if consistency_threshold is None else f"{consistency_threshold:g}"
     return (
-        f"H = hardness = U's loss on the candidate (its answer's cross-entropy) + {w} * max(0, {tau} - s); hardest "
-        "first.\ns = consistency: the scorer's score of the candidate against its prompt (n/a: no scorer, H is the "
-        "loss alone)."
+        "How hard for the model (loss): the model's loss on the right answer for the drawing (its cross-entropy), "
+        f"plus {w} * max(0, {tau} - match) when the drawing matches its prompt poorly; the hardest first.\n"
+        "Match with the prompt: how well the drawing matches the prompt it was drawn from, as the consistency scorer "
+        "rates it (n/a: no scorer, the loss alone)."
     )
+
+
+def gallery_title(step: int | None = None) -> str:
+    """The hard-sample gallery's title, at optimizer step `step` when given."""
+    at = "" if step is None else f" at step {step}"
+    return f"Hard samples{at}: the model's own drawings it answers worst, kept to train on"
 
 
 def hard_sample_gallery(
@@ -103,9 +172,11 @@ def hard_sample_gallery(
     consistency_threshold: float | None = None,
     font_size: int = 14,
 ) -> Image.Image:
-    """Draws a titled table with one line per hard sample: its real (source) image, the decoded candidate, and the
-    question, answer, the model's prediction on the candidate, the hardness `H` and the consistency `s`, under
-    column headers and a line saying what `H` and `s` are.
+    """Draws a titled table with one line per hard sample: its real (source) image, the model's drawing (the decoded
+    candidate), and the question, the answer, the model's answer on the drawing, how hard the drawing is for the model
+    (the hardness) and how well it matches its prompt (the consistency), under column headers and a legend saying what
+    the two numbers are ([`hardness_legend`]). The title and the legend wrap to the picture's width; what the picture
+    says is recorded in `info["drawn"]` (see [`save_picture`]).
 
     Args:
         samples (`Sequence`):
@@ -116,11 +187,11 @@ def hard_sample_gallery(
         scale (`int`, *optional*, defaults to `6`):
             Enlargement factor of the images.
         title (`str`, *optional*):
-            The title line; defaults to "Hard samples: the hardest decoded candidates in the buffer".
+            The title; defaults to [`gallery_title`]`()`.
         consistency_weight (`float`, *optional*):
-            `w_clip` of the trainer (`consistency_weight`), written into the legend of `H`.
+            `w_clip` of the trainer (`consistency_weight`), written into the legend.
         consistency_threshold (`float`, *optional*):
-            `tau_clip` of the trainer (`consistency_threshold`), written into the legend of `H`.
+            `tau_clip` of the trainer (`consistency_threshold`), written into the legend.
         font_size (`int`, *optional*, defaults to `14`):
             Text height in pixels (the title is 4 pixels larger).
     """
@@ -133,10 +204,10 @@ def hard_sample_gallery(
             image, source, row = sample.image, sample.extra.get("source"), sample.row
             hardness, consistency = sample.hardness, sample.consistency
         prediction = predictions[i] if predictions is not None else row.get("prediction", "")
-        s = "n/a" if consistency is None else f"{consistency:.3f}"
+        match = "n/a" if consistency is None else f"{consistency:.3f}"
         text = (
-            f"Q: {row.get('question', '')}\nA: {row.get('answer', '')}\npred: {prediction}\n"
-            f"H: {hardness:.3f}    s: {s}"
+            f"Q: {row.get('question', '')}\nA: {row.get('answer', '')}\nmodel's answer: {prediction}\n"
+            f"how hard for the model (loss): {hardness:.3f}\nmatch with the prompt: {match}"
         )
         lines.append((_pil(image), None if source is None else _pil(source), text))
     if not lines:
@@ -144,31 +215,35 @@ def hard_sample_gallery(
     font, bold = _font(font_size), _font(font_size + 4)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_height = font_size + 4  # one line of text, with spacing
+    title_height = font_size + 8  # one line of the title
     size = max(max(c.width, c.height) for c, _, _ in lines) * scale
-    size = max(size, 4 * text_height)  # an image column is at least as tall as the four lines of text beside it
+    size = max(size, 4 * text_height)  # an image column is at least as tall as four lines of text
     padding = 8
+    headers = ("real image", "the model's drawing", "question, answer, the model's answer")
     text_width = max(
         [measure.textlength(line, font=font) for _, _, text in lines for line in text.split("\n")]
-        + [measure.textlength("question, answer, prediction", font=font)]
+        + [measure.textlength(headers[2], font=font)]
     )
     text_width = int(min(max(text_width, 20 * font_size), 48 * font_size))
-    headers = ("real image", "decoded candidate", "question, answer, prediction")
     column = max(size, *(int(measure.textlength(h, font=font)) + padding for h in headers[:2]))
     width = 2 * (column + padding) + text_width + 2 * padding
-    title = title or "Hard samples: the hardest decoded candidates in the buffer"
+    title = _wrap(measure, title or gallery_title(), bold, width - 2 * padding)
     legend = _wrap(measure, hardness_legend(consistency_weight, consistency_threshold), font, width - 2 * padding)
     rows_text = [_wrap(measure, text, font, text_width) for _, _, text in lines]
     row_heights = [max(size, len(wrapped) * text_height) for wrapped in rows_text]
-    header_top = padding + (font_size + 8) + len(legend) * text_height + padding
+    legend_top = padding + len(title) * title_height
+    header_top = legend_top + len(legend) * text_height + padding
     body_top = header_top + text_height + padding // 2
     gallery = Image.new("RGB", (width, body_top + sum(h + padding for h in row_heights)), (255, 255, 255))
-    draw = ImageDraw.Draw(gallery)
-    draw.text((padding, padding), title, fill=(0, 0, 0), font=bold)
+    canvas = _Canvas(gallery)
+    draw = canvas.draw
+    for index, line in enumerate(title):
+        canvas.text((padding, padding + index * title_height), line, bold, fill=(0, 0, 0))
     for index, line in enumerate(legend):
-        draw.text((padding, padding + font_size + 8 + index * text_height), line, fill=(70, 70, 70), font=font)
+        canvas.text((padding, legend_top + index * text_height), line, font, fill=(70, 70, 70))
     text_x = 2 * (column + padding) + padding
     for x, header in zip((padding, 2 * padding + column, text_x), headers):
-        draw.text((x, header_top), header, fill=(0, 0, 0), font=font)
+        canvas.text((x, header_top), header, font, fill=(0, 0, 0))
     y = body_top
     for (candidate, source, _), wrapped, height in zip(lines, rows_text, row_heights):
         draw.line((padding, y - padding // 2, width - padding, y - padding // 2), fill=(200, 200, 200))
@@ -178,10 +253,10 @@ def hard_sample_gallery(
                 gallery.paste(picture.resize((size, size), Image.NEAREST), (x, y))
             else:
                 draw.rectangle((x, y, x + size - 1, y + size - 1), outline=(200, 200, 200))
-                draw.text((x + 4, y + 4), "not kept", fill=(150, 150, 150), font=font)
-        draw.multiline_text((text_x, y), "\n".join(wrapped), fill=(0, 0, 0), font=font, spacing=4)
+                canvas.text((x + 4, y + 4), "not kept", font, fill=(150, 150, 150))
+        canvas.multiline_text((text_x, y), "\n".join(wrapped), font, fill=(0, 0, 0))
         y += height + padding
-    return gallery
+    return canvas.finish()
 
 
 #: Line colours of the plots, in order.
@@ -199,6 +274,39 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
 
 
+#: Dash patterns of the plots' line styles: `(drawn, gap)` in pixels; `None` is a solid line.
+LINE_STYLES = {"solid": None, "dashed": (9, 5), "dotted": (2, 4)}
+
+
+def _dashed_line(draw: ImageDraw.ImageDraw, pixels: list[tuple[float, float]], color, pattern, width: int = 2):
+    """A polyline drawn in `pattern` (`(drawn, gap)` pixels), the pattern running on across the points."""
+    drawn, gap = pattern
+    position = 0.0  # along the pattern's period
+    for (x0, y0), (x1, y1) in zip(pixels, pixels[1:]):
+        length = math.hypot(x1 - x0, y1 - y0)
+        done = 0.0
+        while done < length:
+            phase = position % (drawn + gap)
+            step = min((drawn - phase) if phase < drawn else (drawn + gap - phase), length - done)
+            if phase < drawn:
+                a, b = done / length, (done + step) / length
+                start, end = (x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))
+                draw.line((*start, *end), fill=color, width=width)
+            done += step
+            position += step
+
+
+def _tick_label(tick: float, ticks: list[float]) -> str:
+    """`tick` with as many decimals as tell it from its neighbours (`0.0095`, `0.01`, `0.0105`; not `0.01` thrice)."""
+    if len(ticks) < 2 or max(abs(t) for t in ticks) >= 1e4 or 0 < max(abs(t) for t in ticks) < 1e-3:
+        return f"{tick:.3g}"
+    step = ticks[1] - ticks[0]
+    decimals = 0
+    while decimals < 6 and abs(round(step, decimals) - step) > 1e-9 * max(1.0, abs(step)):
+        decimals += 1
+    return f"{tick:.{decimals}f}"
+
+
 def line_plot(
     series: dict[str, Sequence[tuple[float, float]]],
     title: str,
@@ -206,8 +314,11 @@ def line_plot(
     y_label: str = "",
     size: tuple[int, int] = (520, 340),
     font_size: int = 13,
+    styles: dict[str, str] | None = None,
 ) -> Image.Image:
-    """A line plot drawn with PIL: axes with round ticks, axis labels, a title and a legend (one line per series).
+    """A line plot drawn with PIL: axes with round ticks, axis labels, a title and a legend (one line per series). The
+    title and the legend wrap to the plot's width; what the plot says is recorded in `info["drawn"]` (its texts, legend
+    labels and number of lines, see [`save_picture`]).
 
     Args:
         series (`dict[str, Sequence[tuple[float, float]]]`):
@@ -217,26 +328,43 @@ def line_plot(
         y_label (`str`, *optional*): Label of the y axis (written above it).
         size (`tuple[int, int]`, *optional*, defaults to `(520, 340)`): Width and height in pixels.
         font_size (`int`, *optional*, defaults to `13`): Text height in pixels.
+        styles (`dict[str, str]`, *optional*):
+            Label -> line style, one of [`LINE_STYLES`] (`"solid"`, `"dashed"`, `"dotted"`); solid when not given, so
+            that lines of equal values stay told apart by their style as well as their colour.
     """
     series = {label: [(float(x), float(y)) for x, y in points] for label, points in series.items() if points}
     series = {label: [(x, y) for x, y in points if math.isfinite(y)] for label, points in series.items()}
     series = {label: points for label, points in series.items() if points}
+    styles = styles or {}
     width, height = size
     font, bold = _font(font_size), _font(font_size + 2)
     image = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    draw.text((width // 2, 6), title, fill=(0, 0, 0), font=bold, anchor="ma")
-    legend_y = 6 + font_size + 8
-    x = 70
+    canvas = _Canvas(image)
+    draw = canvas.draw
+    y = 6
+    for line in _wrap(draw, title, bold, width - 12):
+        canvas.text((width // 2, y), line, bold, fill=(0, 0, 0), anchor="ma")
+        y += font_size + 6
+    legend_y, x = y + 2, 70
     for index, label in enumerate(series):
-        color = PLOT_COLORS[index % len(PLOT_COLORS)]
-        draw.line((x, legend_y + font_size // 2, x + 18, legend_y + font_size // 2), fill=color, width=3)
-        draw.text((x + 22, legend_y), label, fill=(0, 0, 0), font=font)
-        x += 22 + int(draw.textlength(label, font=font)) + 16
-    left, right, top, bottom = 70, width - 16, legend_y + font_size + 14, height - 2 * font_size - 14
+        entry = 22 + int(draw.textlength(label, font=font))
+        if x > 70 and x + entry > width - 8:  # the next legend row
+            legend_y, x = legend_y + font_size + 6, 70
+        color, pattern = PLOT_COLORS[index % len(PLOT_COLORS)], LINE_STYLES[styles.get(label, "solid")]
+        sample = [(x, legend_y + font_size // 2), (x + 18, legend_y + font_size // 2)]
+        if pattern is None:
+            draw.line(sample, fill=color, width=3)
+        else:
+            _dashed_line(draw, sample, color, (min(pattern[0], 6), pattern[1]), width=3)
+        canvas.text((x + 22, legend_y), label, font, fill=(0, 0, 0))
+        canvas.legend.append(label)
+        canvas.styles[label] = styles.get(label, "solid")
+        x += entry + 16
+    # Below the legend, the y axis's label on a line of its own, then the frame.
+    left, right, top, bottom = 70, width - 16, legend_y + 2 * font_size + 16, height - 2 * font_size - 14
     if not series:
-        draw.text((width // 2, (top + bottom) // 2), "no data yet", fill=(120, 120, 120), font=font, anchor="mm")
-        return image
+        canvas.text((width // 2, (top + bottom) // 2), "no data yet", font, fill=(120, 120, 120), anchor="mm")
+        return canvas.finish()
     xs = [x for points in series.values() for x, _ in points]
     ys = [y for points in series.values() for _, y in points]
     x_low, x_high = min(xs), max(xs)
@@ -255,43 +383,70 @@ def line_plot(
             bottom - (py - y_low) / (y_high - y_low) * (bottom - top),
         )
 
-    for tick in _ticks(y_low, y_high):
+    y_ticks = _ticks(y_low, y_high)
+    for tick in y_ticks:
         _, ty = to_pixel(x_low, tick)
         draw.line((left, ty, right, ty), fill=(232, 232, 232))
         draw.line((left - 4, ty, left, ty), fill=(0, 0, 0))
-        draw.text((left - 7, ty), f"{tick:.3g}", fill=(0, 0, 0), font=font, anchor="rm")
+        canvas.text((left - 7, ty), _tick_label(tick, y_ticks), font, fill=(0, 0, 0), anchor="rm")
     integer_steps = all(float(x).is_integer() for x in xs)
     for tick in _ticks(x_low, x_high):
         if integer_steps and not float(tick).is_integer():
             continue
         tx, _ = to_pixel(tick, y_low)
         draw.line((tx, bottom, tx, bottom + 4), fill=(0, 0, 0))
-        draw.text((tx, bottom + 6), f"{tick:g}", fill=(0, 0, 0), font=font, anchor="ma")
+        canvas.text((tx, bottom + 6), f"{tick:g}", font, fill=(0, 0, 0), anchor="ma")
     draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
-    draw.text(((left + right) // 2, height - 4), x_label, fill=(0, 0, 0), font=font, anchor="md")
+    canvas.text(((left + right) // 2, height - 4), x_label, font, fill=(0, 0, 0), anchor="md")
     if y_label:
-        draw.text((4, top - font_size - 4), y_label, fill=(0, 0, 0), font=font)
-    for index, points in enumerate(series.values()):
-        color = PLOT_COLORS[index % len(PLOT_COLORS)]
+        canvas.text((4, top - font_size - 4), y_label, font, fill=(0, 0, 0))
+    for index, (label, points) in enumerate(series.items()):
+        color, pattern = PLOT_COLORS[index % len(PLOT_COLORS)], LINE_STYLES[styles.get(label, "solid")]
         pixels = [to_pixel(px, py) for px, py in points]
-        if len(pixels) > 1:
+        if len(pixels) > 1 and pattern is None:
             draw.line(pixels, fill=color, width=2, joint="curve")
+        elif len(pixels) > 1:
+            _dashed_line(draw, pixels, color, pattern)
         for px, py in pixels:
             draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
-    return image
+        canvas.lines += 1
+    return canvas.finish()
 
 
-#: The training-log keys of the loss plot, with their legend labels.
+#: The training-log keys of the losses the model trains on, with their legend labels and line styles: told apart by
+#: style as well as colour, since they are often nearly equal.
 LOSS_CURVES = (
-    ("unigame/clean_loss", "clean"),
-    ("unigame/adversarial_loss", "adversarial"),
-    ("unigame/buffer_loss", "buffer"),
+    ("unigame/clean_loss", "real images (clean)", "solid"),
+    ("unigame/adversarial_loss", "attacked images (perturbed)", "dashed"),
+    ("unigame/buffer_loss", "hard drawings (buffer)", "dotted"),
 )
 
 
+def _side_by_side(panels: Sequence[Image.Image], columns: int = 2) -> Image.Image:
+    """Panels of one size in a grid, row by row, with what each says (`info["drawn"]`) moved to its place."""
+    width, height = panels[0].size
+    rows = (len(panels) + columns - 1) // columns
+    picture = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
+    drawn = {"texts": [], "legend": [], "styles": {}, "lines": 0}
+    for index, panel in enumerate(panels):
+        x, y = (index % columns) * width, (index // columns) * height
+        picture.paste(panel, (x, y))
+        contents = panel.info.get("drawn", {})
+        for text in contents.get("texts", []):
+            left, top, right, bottom = text["box"]
+            drawn["texts"].append({"text": text["text"], "box": [left + x, top + y, right + x, bottom + y]})
+        drawn["legend"] += contents.get("legend", [])
+        drawn["styles"].update(contents.get("styles", {}))
+        drawn["lines"] += contents.get("lines", 0)
+    picture.info["drawn"] = drawn
+    return picture
+
+
 def training_curves(log_history: Sequence[dict], font_size: int = 13) -> Image.Image | None:
-    """The game's curves over optimizer steps, drawn with PIL: the clean, adversarial and buffer losses beside the
-    perturber's budget `eps`. `None` when no training log has `unigame/eps` yet.
+    """The game's curves over optimizer steps, drawn with PIL in four panels: the total loss the console prints; the
+    model's loss on real images, on attacked (perturbed) ones and on the hard drawings of the buffer, each in its own
+    line style; how much the attack adds (attacked minus clean loss), which shows what the two nearly equal curves
+    hide; and the attack's strength, the perturber's budget `eps`. `None` when no training log has `unigame/eps` yet.
 
     Args:
         log_history (`Sequence[dict]`): `trainer.state.log_history`.
@@ -300,15 +455,16 @@ def training_curves(log_history: Sequence[dict], font_size: int = 13) -> Image.I
     rows = [row for row in log_history if "unigame/eps" in row and "step" in row]
     if not rows:
         return None
-    losses = {label: [(r["step"], r[key]) for r in rows if key in r] for key, label in LOSS_CURVES}
+    total = {"total loss": [(r["step"], r["loss"]) for r in rows if "loss" in r]}
+    losses = {label: [(r["step"], r[key]) for r in rows if key in r] for key, label, _ in LOSS_CURVES}
+    styles = {label: style for _, label, style in LOSS_CURVES}
+    clean, attacked = LOSS_CURVES[0][0], LOSS_CURVES[1][0]
+    gap = {"attacked - clean": [(r["step"], r[attacked] - r[clean]) for r in rows if attacked in r and clean in r]}
     eps = {"eps": [(r["step"], r["unigame/eps"]) for r in rows]}
     panels = (
-        line_plot(losses, "losses", y_label="loss", font_size=font_size),
-        line_plot(eps, "perturber budget eps", y_label="eps", font_size=font_size),
+        line_plot(total, "Total loss (as the console prints it)", y_label="loss", font_size=font_size),
+        line_plot(losses, "How hard for the model (loss)", y_label="loss", font_size=font_size, styles=styles),
+        line_plot(gap, "How much the attack adds to the loss", y_label="loss difference", font_size=font_size),
+        line_plot(eps, "Attack strength (the perturber's budget eps)", y_label="eps", font_size=font_size),
     )
-    curves = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), (255, 255, 255))
-    x = 0
-    for panel in panels:
-        curves.paste(panel, (x, 0))
-        x += panel.width
-    return curves
+    return _side_by_side(panels)

@@ -18,6 +18,48 @@ SHIPPED_TINY_JANUS_CODE = (
 )
 
 
+def hub_repo_id(name: str | None) -> str | None:
+    r"""
+    `name` when it can be a Hub repository id (`"deepseek-community/Janus-Pro-1B"`), else `None`: a local path (one that
+    exists, or one written as a path: starting with `/`, `.` or `~`, or with more than one `/`), a packaged `datasets`
+    builder (`"imagefolder"`, `"parquet"`, ...) or nothing. A card links and records in its metadata only such ids.
+
+    Args:
+        name (`str` or `None`): A model or dataset name as a run was given it.
+    """
+    if not name or os.path.exists(name) or name.startswith(("/", ".", "~")):
+        return None
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES as builders
+    except ImportError:  # private in `datasets`: the common builders
+        builders = {"arrow", "csv", "imagefolder", "json", "pandas", "parquet", "text", "webdataset"}
+    return None if name in builders else name
+
+
+def base_model_name(name_or_path: str | None) -> str | None:
+    r"""
+    How a card names a base model in its text: its Hub id, else the name of its folder (never an absolute local path,
+    which means nothing on another machine). Only a Hub id belongs in a card's metadata ([`hub_repo_id`]).
+
+    Args:
+        name_or_path (`str` or `None`): The base model's `config._name_or_path` (or a perturber's
+            `base_model_name_or_path`).
+
+    Returns:
+        `str` or `None`: The Hub id, the folder's name, or `None` for a model with no name (built in code).
+    """
+    if not name_or_path:
+        return None
+    return hub_repo_id(name_or_path) or os.path.basename(os.path.normpath(name_or_path)) or None
+
+
 def base_model_reference(name_or_path: str | None) -> tuple[str | None, str | None]:
     r"""
     How a card names a base model: its Hub id (for the card's metadata) and the Python code that loads it as `base`.
@@ -30,7 +72,8 @@ def base_model_reference(name_or_path: str | None) -> tuple[str | None, str | No
         `tuple[str | None, str | None]`: `(hub_id, code)`. A Hub id is loaded with
         `AutoModelForImageTextToText.from_pretrained`; the tiny digits Janus shipped in the package by
         `trl_unigame.testing.pretrained_tiny_janus()` (no Hub id); another local folder by its absolute path (no Hub
-        id); a model with no name gives `(None, None)`: nothing can load it.
+        id); a model with no name, or whose folder no longer exists (a temporary one), gives `(None, None)`: nothing
+        can load it.
     """
     if not name_or_path:
         return None, None
@@ -41,7 +84,10 @@ def base_model_reference(name_or_path: str | None) -> tuple[str | None, str | No
             return None, SHIPPED_TINY_JANUS_CODE
         path = os.path.abspath(name_or_path)
         return None, f"base = AutoModelForImageTextToText.from_pretrained({json.dumps(path)})  # a local folder"
-    return name_or_path, f"base = AutoModelForImageTextToText.from_pretrained({json.dumps(name_or_path)})"
+    hub_id = hub_repo_id(name_or_path)
+    if hub_id is None:
+        return None, None
+    return hub_id, f"base = AutoModelForImageTextToText.from_pretrained({json.dumps(hub_id)})"
 
 
 def describe_consistency_scorer(scorer) -> str | None:
@@ -62,6 +108,11 @@ def describe_consistency_scorer(scorer) -> str | None:
     return f"{named.__module__}.{named.__qualname__}"
 
 
+#: Why a card's snippet loads the adapter inside `warnings.catch_warnings()`, and the one warning it filters.
+PEFT_READS_DEPRECATED_PROPERTY = "PEFT reads `is_gradient_checkpointing`, which transformers 5 deprecates"
+GRADIENT_CHECKPOINTING_WARNING = ".*is_gradient_checkpointing"
+
+
 def load_snippet(model_path: str, base_model_code: str | None, adapter: bool = True) -> str:
     r"""
     The Python code that loads a saved UniGame folder: the base model and the LoRA adapter (or the full model), the
@@ -75,7 +126,7 @@ def load_snippet(model_path: str, base_model_code: str | None, adapter: bool = T
     base_lines = [] if base_model_code is None else [line for line in base_model_code.splitlines() if line.strip()]
     base_imports = [line for line in base_lines if line.startswith(("from ", "import "))]
     base_body = [line for line in base_lines if line not in base_imports]
-    lines = ["from peft import PeftModel"] if adapter else []
+    lines = ["import warnings", "", "from peft import PeftModel"] if adapter else []
     needs_auto_model = not adapter or any("AutoModelForImageTextToText" in line for line in base_body)
     lines.append(
         "from transformers import AutoModelForImageTextToText, AutoProcessor"
@@ -87,13 +138,24 @@ def load_snippet(model_path: str, base_model_code: str | None, adapter: bool = T
         lines += base_body or [
             "base = ...  # the base model this adapter was trained on: it was built in code, not saved"
         ]
-        lines.append(f"model = PeftModel.from_pretrained(base, {json.dumps(model_path)})")
+        lines += [
+            f"with warnings.catch_warnings():  # {PEFT_READS_DEPRECATED_PROPERTY}",
+            f'    warnings.filterwarnings("ignore", "{GRADIENT_CHECKPOINTING_WARNING}", FutureWarning)',
+            f"    model = PeftModel.from_pretrained(base, {json.dumps(model_path)})",
+        ]
     else:
         lines.append(f"model = AutoModelForImageTextToText.from_pretrained({json.dumps(model_path)})")
+    # A folder's perturber by its own folder: `subfolder=` would first look for a `config.json` beside the adapter
+    # (and log "config.json not found"); on the Hub the perturber is a subfolder of the repository.
+    perturber_source = (
+        json.dumps(model_path.rstrip("/") + "/perturber")
+        if os.path.isdir(model_path)
+        else f'{json.dumps(model_path)}, subfolder="perturber"'
+    )
     lines += [
         f"processor = AutoProcessor.from_pretrained({json.dumps(model_path)})",
         "# Optional: the adversary, e.g. to probe robustness",
-        f'perturber = Perturber.from_pretrained({json.dumps(model_path)}, subfolder="perturber").attach(model)',
+        f"perturber = Perturber.from_pretrained({perturber_source}).attach(model)",
     ]
     return "\n".join(lines)
 
@@ -115,8 +177,11 @@ def unigame_model_card(
 
     Args:
         model_name (`str`): The card's title.
-        base_model (`str` or `None`): Hub id of the base model (the card's metadata); `None` when it has none.
-        dataset_name (`str` or `None`): Hub id of the training dataset.
+        base_model (`str` or `None`):
+            Hub id of the base model (the card's metadata and a link); `None` (or a local path) when it has none.
+        dataset_name (`str` or `None`):
+            Hub id of the training dataset; a `datasets` builder (`"imagefolder"`) or a local path is named in the
+            text only, without a link or metadata.
         tags (`list[str]`): Tags; `trl` and `unigame` are always added.
         unigame_config (`dict`): The game's configuration, shown as JSON.
         trainer_name (`str`, *optional*, defaults to `"UniGame"`): The trainer class that trained the model.
@@ -131,10 +196,12 @@ def unigame_model_card(
     if base_model_code is None and base_model:
         base_model_code = base_model_reference(base_model)[1]
     model_path = model_path or model_name
+    # The metadata and the links name only what can be on the Hub: no local path, no `datasets` builder.
+    base_model, hub_dataset = hub_repo_id(base_model), hub_repo_id(dataset_name)
     data = ModelCardData(
         library_name="peft" if adapter else "transformers",
         base_model=base_model,
-        datasets=[dataset_name] if dataset_name else None,
+        datasets=[hub_dataset] if hub_dataset else None,
         tags=sorted(set(tags) | {"trl", "unigame"}),
         license="apache-2.0",
         model_name=model_name,
@@ -145,7 +212,10 @@ def unigame_model_card(
         base = "the tiny digits Janus shipped with trl-unigame (`trl_unigame.testing.pretrained_tiny_janus()`)"
     else:
         base = "a unified multimodal model"
-    dataset = f" on [`{dataset_name}`](https://huggingface.co/datasets/{dataset_name})" if dataset_name else ""
+    if hub_dataset:
+        dataset = f" on [`{hub_dataset}`](https://huggingface.co/datasets/{hub_dataset})"
+    else:
+        dataset = f" on `{os.path.basename(os.path.normpath(dataset_name))}`" if dataset_name else ""
     holds = "the LoRA adapter of the understanding player" if adapter else "the post-trained model"
     scorer = (
         f"Mined candidates were scored for consistency with their prompt by `{consistency_scorer}`."
@@ -159,7 +229,7 @@ def unigame_model_card(
 # {model_name}
 
 This is {base} post-trained with [UniGame]({PAPER_URL}) self-adversarial post-training{dataset}, with
-{trainer_name} from [trl-unigame](https://github.com/trl-unigame/trl-unigame). The folder holds {holds} and, in
+`{trainer_name}` from the `trl-unigame` library. The folder holds {holds} and, in
 `perturber/`, the perturber that played against it. {scorer}
 
 ## Usage

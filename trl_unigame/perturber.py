@@ -162,7 +162,6 @@ class Perturber(
     PyTorchModelHubMixin,
     library_name="trl-unigame",
     tags=["trl", "unigame", "perturber"],
-    repo_url="https://github.com/trl-unigame/trl-unigame",
     paper_url=PAPER_URL,
     license="apache-2.0",
 ):
@@ -376,7 +375,11 @@ class Perturber(
             **overrides: Fields of [`PerturberConfig`] to set.
         """
         interface = get_interface(model)
-        overrides.setdefault("base_model_name_or_path", getattr(interface.base_model, "name_or_path", None) or None)
+        from .model_card import base_model_name  # (model_card imports this module)
+
+        # A Hub id, or the folder's name: never an absolute local path, which means nothing on another machine.
+        name = base_model_name(getattr(interface.base_model, "name_or_path", None))
+        overrides.setdefault("base_model_name_or_path", name)
         if not interface.can_generate:
             # An understanding-only model has no generation site: the perturber acts where the model has one.
             sites = [s for s in overrides.get("sites", PERTURBER_SITES) if s != "generation"]
@@ -571,11 +574,13 @@ class Perturber(
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """The model card: base model, tags, configuration and the paper's citation."""
+        name = self.config.base_model_name_or_path
         data = ModelCardData(
             library_name="trl-unigame",
             license="apache-2.0",
             tags=["trl", "unigame", "perturber", "adversarial-training", "multimodal"],
-            base_model=self.config.base_model_name_or_path,
+            # Hub ids only (`namespace/name`): a folder's name is no model on the Hub, which refuses such metadata.
+            base_model=name if name and "/" in name and not os.path.isabs(name) else None,
         )
         config = json.dumps(asdict(self.config), indent=2, sort_keys=True)
         content = f"""---

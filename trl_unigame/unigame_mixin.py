@@ -10,7 +10,7 @@ metrics (`metrics`).
 from __future__ import annotations
 
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
@@ -193,9 +193,10 @@ class UniGameMixin(GameCheckpointing):
         checking = rows is not None and self.miner.check_due(ctx.step, ctx.last_micro_batch)
         if mining or checking:
             # Generation calls submodules directly: under FSDP2 or ZeRO-3 the parameters are gathered whole around it.
-            # The host's mixed precision (bf16/fp16 autocast) covers its model's forward only: generation calls the
-            # submodules directly, so it would otherwise run in the weights' dtype (float32 for a float32-loaded model).
-            with full_parameters(model), self.accelerator.autocast():
+            # The host's bf16 autocast covers its model's forward only: generation calls the submodules directly, so
+            # it would otherwise run in the weights' dtype (float32 for a float32-loaded model). Not fp16: the token
+            # loop's residual stream would then be fp16 too, and overflow where training's float32 one does not.
+            with full_parameters(model), self._mining_autocast():
                 if mining:
                     self.miner.mine(unwrapped, rows, inputs, ctx.step, self.args.process_index, self._prepare_inputs)
                 if checking:
@@ -204,6 +205,9 @@ class UniGameMixin(GameCheckpointing):
             ctx.buffer_batch = self.buffer_pass.draw(stand_in=inputs)
         else:
             self._separate_stand_in = inputs  # for the buffer step after the optimizer step
+        # DeepSpeed updates its fp16 loss scale inside the backward at the window's end: the scale the backward used
+        # is the one before it.
+        scale = backward_loss_scale(self.accelerator, model) if self.adversary.first_order else 1.0
         with ExitStack() as stack:
             stack.enter_context(self.perturber.disabled())
             if self.adversary.first_order or (self.perturber.sees_gradient and self.args.perturbed_weight):
@@ -213,7 +217,6 @@ class UniGameMixin(GameCheckpointing):
             reshard(model)  # FSDP2 would otherwise keep its root's parameters whole after this step
         if self.adversary.first_order:
             # under fp16 the host's backward left the token gradient times the loss scale
-            scale = backward_loss_scale(self.accelerator, model)
             self.adversary.first_order_step(ctx.capture, ctx.merged_rows, ctx.window, ctx.step, loss_scale=scale)
             if ctx.last_micro_batch:
                 self.adversary.end_window(ctx.step)
@@ -221,6 +224,11 @@ class UniGameMixin(GameCheckpointing):
         if ctx.last_micro_batch and self.agreement.step_dropped(model, scaler):
             self.game_metrics.skip(ctx.step, "understanding", _non_finite_reason(scaler))
         return loss
+
+    def _mining_autocast(self):
+        """The run's autocast for mining's own forwards under bf16; none otherwise (fp16 mining stays in the weights'
+        dtype)."""
+        return self.accelerator.autocast() if self.accelerator.mixed_precision == "bf16" else nullcontext()
 
     def _exact_perturber_step(self, model: nn.Module, ctx: StepContext) -> None:
         """The perturber's ascent on the host loss of the clean batch with the perturbation active
@@ -335,8 +343,8 @@ def _non_finite_reason(scaler, what: str = "") -> str:
     """Why an update of U is skipped: a non-finite loss or gradient, or, under an fp16 scaler, its overflow."""
     if scaler is not None:
         return (
-            f"the {what}gradient overflowed under fp16 loss scaling (the GradScaler skips the update and lowers its "
-            "scale)"
+            f"the {what}gradient is not finite under fp16 loss scaling (an overflow, or a non-finite loss): the "
+            "GradScaler skips the update and lowers its scale"
         )
     return f"the {what or 'understanding '}loss or its gradient is not finite"
 

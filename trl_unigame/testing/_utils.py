@@ -81,6 +81,15 @@ def write_checkpoint(model, save_dir: str) -> None:
     save_model(model, os.path.join(save_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
+def forget_temporary_folder(model, save_dir: str | None):
+    """Returns `model`; loaded from a temporary folder (`save_dir` not given, removed on return), it names no folder, as
+    a model built from a config: PEFT's `save_pretrained` would look for that folder's `config.json` ("Could not find a
+    config file") and a model card would name it."""
+    if save_dir is None:
+        model.name_or_path = model.config.name_or_path = ""
+    return model
+
+
 def build_and_reload(model_cls, config, processor, seed: int, save_dir: str | None = None, **from_pretrained_kwargs):
     """Returns `(model, processor)`: a seeded `model_cls(config)` and `processor`, written to `save_dir` (a temporary
     directory when not given) and loaded back with `from_pretrained`, as a real checkpoint would be."""
@@ -88,7 +97,8 @@ def build_and_reload(model_cls, config, processor, seed: int, save_dir: str | No
         model = seeded_model(model_cls, config, seed, processor.tokenizer)
         processor.save_pretrained(path)
         write_checkpoint(model, path)
-        return model_cls.from_pretrained(path, **from_pretrained_kwargs), type(processor).from_pretrained(path)
+        loaded = model_cls.from_pretrained(path, **from_pretrained_kwargs)
+        return forget_temporary_folder(loaded, save_dir), type(processor).from_pretrained(path)
 
 
 def tiny_vision_config(**overrides) -> dict:

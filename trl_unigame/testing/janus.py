@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._utils import bpe_tokenizer, checkpoint_dir, seeded_model, write_checkpoint
+from ._utils import bpe_tokenizer, checkpoint_dir, forget_temporary_folder, seeded_model, write_checkpoint
 from .data import shapes_corpus
 
 
@@ -207,6 +207,5 @@ def tiny_janus(seed: int = 0, save_dir: str | None = None, hidden_size: int = 32
 
     with checkpoint_dir(save_dir) as path:
         save_tiny_janus(path, seed=seed, hidden_size=hidden_size)
-        return JanusForConditionalGeneration.from_pretrained(
-            path, **from_pretrained_kwargs
-        ), JanusProcessor.from_pretrained(path)
+        model = JanusForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
+        return forget_temporary_folder(model, save_dir), JanusProcessor.from_pretrained(path)
