@@ -44,6 +44,7 @@ python examples/evaluate_janus.py \
 import json
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -53,6 +54,7 @@ from trl import TrlParser
 from trl_unigame.data import to_vqa_format
 from trl_unigame.digits import SKILL_QUESTIONS
 from trl_unigame.evaluation import DEFAULT_ATTACK_EPS, DEFAULT_CAPTION_QUESTION, UniGameEvaluator, reference_answers
+from trl_unigame.model_card import GRADIENT_CHECKPOINTING_WARNING
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -374,7 +376,9 @@ def evaluate_models(args, model, processor, dataset) -> tuple[dict[str, dict[str
             name = f"{name}-{index + 1}"
         adapter_name = f"adapter{index}"  # PEFT module names cannot hold the dots a folder name may have
         if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, path, adapter_name=adapter_name)
+            with warnings.catch_warnings():  # PEFT reads `is_gradient_checkpointing`, which transformers 5 deprecates
+                warnings.filterwarnings("ignore", GRADIENT_CHECKPOINTING_WARNING, FutureWarning)
+                peft_model = PeftModel.from_pretrained(model, path, adapter_name=adapter_name)
         else:
             peft_model.load_adapter(path, adapter_name=adapter_name)
             peft_model.set_adapter(adapter_name)

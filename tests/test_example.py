@@ -982,6 +982,7 @@ def test_the_evaluation_writes_beside_the_adapter_not_into_the_working_folder(tm
     assert os.listdir(work) == []  # nothing left in the working folder (a clone stays clean)
     assert f"written to {out / 'evaluation' / 'results.json'}" in result.stdout
     assert (out / "evaluation" / "results.json").is_file()
+    assert "Warning" not in result.stderr, result.stderr[-3000:]  # e.g. PEFT's deprecated-property FutureWarning
 
 
 def test_a_model_of_your_own_starts_from_the_recipe_with_relative_budgets(tmp_path):
