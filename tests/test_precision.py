@@ -154,10 +154,8 @@ def test_the_finite_check_of_a_step_reads_the_host_once(tmp_path, vqa, finite):
     assert all((p.grad is None) is not finite for p in params)
 
 
-def test_mining_runs_under_the_runs_mixed_precision(tmp_path, vqa):
-    # bf16=True on a float32-loaded model: the host's forward runs under autocast, and so must mining's generation.
-    trainer = make_trainer(tmp_path, vqa, max_steps=1, bf16=True)
-    assert trainer.accelerator.mixed_precision == "bf16"
+def generation_dtypes(trainer) -> set:
+    """Trains `trainer`; the dtypes the generation head's outputs had while mining sampled."""
     dtypes = []
     head = trainer.interface.base_model.model.generation_head
     handle = head.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
@@ -165,7 +163,15 @@ def test_mining_runs_under_the_runs_mixed_precision(tmp_path, vqa):
         trainer.train()
     finally:
         handle.remove()
-    assert dtypes and set(dtypes) == {torch.bfloat16}  # before: float32
+    assert dtypes, "mining did not run"
+    return set(dtypes)
+
+
+def test_mining_runs_under_the_runs_mixed_precision(tmp_path, vqa):
+    # bf16=True on a float32-loaded model: the host's forward runs under autocast, and so must mining's generation.
+    trainer = make_trainer(tmp_path, vqa, max_steps=1, bf16=True)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert generation_dtypes(trainer) == {torch.bfloat16}  # before: float32
     assert len(trainer.buffer)
 
 
@@ -173,11 +179,4 @@ def test_mining_stays_out_of_fp16_autocast(tmp_path, vqa, fp16):
     # fp16 generation would run the whole residual stream in fp16 and overflow where training's float32 one does not.
     trainer = make_trainer(tmp_path, vqa, max_steps=1)
     fp16(trainer, init_scale=2.0**8, autocast=True)
-    dtypes = []
-    head = trainer.interface.base_model.model.generation_head
-    handle = head.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
-    try:
-        trainer.train()
-    finally:
-        handle.remove()
-    assert dtypes and set(dtypes) == {torch.float32}
+    assert generation_dtypes(trainer) == {torch.float32}
