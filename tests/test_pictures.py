@@ -179,3 +179,20 @@ def test_pictures_are_logged_to_tensorboard(tmp_path, vqa):
     saved = Image.open(tmp_path / "out" / "pictures" / "hard_samples_step2.png")
     logged = accumulator.Images("unigame/hard_samples")[-1]
     assert (logged.width, logged.height) == saved.size
+
+
+def test_curves_of_a_first_order_run_show_the_perturbed_loss_and_the_estimated_gain():
+    # The first-order step logs no attacked loss of its own: the model's loss on its perturbed tokens and the step's
+    # first-order estimate of what the attack adds stand in, so no panel is left empty (the main job runs this step).
+    history = [
+        {"step": s, "loss": 4 / s, "unigame/eps": 0.05, "unigame/clean_loss": 2 / s, "unigame/perturbed_loss": 3 / s,
+         "unigame/adversarial_gain_estimate": 0.01 * s}
+        for s in range(1, 6)
+    ]  # fmt: skip
+    drawn = training_curves(history).info["drawn"]
+    clean, attacked, _ = (label for _, label, _ in LOSS_CURVES)
+    assert drawn["legend"] == ["total loss", clean, attacked, "attacked - clean", "eps"] and drawn["lines"] == 5
+    gain_only = [{k: v for k, v in row.items() if k != "unigame/perturbed_loss"} for row in history]
+    drawn = training_curves(gain_only).info["drawn"]
+    assert drawn["legend"] == ["total loss", clean, "first-order estimate", "eps"] and drawn["lines"] == 4
+    assert "no data yet" not in [text["text"] for text in drawn["texts"]]

@@ -414,12 +414,23 @@ def line_plot(
 
 
 #: The training-log keys of the losses the model trains on, with their legend labels and line styles: told apart by
-#: style as well as colour, since they are often nearly equal.
+#: style as well as colour, since they are often nearly equal. The attacked loss is the perturber's own pass
+#: (`perturber_update="exact"`), else the model's loss on its perturbed tokens (`perturbed_weight > 0`).
 LOSS_CURVES = (
     ("unigame/clean_loss", "real images (clean)", "solid"),
-    ("unigame/adversarial_loss", "attacked images (perturbed)", "dashed"),
+    (("unigame/adversarial_loss", "unigame/perturbed_loss"), "attacked images (perturbed)", "dashed"),
     ("unigame/buffer_loss", "hard drawings (buffer)", "dotted"),
 )
+#: What the first-order step logs instead of an attacked loss: its estimate of what the attack adds, `<g, delta>`.
+GAIN_ESTIMATE = "unigame/adversarial_gain_estimate"
+
+
+def _logged(row: dict, keys) -> float | None:
+    """The first of `keys` (one key, or several in order of preference) that `row` holds, else `None`."""
+    for key in (keys,) if isinstance(keys, str) else keys:
+        if key in row:
+            return row[key]
+    return None
 
 
 def _side_by_side(panels: Sequence[Image.Image], columns: int = 2) -> Image.Image:
@@ -456,10 +467,17 @@ def training_curves(log_history: Sequence[dict], font_size: int = 13) -> Image.I
     if not rows:
         return None
     total = {"total loss": [(r["step"], r["loss"]) for r in rows if "loss" in r]}
-    losses = {label: [(r["step"], r[key]) for r in rows if key in r] for key, label, _ in LOSS_CURVES}
+    losses = {
+        label: [(r["step"], _logged(r, keys)) for r in rows if _logged(r, keys) is not None]
+        for keys, label, _ in LOSS_CURVES
+    }
     styles = {label: style for _, label, style in LOSS_CURVES}
     clean, attacked = LOSS_CURVES[0][0], LOSS_CURVES[1][0]
-    gap = {"attacked - clean": [(r["step"], r[attacked] - r[clean]) for r in rows if attacked in r and clean in r]}
+    gap = {"attacked - clean": [
+        (r["step"], _logged(r, attacked) - r[clean]) for r in rows if _logged(r, attacked) is not None and clean in r
+    ]}  # fmt: skip
+    if not gap["attacked - clean"]:  # the first-order step: its own estimate of what the attack adds
+        gap = {"first-order estimate": [(r["step"], r[GAIN_ESTIMATE]) for r in rows if GAIN_ESTIMATE in r]}
     eps = {"eps": [(r["step"], r["unigame/eps"]) for r in rows]}
     panels = (
         line_plot(total, "Total loss (as the console prints it)", y_label="loss", font_size=font_size),
