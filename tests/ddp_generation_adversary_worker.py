@@ -94,6 +94,9 @@ def main(output_dir: str):
         },
         os.path.join(output_dir, f"rank{rank}.pt"),
     )
+    from trl_unigame.testing import close_process_group
+
+    close_process_group()
 
 
 if __name__ == "__main__":

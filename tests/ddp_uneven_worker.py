@@ -96,6 +96,9 @@ def main(output_dir: str, update: str, stacking: str = "plain"):
     state.update({f"perturber.{n}": p.detach().cpu() for n, p in trainer.perturber.named_parameters()})
     logged = [log.get("unigame/kept_fraction") for log in trainer.state.log_history if "loss" in log]
     torch.save({"params": state, "kept": own, "logged": logged}, os.path.join(output_dir, f"rank{rank}.pt"))
+    from trl_unigame.testing import close_process_group
+
+    close_process_group()
 
 
 if __name__ == "__main__":

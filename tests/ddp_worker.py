@@ -44,3 +44,6 @@ if __name__ == "__main__":
         {"params": state, "buffer": [e.hardness for e in trainer.buffer.entries], "world": trainer.args.world_size},
         os.path.join(output_dir, f"rank{rank}.pt"),
     )
+    from trl_unigame.testing import close_process_group
+
+    close_process_group()

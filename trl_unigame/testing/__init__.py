@@ -31,11 +31,12 @@ from .janus import (
     tiny_janus_config,
     tiny_janus_processor,
 )
-from .sharding import SHARDING_ENGINES, cpu_sharding_arguments, full_elements, local_elements
+from .sharding import SHARDING_ENGINES, close_process_group, cpu_sharding_arguments, full_elements, local_elements
 
 
 __all__ = [
     "SHARDING_ENGINES",
+    "close_process_group",
     "cpu_sharding_arguments",
     "full_elements",
     "local_elements",

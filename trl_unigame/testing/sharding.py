@@ -3,6 +3,8 @@ on DeepSpeed's CPU accelerator. The distributed tests and the memory benchmark l
 
 from __future__ import annotations
 
+import torch
+
 
 SHARDING_ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
 
@@ -59,3 +61,11 @@ def local_elements(param) -> int:
 def full_elements(param) -> int:
     """Elements of `param` whole, however it is sharded."""
     return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+
+
+def close_process_group() -> None:
+    """Every process of a test's launch leaves its process group together before the interpreter exits: a gloo group
+    torn down at exit, its threads still running, can abort the process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
