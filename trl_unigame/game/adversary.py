@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .agreement import Agreement
+from .agreement import Agreement, all_finite
 from .metrics import GameMetrics
 from .precision import unscaled
 
@@ -299,7 +299,7 @@ class Adversary:
         finite loss can still give a non-finite gradient: that window is skipped, warned about and counted too)."""
         params = list(self.perturber.parameters())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if self.window_finite and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if self.window_finite and not bool(all_finite(grads)):
             self.window_finite = False
             self.metrics.skip(step, "perturber", "the perturber's gradient is not finite")
         averaged = self.agreement.mean_if_finite(grads, self.window_finite)

@@ -86,10 +86,9 @@ class Agreement:
         grads = [p.grad for p in params if p.grad is not None]
         sharded = any(isinstance(g, DTensor) for g in grads)
         local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-        flags = [torch.isfinite(g).all().to(self.device) for g in local if g.numel()]
-        bad = (~torch.stack(flags)).sum(dtype=torch.float32) if flags else torch.zeros((), device=self.device)
+        bad = (~all_finite(local, self.device)).float().reshape(1)
         if sharded and self.num_processes > 1:
-            bad = self.accelerator.reduce(bad.reshape(1), reduction="sum")
+            bad = self.accelerator.reduce(bad, reduction="sum")
         return not bool(bad.sum() > 0)
 
     def drop_non_finite_gradients(self, model: nn.Module, scaler=None) -> bool:
@@ -107,6 +106,16 @@ class Agreement:
             for p in params:
                 p.grad = None
         return True
+
+
+def all_finite(tensors, device=None) -> torch.Tensor:
+    """Whether every element of every tensor in `tensors` is finite, as a boolean tensor on `device` (the first
+    tensor's by default; `True` for none): one flag per tensor, combined on the device, so the caller reads the host
+    once for all of them."""
+    flags = [torch.isfinite(t).all().to(device or t.device) for t in tensors if t.numel()]
+    if not flags:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack(flags).all()
 
 
 def check_one_run_across_processes(args) -> None:

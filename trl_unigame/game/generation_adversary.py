@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .adversary import perturber_optimizer
-from .agreement import Agreement
+from .agreement import Agreement, all_finite
 from .metrics import GameMetrics
 
 
@@ -162,7 +162,7 @@ class GenerationAdversary:
         finite = bool(torch.isfinite(loss))
         if not finite:
             self.metrics.skip(step, "generation_adversary", "the generation adversary's loss is not finite")
-        elif not all(bool(torch.isfinite(g).all()) for g in grads):
+        elif not bool(all_finite(grads)):
             finite = False  # a finite loss can still have a non-finite gradient: skipped, warned and counted too
             self.metrics.skip(step, "generation_adversary", "the generation adversary's gradient is not finite")
         averaged = self.agreement.mean_if_finite(grads, finite)
