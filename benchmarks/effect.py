@@ -6,8 +6,15 @@ this?"), then all are evaluated on the held-out test scans: clean accuracy on th
 accuracy under a white-box attack at the visual-token interface, on shifted and corrupted images, round-trip
 consistency (caption -> own image -> own answer) and generation judged by an independent digit classifier.
 
+Two worlds (`--world`, see docs/tiny_model.md): `frame`, the first tiny model, where every digit fills the frame; and
+`canvas`, where pretraining drew digits at any size and place: fine-tuning rows are drawn at one setting only (the
+full frame, "narrow"), and the evaluation adds the sizes fine-tuning never saw ("broad", 8-12 px), a natural shift the
+generator covers and the fine-tuning data does not.
+
 ```bash
-python benchmarks/effect.py --output_dir effect-results            # 3 seeds, every method
+python benchmarks/effect.py --output_dir effect-results            # 6 seeds, sft and the recommended method
+python benchmarks/effect.py --world canvas --output_dir effect-canvas --methods sft fgsm-at self-augment \
+    embedding-gradient unigame-gradient-perturbed unigame-gradient-perturbed-genadv-faithful
 python benchmarks/effect.py --output_dir effect-quick --quick      # 1 seed, few steps: a smoke test
 python benchmarks/effect.py --split validation --methods sft unigame --seeds 0   # tuning: never on test
 ```
@@ -110,6 +117,8 @@ METHODS = {
         GRADIENT_PERTURBED, generation_adversary="reinforce", perturber_generation_row_scales=[4.0]
     ),
     "unigame-gradient-perturbed-geneps0.2": dict(GRADIENT_PERTURBED, perturber_generation_eps_max=0.2),
+    # The recommended game with the generation-side adversary at its defaults (faithful reward, 5% budget).
+    "unigame-gradient-perturbed-genadv-faithful": dict(GRADIENT_PERTURBED, generation_adversary="reinforce"),
     # The validation sweep to buy back clean accuracy (docs/benchmarks.md): the perturbed tokens weighted 0.25, a
     # 5% understanding budget (half the game's), and the 5% budget with beta 0.1.
     "unigame-gradient-perturbed-w0.25": dict(GRADIENT_PERTURBED, perturbed_weight=0.25),
@@ -121,8 +130,45 @@ METHODS = {
     # docs/benchmarks.md), with beta 0.25 as for `unigame` or lowered to 0.1.
     "unigame-perturbed": dict(UNIGAME, perturbed_weight=0.5),
     "unigame-perturbed-beta0.1": dict(UNIGAME, perturbed_weight=0.5, buffer_weight=0.1),
-    # The paper's ablation row "adversarial embedding only": the perturber plays, nothing is decoded.
+    # The paper's ablation row "adversarial embedding only": the perturber plays, nothing is decoded; and the same with
+    # the gradient-reading perturber of the recommended method.
     "embedding": dict(GAME, mining_interval=0, buffer_weight=0.0, perturbed_weight=0.5),
+    "embedding-gradient": dict(
+        GAME,
+        mining_interval=0,
+        buffer_weight=0.0,
+        perturbed_weight=0.5,
+        perturber_update="first_order",
+        perturber_inputs="features_and_gradient",
+    ),
+    # Baselines. Token-space adversarial training: U also trains on its tokens moved one normalised-gradient step of
+    # the game's whole understanding budget (10% of the token norm), at the recommended method's weight; no learned
+    # perturber, nothing decoded.
+    "fgsm-at": dict(
+        GAME,
+        adversarial_weight=0.0,
+        perturber_inputs="gradient",
+        mining_interval=0,
+        buffer_weight=0.0,
+        perturbed_weight=0.5,
+    ),
+    # SFT plus the model's own drawings of the training captions: one unperturbed drawing per row and round (the
+    # perturber never acts: it has no generation site), every drawing kept whatever its hardness or judged score,
+    # entries leaving by age rather than hardness (5 rounds x 8 rows < capacity 50) and drawn uniformly, at the
+    # recommended method's buffer weight and batch (the same number of decoded rows per step).
+    "self-augment": dict(
+        GAME,
+        adversarial_weight=0.0,
+        perturber_sites=["understanding"],
+        perturbed_weight=0.0,
+        buffer_weight=0.25,
+        num_candidates=1,
+        hardness_quantile=0.0,
+        consistency_threshold=-1.0,
+        consistency_weight=0.0,
+        buffer_temperature=1e6,
+        buffer_max_age=5,
+    ),
     # The authors' code: OR rule, q 0.8, separate clean-then-buffer steps with weight 1, pop.
     "unigame-reference": dict(
         GAME,
@@ -149,6 +195,45 @@ PRETRAINED_SKILL = "digit"
 TRAIN_SKILLS = (FINE_TUNED_SKILL, PRETRAINED_SKILL)
 
 
+WORLDS = ("frame", "canvas")
+#: Baselines the recommended method is also compared with, seed by seed, when they ran.
+BASELINES = ("sft", "self-augment", "fgsm-at")
+
+
+def world_datasets(world: str, split: str, scans: dict) -> tuple[object, dict]:
+    """The training rows and the evaluation sets of a world.
+
+    `frame`: fine-tuning rows as every digit is drawn (filling the frame); evaluation on the new skill (clean,
+    attacked, corrupted, round trip), on digits shifted by 2 px, and on the pretrained skill.
+    `canvas`: fine-tuning rows at the narrow setting only (a digit filling the frame); evaluation as `frame` on the
+    narrow setting, plus the new and the pretrained skill on the broad one (digits of 8-12 px at any place)."""
+    from trl_unigame.digits import WORLD_BROAD_SIZES, WORLD_NARROW_SIZE
+    from trl_unigame.testing import digits_vqa_dataset
+
+    if world == "frame":
+        train = digits_vqa_dataset("train", skills=TRAIN_SKILLS, seed=0).shuffle(seed=0)
+        return train, {
+            "skill": digits_vqa_dataset(split, skills=(FINE_TUNED_SKILL,), seed=1, **scans),
+            "shifted": digits_vqa_dataset(split, skills=(FINE_TUNED_SKILL,), seed=1, shift=2, **scans),
+            "pretrained": digits_vqa_dataset(split, skills=(PRETRAINED_SKILL,), seed=1, **scans),
+        }
+    narrow, broad = dict(digit_size=WORLD_NARROW_SIZE), dict(digit_size=WORLD_BROAD_SIZES)
+    train = digits_vqa_dataset("train", skills=TRAIN_SKILLS, seed=0, **narrow).shuffle(seed=0)
+    return train, {
+        "skill": digits_vqa_dataset(split, skills=(FINE_TUNED_SKILL,), seed=1, **scans, **narrow),
+        "broad": digits_vqa_dataset(split, skills=(FINE_TUNED_SKILL,), seed=1, **scans, **broad),
+        "pretrained": digits_vqa_dataset(split, skills=(PRETRAINED_SKILL,), seed=1, **scans, **narrow),
+        "pretrained_broad": digits_vqa_dataset(split, skills=(PRETRAINED_SKILL,), seed=1, **scans, **broad),
+    }
+
+
+def world_judge(world: str):
+    """The digit judge of a world: size-invariant on the canvas, where drawings come at any size."""
+    from trl_unigame.testing import DigitJudge
+
+    return DigitJudge(size_invariant=world == "canvas")
+
+
 class RecordingCollator:
     """Collates with the trainer's collator and records which training rows each batch held (to check equal data);
     hard samples from the buffer, which pass through the collator too, are not training rows."""
@@ -169,7 +254,7 @@ def train_one(method: str, seed: int, args, train_dataset, judge) -> tuple[objec
     from trl_unigame.data import UniGameDataCollator
     from trl_unigame.testing import pretrained_tiny_janus
 
-    model, processor = pretrained_tiny_janus()
+    model, processor = pretrained_tiny_janus(args.world)
     run_dir = os.path.join(args.output_dir, f"{method}-seed{seed}")
     settings = {**COMMON, **args.common, **METHODS[method]}
     if method != "sft":
@@ -215,7 +300,12 @@ def evaluate_one(model, processor, args, datasets, judge, attack_eps) -> dict[st
     ).evaluate(datasets["skill"])
     results.update({f"after/{k}": v for k, v in skill.items()})
     plain = UniGameEvaluator(model, processor, attack_eps=None, **common)
-    results["after_shift2/vqa_accuracy"] = plain.evaluate(datasets["shifted"])["clean/vqa_accuracy"]
+    if "shifted" in datasets:
+        results["after_shift2/vqa_accuracy"] = plain.evaluate(datasets["shifted"])["clean/vqa_accuracy"]
+    if "broad" in datasets:
+        broad = UniGameEvaluator(model, processor, attack_eps=attack_eps[-1:], **common).evaluate(datasets["broad"])
+        results.update({f"after_broad/{k}": v for k, v in broad.items()})
+        results["digit_broad/vqa_accuracy"] = plain.evaluate(datasets["pretrained_broad"])["clean/vqa_accuracy"]
     pretrained = UniGameEvaluator(model, processor, attack_eps=attack_eps[:1], **common).evaluate(
         datasets["pretrained"]
     )
@@ -262,8 +352,21 @@ def paired_differences(runs: dict[str, list[dict[str, float]]], seeds: list[int]
     return out
 
 
-def paired_markdown(paired: dict, columns: list[str], num_seeds: int) -> str:
-    lines = ["| − `sft` | " + " | ".join(map(metric_label, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
+def step_costs(runs: dict[str, list[dict[str, float]]], seeds: list[int]) -> dict:
+    """Each method's training time over `sft`'s, seed by seed (`train/seconds`): the ratios and their median."""
+    if "sft" not in runs:
+        return {}
+    out = {}
+    for method, results in runs.items():
+        if method == "base" or not all("train/seconds" in r for r in results + runs["sft"]):
+            continue
+        ratios = [r["train/seconds"] / b["train/seconds"] for r, b in zip(results, runs["sft"])]
+        out[method] = {"by_seed": dict(zip(map(str, seeds), ratios)), "median": statistics.median(ratios)}
+    return out
+
+
+def paired_markdown(paired: dict, columns: list[str], num_seeds: int, baseline: str = "sft") -> str:
+    lines = [f"| − `{baseline}` | " + " | ".join(map(metric_label, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, values in paired.items():
         cells = [
             f"{100 * values[c]['mean']:+.1f} ± {100 * values[c]['stderr']:.1f} ({values[c]['seeds_above_zero']}/{num_seeds})"
@@ -294,13 +397,16 @@ def metric_label(key: str) -> str:
         "after/consistency/judge_score": "judged drawings",
         "after/reverse_consistency/similarity": "reverse round trip",
         "digit/clean/vqa_accuracy": "old skill: clean",
+        "after_broad/clean/vqa_accuracy": "broad (8-12 px)",
+        "digit_broad/vqa_accuracy": "old skill: broad",
     }
     if key in names:
         return names[key]
     skill, _, rest = key.partition("/")
     if rest.startswith("attack_rel"):
         budget = float(rest.split("/")[0][len("attack_rel") :])
-        return f"{'old skill: ' if skill == 'digit' else ''}attack {100 * budget:g}%"
+        where = {"digit": "old skill: ", "after_broad": "broad: "}.get(skill, "")
+        return f"{where}attack {100 * budget:g}%"
     return key.replace("/vqa_accuracy", "")
 
 
@@ -367,6 +473,12 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--output_dir", default="effect-results")
+    parser.add_argument(
+        "--world",
+        default="frame",
+        choices=list(WORLDS),
+        help="frame: digits fill the frame; canvas: fine-tuned at one size, measured at the others (docs/tiny_model.md).",
+    )
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     parser.add_argument("--max_steps", type=int, default=COMMON["max_steps"])
@@ -409,19 +521,14 @@ def parse_args(argv=None):
 def main(argv=None):
     from tqdm.auto import tqdm
 
-    from trl_unigame.testing import DigitJudge, digits_vqa_dataset, pretrained_tiny_janus
+    from trl_unigame.testing import pretrained_tiny_janus
 
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    judge = DigitJudge()
-    train = digits_vqa_dataset("train", skills=TRAIN_SKILLS, seed=0).shuffle(seed=0)
+    judge = world_judge(args.world)
     scans = dict(max_scans=args.eval_scans, every_color=args.eval_colors == "every")
-    datasets = {
-        "skill": digits_vqa_dataset(args.split, skills=(FINE_TUNED_SKILL,), seed=1, **scans),
-        "shifted": digits_vqa_dataset(args.split, skills=(FINE_TUNED_SKILL,), seed=1, shift=2, **scans),
-        "pretrained": digits_vqa_dataset(args.split, skills=(PRETRAINED_SKILL,), seed=1, **scans),
-    }
+    train, datasets = world_datasets(args.world, args.split, scans)
     runs_total = len(args.methods) * len(args.seeds)
     print(
         f"{runs_total} runs ({', '.join(args.methods)} x seeds {args.seeds}), {args.max_steps} steps each, evaluated "
@@ -433,7 +540,7 @@ def main(argv=None):
         return write_report(args, *finished_runs(args), started)
     runs: dict[str, list[dict[str, float]]] = {}
     if not args.no_base:
-        base_model, base_processor = pretrained_tiny_janus()
+        base_model, base_processor = pretrained_tiny_janus(args.world)
         runs["base"] = [evaluate_one(base_model, base_processor, args, datasets, judge, args.attack_eps)]
     seen: dict[tuple[str, int], list] = {}
     progress = tqdm(total=runs_total, desc="runs", unit="run")
@@ -496,7 +603,9 @@ def write_report(args, runs: dict[str, list[dict[str, float]]], same_rows: bool 
     attacks = [f"after/attack_rel{eps:g}/vqa_accuracy" for eps in args.attack_eps]
     columns = [
         "after/clean/vqa_accuracy",
+        "after_broad/clean/vqa_accuracy",
         *attacks,
+        f"after_broad/attack_rel{args.attack_eps[-1]:g}/vqa_accuracy",
         "after_shift2/vqa_accuracy",
         "after/corrupt_noise_3/vqa_accuracy",
         "after/corrupt_contrast_3/vqa_accuracy",
@@ -504,10 +613,17 @@ def write_report(args, runs: dict[str, list[dict[str, float]]], same_rows: bool 
         "after/consistency/judge_score",
         "after/reverse_consistency/similarity",
         "digit/clean/vqa_accuracy",
+        "digit_broad/vqa_accuracy",
         f"digit/attack_rel{args.attack_eps[0]:g}/vqa_accuracy",
     ]
     columns = [c for c in columns if any(c in values for values in table.values())]
     paired = paired_differences(runs, args.seeds)
+    recommended_vs = {
+        baseline: paired_differences({RECOMMENDED: runs[RECOMMENDED], baseline: runs[baseline]}, args.seeds, baseline)
+        for baseline in BASELINES[1:]
+        if baseline in runs and RECOMMENDED in runs
+    }
+    costs = step_costs(runs, args.seeds)
     report = {
         "config": {
             "common": COMMON,
@@ -515,6 +631,7 @@ def write_report(args, runs: dict[str, list[dict[str, float]]], same_rows: bool 
             "methods": {m: METHODS[m] for m in args.methods},
             "train_skills": TRAIN_SKILLS,
             "args": vars(args),
+            "world": args.world,
             "fine_tuned_skill": FINE_TUNED_SKILL,
             "pretrained_skill": PRETRAINED_SKILL,
         },
@@ -531,11 +648,14 @@ def write_report(args, runs: dict[str, list[dict[str, float]]], same_rows: bool 
         "runs": runs,
         "summary": {m: {k: list(v) for k, v in values.items()} for m, values in table.items()},
         "paired_to_sft": paired,
+        "recommended_vs_baselines": recommended_vs,
+        "step_cost_to_sft": costs,
         "same_rows_in_same_order": same_rows,
     }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(report, f, indent=2)
     text = (
+        f"World `{args.world}`. "
         f"Accuracy (%) on the {args.split} split, mean ± std over seeds {args.seeds}; {args.max_steps} steps; "
         f"attack budgets relative to the token norm.\n\n" + markdown(table, columns) + "\n"
     )
@@ -543,6 +663,18 @@ def write_report(args, runs: dict[str, list[dict[str, float]]], same_rows: bool 
         text += (
             "\nDifference to `sft` seed by seed (same seed, rows and order), in points: mean ± standard error "
             "(seeds above 0).\n\n" + paired_markdown(paired, columns, len(args.seeds)) + "\n"
+        )
+    for baseline, values in recommended_vs.items():
+        text += (
+            f"\n`{RECOMMENDED}` minus `{baseline}`, seed by seed, in points.\n\n"
+            + paired_markdown(values, columns, len(args.seeds), baseline)
+            + "\n"
+        )
+    if costs:
+        text += (
+            "\nStep cost: training time ÷ `sft`'s, seed by seed (median; one process, same steps): "
+            + ", ".join(f"`{m}` {c['median']:.2f}x" for m, c in costs.items())
+            + ".\n"
         )
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text)

@@ -8,9 +8,15 @@ Two phases, every part of `JanusForConditionalGeneration` trained:
    dropped 10% of the time exactly as `JanusInterface.generate_images` builds its unconditional prompt.
 Renders are drawn in the 4 ink colours and shifted by up to 1 pixel for augmentation. Deterministic for a seed.
 
+Two worlds (`trl_unigame.digits`): `--world frame` (the first tiny model: every digit fills the 16x16 frame) and
+`--world canvas` (the second: each scan is drawn `--canvas_variants` times, at a size drawn from 8 to 16 px and a
+place drawn on the canvas; captions never name the size, so the generator learns to spread its drawings over it).
+
 Usage:
     python scripts/pretrain_tiny_janus.py --output_dir trl_unigame/assets/tiny_janus_digits \
         --gallery_path docs/images/tiny_model_gallery.png
+    python scripts/pretrain_tiny_janus.py --world canvas --output_dir trl_unigame/assets/tiny_janus_digits_canvas \
+        --gallery_path docs/images/tiny_model_canvas_gallery.png
     # a smoke run
     python scripts/pretrain_tiny_janus.py --output_dir /tmp/tiny_janus --max_steps 20 --skip_eval
 """
@@ -32,24 +38,39 @@ from transformers import GenerationConfig, HfArgumentParser, JanusForConditional
 from trl_unigame.digits import (
     BACKGROUNDS,
     DIGIT_WORDS,
+    DIGITS_IMAGE_SIZE,
     INK_COLORS,
     PRETRAINING_SKILLS,
     SKILL_QUESTIONS,
+    WORLD_BROAD_SIZES,
+    WORLD_NARROW_SIZE,
+    WORLD_SIZES,
     caption,
     digits_vqa_dataset,
     load_digit_scans,
     render_scan,
     skill_answer,
     split_scan_indices,
+    world_layout,
 )
 from trl_unigame.gallery import image_grid
 from trl_unigame.interfaces.janus import JanusInterface
 from trl_unigame.testing import DigitJudge, digits_janus_config, digits_janus_processor
 
 
+WORLDS = ("frame", "canvas")
+
+
 @dataclass
 class PretrainArguments:
     output_dir: str = field(metadata={"help": "Where to write the checkpoint (config, weights, processor)."})
+    world: str = field(
+        default="frame",
+        metadata={"help": "`frame` (digits fill the frame) or `canvas` (any size and place).", "choices": WORLDS},
+    )
+    canvas_variants: int = field(
+        default=3, metadata={"help": "Canvas world: renders of each scan and colour, each at its own size and place."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the weights, the batches and the augmentation."})
     vq_steps: int = field(default=800, metadata={"help": "Optimizer steps of the VQ phase."})
     joint_steps: int = field(
@@ -78,15 +99,22 @@ def lr_at(step: int, total: int, base: float, warmup: int = 50) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def render_training_set() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every train scan in every ink colour: images `(N, 3, 16, 16)` in `[0, 1]`, digits `(N,)`, colour ids `(N,)`."""
+def render_training_set(world: str = "frame", variants: int = 3, seed: int = 0):
+    """Every train scan in every ink colour: images `(N, 3, 16, 16)` in `[0, 1]`, digits `(N,)`, colour ids `(N,)`.
+    The canvas world draws each (scan, colour) `variants` times at sizes and places drawn with `seed`."""
     scans, digits = load_digit_scans()
+    rng = np.random.default_rng(seed)
     images, labels, colors = [], [], []
     for index in split_scan_indices("train"):
         for color_id, color in enumerate(INK_COLORS):
-            images.append(render_scan(scans[index], color))
-            labels.append(int(digits[index]))
-            colors.append(color_id)
+            if world == "canvas":
+                sizes, places = world_layout(variants, WORLD_SIZES, rng)
+                renders = [render_scan(scans[index], color, "white", p, s) for s, p in zip(sizes, places)]
+            else:
+                renders = [render_scan(scans[index], color)]
+            images += renders
+            labels += [int(digits[index])] * len(renders)
+            colors += [color_id] * len(renders)
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
     return images, torch.tensor(labels), torch.tensor(colors)
 
@@ -262,6 +290,62 @@ def accuracy(interface, model, dataset, batch_size: int = 60) -> float:
     return correct / len(dataset)
 
 
+def judged_generations(interface, model, judge, seed, max_scans, guidance_scale, temperature):
+    """Draws every test caption once and judges it: `({generation_digit_accuracy, generation_color_accuracy},
+    the side in pixels of each drawn digit)`."""
+    captions = digits_vqa_dataset("test", skills=("digit",), seed=seed, max_scans=max_scans)
+    generator = torch.Generator().manual_seed(seed)
+    judged_digit, judged_color, sizes = [], [], []
+    for start in range(0, len(captions), 60):
+        rows = captions[start : start + 60]
+        pixels = interface.generate_images(
+            rows["caption"], guidance_scale=guidance_scale, temperature=temperature, generator=generator
+        )
+        digits, colors = judge.predict(pixels)
+        judged_digit += [d == t for d, t in zip(digits, rows["digit"])]
+        judged_color += [c == t for c, t in zip(colors, rows["color"])]
+        sizes += judge.digit_sizes(pixels).tolist()
+    judged = {
+        "generation_digit_accuracy": float(np.mean(judged_digit)),
+        "generation_color_accuracy": float(np.mean(judged_color)),
+    }
+    return judged, sizes
+
+
+def evaluate_canvas(
+    model, processor, seed: int = 0, max_scans: int | None = None, guidance_scale=3.0, temperature=0.7
+):
+    """The canvas world's premise on the test split: the old skills at the narrow setting (digits filling the frame)
+    and across the broad one, and how the generator's drawings spread over digit sizes against the narrow setting's."""
+    interface = JanusInterface(model, processor)
+    metrics = {}
+    settings = {"narrow": WORLD_NARROW_SIZE, "broad": WORLD_BROAD_SIZES, "all": WORLD_SIZES}
+    for name, sizes in settings.items():
+        for skill in PRETRAINING_SKILLS:
+            dataset = digits_vqa_dataset("test", skills=(skill,), seed=seed, max_scans=max_scans, digit_size=sizes)
+            metrics[f"test_{skill}_accuracy_{name}"] = accuracy(interface, model, dataset)
+    judge = DigitJudge(size_invariant=True)
+    judged, drawn_sizes = judged_generations(interface, model, judge, seed, max_scans, guidance_scale, temperature)
+    metrics.update(judged)
+    narrow = digits_vqa_dataset(
+        "test", skills=("digit",), seed=seed, max_scans=max_scans, digit_size=WORLD_NARROW_SIZE
+    )
+    narrow_sizes = judge.digit_sizes(list(narrow["image"])).float()
+    drawn = torch.tensor(drawn_sizes, dtype=torch.float32)
+    metrics["generation_digit_size"] = {
+        "drawn_mean": float(drawn.mean()),
+        "drawn_std": float(drawn.std()),
+        "drawn_share_at_most_12px": float((drawn <= WORLD_BROAD_SIZES[1]).float().mean()),
+        "narrow_mean": float(narrow_sizes.mean()),
+        "narrow_std": float(narrow_sizes.std()),
+        "narrow_share_at_most_12px": float((narrow_sizes <= WORLD_BROAD_SIZES[1]).float().mean()),
+        "drawn_histogram": {
+            str(k): int((drawn == k).sum()) for k in range(DIGITS_IMAGE_SIZE + 1) if (drawn == k).any()
+        },
+    }
+    return metrics
+
+
 def evaluate(model, processor, seed: int = 0, max_scans: int | None = None, guidance_scale=3.0, temperature=0.7):
     """Quality on the test split: answers per skill, answers under fragile conditions, and judged generations."""
     interface = JanusInterface(model, processor)
@@ -275,20 +359,7 @@ def evaluate(model, processor, seed: int = 0, max_scans: int | None = None, guid
     dataset = digits_vqa_dataset("test", skills=("digit",), seed=seed, background="gray", max_scans=max_scans)
     metrics["test_digit_accuracy_gray_background"] = accuracy(interface, model, dataset)
 
-    judge = DigitJudge()
-    captions = digits_vqa_dataset("test", skills=("digit",), seed=seed, max_scans=max_scans)
-    generator = torch.Generator().manual_seed(seed)
-    judged_digit, judged_color = [], []
-    for start in range(0, len(captions), 60):
-        rows = captions[start : start + 60]
-        pixels = interface.generate_images(
-            rows["caption"], guidance_scale=guidance_scale, temperature=temperature, generator=generator
-        )
-        digits, colors = judge.predict(pixels)
-        judged_digit += [d == t for d, t in zip(digits, rows["digit"])]
-        judged_color += [c == t for c, t in zip(colors, rows["color"])]
-    metrics["generation_digit_accuracy"] = float(np.mean(judged_digit))
-    metrics["generation_color_accuracy"] = float(np.mean(judged_color))
+    metrics.update(judged_generations(interface, model, DigitJudge(), seed, max_scans, guidance_scale, temperature)[0])
     return metrics
 
 
@@ -328,7 +399,7 @@ def main(args: PretrainArguments) -> dict:
         temperature=0.7,
     )
     interface = JanusInterface(model, processor)
-    data = render_training_set()
+    data = render_training_set(args.world, args.canvas_variants, args.seed)
     logger = Logger(args.log_file)
     start = time.time()
     train_vq(model, data[0], args, vq_steps, generator, logger)
@@ -341,7 +412,9 @@ def main(args: PretrainArguments) -> dict:
 
     metrics = {"train_seconds": round(train_time, 1), "vq_steps": vq_steps, "joint_steps": joint_steps}
     if not args.skip_eval:
-        metrics.update(evaluate(model, processor, seed=args.seed, max_scans=args.eval_scans))
+        measure = evaluate_canvas if args.world == "canvas" else evaluate
+        metrics.update(measure(model, processor, seed=args.seed, max_scans=args.eval_scans))
+        metrics["world"] = args.world
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         print(json.dumps(metrics, indent=2))

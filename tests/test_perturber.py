@@ -355,3 +355,32 @@ def test_a_perturber_folder_from_before_the_input_modes_loads_as_features(tmp_pa
         torch.testing.assert_close(interface.understanding_loss(model, inputs), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="inputs"):
         PerturberConfig(hidden_size=8, inputs="gradient")
+
+
+def test_the_fixed_gradient_step_is_the_normalised_gradient_at_the_whole_budget(tmp_path):
+    perturber = Perturber(
+        PerturberConfig(hidden_size=16, eps_max=0.1, eps_init=0.02, budget="relative", inputs="gradient")
+    )
+    assert perturber.fixed_step and perturber.sees_gradient and len(perturber.mlp) == 0
+    assert perturber.num_parameters() == 1  # the eps logit only, kept so that every perturber saves the same way
+    generator = torch.Generator().manual_seed(0)
+    tokens, gradient = torch.randn(2, 5, 16, generator=generator), torch.randn(2, 5, 16, generator=generator)
+    delta = perturber.delta(tokens, gradient=gradient)
+    expected = 0.1 * tokens.norm(dim=-1, keepdim=True) * gradient / gradient.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(delta, expected)
+    assert perturber.eps == pytest.approx(0.1) and not perturber.delta(tokens).any()  # no gradient: no step
+    perturber.save_pretrained(tmp_path / "fgsm")
+    assert 'inputs="gradient"' in (tmp_path / "fgsm" / "README.md").read_text()
+    loaded = Perturber.from_pretrained(tmp_path / "fgsm")
+    torch.testing.assert_close(loaded.delta(tokens, gradient=gradient), expected)
+
+
+def test_the_fixed_gradient_step_needs_a_config_where_nothing_learns_and_the_model_trains_on_it(tmp_path):
+    from trl_unigame import UniGameConfig
+
+    common = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], perturber_inputs="gradient")
+    with pytest.raises(ValueError, match="nothing learns .got adversarial_weight=120.0."):
+        UniGameConfig(**common, perturbed_weight=0.5)
+    with pytest.raises(ValueError, match="got perturbed_weight=0.0"):
+        UniGameConfig(**common, adversarial_weight=0.0)
+    UniGameConfig(**common, adversarial_weight=0.0, perturbed_weight=0.5)

@@ -1106,3 +1106,37 @@ def test_load_best_model_at_end_keeps_the_best_adapter_and_its_perturber_paired(
     assert len(adapter) == len(weights)
     for name, value in adapter.items():
         assert torch.equal(weights[name.replace(".weight", ".default.weight")], value), name
+
+
+def _effect_method(name):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import effect
+
+    return dict(effect.METHODS[name])
+
+
+def test_the_self_augment_baseline_keeps_every_unperturbed_drawing_and_nothing_learns_to_attack(tmp_path, vqa):
+    settings = _effect_method("self-augment")
+    trainer = make_trainer(tmp_path, vqa, **{**settings, "buffer_batch_size": 2, "max_steps": 3})
+    perturber_before = snapshot(trainer.perturber)
+    with trainer.perturber.recording() as deltas:
+        trainer.train()
+    logs = [log for log in trainer.state.log_history if "unigame/kept_fraction" in log]
+    assert len(logs) == 3 and all(log["unigame/kept_fraction"] == 1.0 for log in logs)
+    assert all(log["unigame/mined"] == 2 for log in logs)  # one drawing per row
+    assert "unigame/buffer_loss" in logs[-1] and not deltas  # trained on the drawings; never perturbed
+    assert all(torch.equal(perturber_before[n], p) for n, p in snapshot(trainer.perturber).items())
+
+
+def test_the_fgsm_baseline_trains_on_tokens_moved_along_their_gradient(tmp_path, vqa):
+    settings = _effect_method("fgsm-at")
+    trainer = make_trainer(tmp_path, vqa, lora_dropout=0.0, **{**settings, "max_steps": 2})
+    assert trainer.perturber.fixed_step
+    with trainer.perturber.recording() as deltas:
+        trainer.train()
+    logs = [log for log in trainer.state.log_history if "unigame/perturbed_loss" in log]
+    assert logs and all(log["unigame/perturbed_loss"] > log["unigame/clean_loss"] for log in logs)
+    assert deltas and all(d.norm(dim=-1).gt(0).any() for d in deltas)
+    assert "unigame/kept_fraction" not in logs[0] and "unigame/adversarial_gain_estimate" not in logs[0]

@@ -27,14 +27,21 @@ class DigitJudge:
             Background of the images judged (a name of `BACKGROUNDS` or an RGB tuple).
         seed (`int`, *optional*, defaults to `0`):
             Seed of the SVM.
+        size_invariant (`bool`, *optional*, defaults to `False`):
+            For the digits world, where a digit can be drawn at any size and place: the ink is cropped to its bounding
+            box, padded to a square and resized to the frame before it is averaged down to 8x8, and the SVM learns
+            from the train scans normalised the same way. `False` reads the frame as it is (a digit fills it).
     """
 
-    def __init__(self, background: str | tuple = "white", seed: int = 0):
+    def __init__(self, background: str | tuple = "white", seed: int = 0, size_invariant: bool = False):
         from sklearn.calibration import CalibratedClassifierCV
         from sklearn.svm import SVC
 
         scans, digits = load_digit_scans()
         train = split_scan_indices("train")
+        self.size_invariant = size_invariant
+        if size_invariant:
+            scans = (normalise_ink(torch.from_numpy(scans).float() / 16) * 16).numpy()
         self.classifier = CalibratedClassifierCV(SVC(gamma=0.001, random_state=seed), ensemble=False)
         self.classifier.fit(scans[train].reshape(len(train), -1).astype(np.float64), digits[train])
         background = BACKGROUNDS[background] if isinstance(background, str) else background
@@ -50,12 +57,9 @@ class DigitJudge:
         arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255 for image in images]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
-    def read(self, images) -> tuple[torch.Tensor, list[str]]:
-        """Returns `(scans, colors)`: each image's ink as an 8x8 scan (0-16, float) and its ink colour name.
-
-        Args:
-            images: a float tensor `(B, 3, H, W)` in `[0, 1]`, a uint8 tensor, or PIL images.
-        """
+    def ink(self, images) -> tuple[torch.Tensor, list[str]]:
+        """Returns `(ink, colors)`: each image's ink map `(B, H, W)` in `[0, 1]` at full resolution, and its ink colour
+        name (see [`~DigitJudge.read`])."""
         pixels = self._as_tensor(images)
         away = self.background.view(1, 3, 1, 1) - pixels  # (B, 3, H, W), how far each pixel is from the background
         strength = away.norm(dim=1).flatten(1)  # (B, H*W)
@@ -64,8 +68,29 @@ class DigitJudge:
         color_ids = torch.cdist(mean_ink, self.colors).argmin(-1)
         direction = self.background[None] - self.colors[color_ids]  # (B, 3)
         ink = (away * direction[:, :, None, None]).sum(1) / direction.pow(2).sum(-1).clamp(min=1e-6)[:, None, None]
-        scans = F.adaptive_avg_pool2d(ink.clamp(0, 1)[:, None], 8)[:, 0] * 16
-        return scans, [self.color_names[i] for i in color_ids.tolist()]
+        return ink.clamp(0, 1), [self.color_names[i] for i in color_ids.tolist()]
+
+    def digit_sizes(self, images, threshold: float = 0.2) -> torch.Tensor:
+        """The side in pixels of each image's digit: the longer side of the box of its pixels with ink above
+        `threshold` times its largest ink (0 for an image without ink)."""
+        ink, _ = self.ink(images)
+        sizes = []
+        for image in ink:
+            rows, cols = (
+                torch.nonzero(image >= threshold * image.max(), as_tuple=True) if image.max() > 0 else ([], [])
+            )
+            sizes.append(max(int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1) if len(rows) else 0)
+        return torch.tensor(sizes)
+
+    def read(self, images) -> tuple[torch.Tensor, list[str]]:
+        """Returns `(scans, colors)`: each image's ink as an 8x8 scan (0-16, float) and its ink colour name.
+
+        Args:
+            images: a float tensor `(B, 3, H, W)` in `[0, 1]`, a uint8 tensor, or PIL images.
+        """
+        ink, colors = self.ink(images)
+        scans = (normalise_ink(ink) if self.size_invariant else F.adaptive_avg_pool2d(ink[:, None], 8)[:, 0]) * 16
+        return scans, colors
 
     def digit_probabilities(self, images) -> np.ndarray:
         """Probability of each digit 0-9 for each image, shape `(B, 10)`."""
@@ -93,3 +118,23 @@ class DigitJudge:
                 score = 0.0
             scores.append(score)
         return torch.tensor(scores, dtype=torch.float32)
+
+
+def normalise_ink(ink: torch.Tensor, size: int = 8, threshold: float = 0.2) -> torch.Tensor:
+    """Each ink map `(B, H, W)` in `[0, 1]` cropped to the box of its pixels above `threshold` times its largest ink,
+    padded to a square around that box, and resized to `(size, size)` (area average): the same digit at any size and
+    place gives about the same map. A map without ink stays blank."""
+    out = torch.zeros(len(ink), size, size, dtype=torch.float32)
+    for i, image in enumerate(ink.float()):
+        peak = image.max()
+        if peak <= 0:
+            continue
+        rows, cols = torch.nonzero(image >= threshold * peak, as_tuple=True)
+        top, bottom, left, right = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+        crop = image[top:bottom, left:right]
+        side = max(crop.shape)
+        pad_h, pad_w = side - crop.shape[0], side - crop.shape[1]
+        crop = F.pad(crop, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        big = F.interpolate(crop[None, None], size=(4 * size, 4 * size), mode="bilinear", align_corners=False)
+        out[i] = F.adaptive_avg_pool2d(big, size)[0, 0]
+    return out

@@ -8,6 +8,13 @@ The split is fixed (a permutation of the scan indices with seed `SPLIT_SEED`, in
 - `validation`: the next `NUM_VALIDATION_SCANS`, for tuning fine-tuning, also kept out of pretraining;
 - `train`: the rest (1,257 scans), the only scans pretraining sees.
 
+Two worlds share the scans, the split and the skills:
+- the frame world (the first tiny model): every digit fills the 16x16 frame;
+- the digits world (the second): a digit is drawn at any size from `WORLD_SIZES[0]` to `WORLD_SIZES[1]` pixels, at
+  any place on the same 16x16 canvas. Its pretraining covers every size for understanding, and generates from
+  captions that never name the size, so sampling itself spreads along that axis. Fine-tuning data is drawn at one
+  setting (`WORLD_NARROW_SIZE`, the full frame) and measured on the others (`WORLD_BROAD_SIZES`): a natural shift.
+
 Skills (one question each): pretraining asks `digit` and `color` and generates from captions; `after` and `even` are
 left for fine-tuning, with every word they need already in the tokenizer's corpus ([`digits_corpus`]).
 """
@@ -30,6 +37,11 @@ SPLIT_SEED = 2024
 NUM_TEST_SCANS = 360
 NUM_VALIDATION_SCANS = 180
 SPLITS = ("train", "validation", "test")
+#: The digits world: sizes (px, inclusive) its pretraining draws from, the narrow setting fine-tuning sees (the full
+#: frame) and the broad one it is measured on (the sizes fine-tuning never sees).
+WORLD_SIZES = (8, 16)
+WORLD_NARROW_SIZE = 16
+WORLD_BROAD_SIZES = (8, 12)
 
 #: skill -> question; answers are single words (see [`skill_answer`]).
 SKILL_QUESTIONS = {
@@ -107,7 +119,11 @@ def _rgb(value, table: dict, kind: str) -> np.ndarray:
 
 
 def render_scan(
-    scan: np.ndarray, color: str | tuple = "red", background: str | tuple = "white", offset: tuple[int, int] = (0, 0)
+    scan: np.ndarray,
+    color: str | tuple = "red",
+    background: str | tuple = "white",
+    offset: tuple[int, int] = (0, 0),
+    digit_size: int = DIGITS_IMAGE_SIZE,
 ) -> np.ndarray:
     """Renders one 8x8 scan as a 16x16 RGB uint8 array.
 
@@ -119,9 +135,26 @@ def render_scan(
         background (`str` or `tuple`, *optional*, defaults to `"white"`):
             A name of `BACKGROUNDS` or an RGB tuple.
         offset (`tuple[int, int]`, *optional*, defaults to `(0, 0)`):
-            `(dy, dx)` shift in image pixels; what moves out of the frame is lost, what comes in is background.
+            `(dy, dx)` shift in image pixels; what moves out of the frame is lost, what comes in is background. With
+            a `digit_size` below the frame, the top-left corner of the digit on the canvas instead.
+        digit_size (`int`, *optional*, defaults to `16`):
+            Side of the drawn digit in pixels (the digits world): the 16x16 ink map resized (bilinear, antialiased)
+            and placed at `offset` on the 16x16 canvas. `16` fills the frame.
     """
     ink = np.kron(scan.astype(np.float32) / 16.0, np.ones((2, 2), dtype=np.float32))
+    if digit_size != DIGITS_IMAGE_SIZE:
+        if not 1 <= digit_size < DIGITS_IMAGE_SIZE:
+            raise ValueError(f"`digit_size` must be between 1 and {DIGITS_IMAGE_SIZE}, got {digit_size}.")
+        top, left = offset
+        if not (0 <= top <= DIGITS_IMAGE_SIZE - digit_size and 0 <= left <= DIGITS_IMAGE_SIZE - digit_size):
+            raise ValueError(
+                f"A digit of {digit_size} px placed at {offset} leaves the {DIGITS_IMAGE_SIZE}x{DIGITS_IMAGE_SIZE} "
+                f"canvas: each coordinate must lie in [0, {DIGITS_IMAGE_SIZE - digit_size}]."
+            )
+        small = np.asarray(Image.fromarray(ink).resize((digit_size, digit_size), Image.BILINEAR))
+        ink = np.zeros((DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE), dtype=np.float32)
+        ink[top : top + digit_size, left : left + digit_size] = np.clip(small, 0.0, 1.0)
+        offset = (0, 0)
     dy, dx = offset
     if dy or dx:
         size = ink.shape[0]
@@ -146,6 +179,7 @@ def digits_vqa_dataset(
     colors: tuple[str, ...] | list[str] | None = None,
     max_scans: int | None = None,
     every_color: bool = False,
+    digit_size: int | tuple[int, int] | None = None,
 ):
     r"""
     Returns a `datasets.Dataset` of the digit scans of one fixed split, rendered 16x16 in colour, as VQA rows.
@@ -173,6 +207,10 @@ def digits_vqa_dataset(
             Render every scan once in each ink colour of `colors` (in that order) instead of once in a colour drawn
             with `seed`: four times the rows, for evaluations that should not depend on which colour a scan got.
             Shift directions are still drawn with `seed`, one per row.
+        digit_size (`int` or `tuple[int, int]`, *optional*):
+            The digits world: draw each digit at this size in pixels, or at a size drawn with `seed` from the
+            inclusive range `(low, high)`, at a place on the canvas drawn with `seed` (a 16 px digit fills the
+            frame). Adds a `digit_size` column. `None` (the frame world) leaves the renders as they were.
     """
     from datasets import Dataset, Features, Value
     from datasets import Image as ImageFeature
@@ -192,13 +230,18 @@ def digits_vqa_dataset(
     else:
         color_ids = rng.integers(len(palette), size=len(indices))
     directions = rng.integers(len(_SHIFT_DIRECTIONS), size=len(indices))
-    rows = {
-        k: [] for k in ("image", "question", "answer", "caption", "digit", "color", "scan_index", "skill", "shift")
-    }
-    for index, color_id, direction in zip(indices, color_ids, directions):
+    sizes, places = world_layout(len(indices), digit_size, rng) if digit_size is not None else (None, None)
+    if sizes is not None and shift:
+        raise ValueError("`shift` moves a digit that fills the frame; with `digit_size` the place is drawn instead.")
+    columns = ["image", "question", "answer", "caption", "digit", "color", "scan_index", "skill", "shift"]
+    rows = {k: [] for k in columns + (["digit_size"] if sizes is not None else [])}
+    for i, (index, color_id, direction) in enumerate(zip(indices, color_ids, directions)):
         digit, color = int(digits[index]), palette[color_id]
         dy, dx = _SHIFT_DIRECTIONS[direction]
-        image = Image.fromarray(render_scan(scans[index], color, background, (dy * shift, dx * shift)))
+        if sizes is None:
+            image = Image.fromarray(render_scan(scans[index], color, background, (dy * shift, dx * shift)))
+        else:
+            image = Image.fromarray(render_scan(scans[index], color, background, places[i], digit_size=sizes[i]))
         for skill in skills:
             rows["image"].append(image)
             rows["question"].append(SKILL_QUESTIONS[skill])
@@ -209,6 +252,8 @@ def digits_vqa_dataset(
             rows["scan_index"].append(int(index))
             rows["skill"].append(skill)
             rows["shift"].append(shift)
+            if sizes is not None:
+                rows["digit_size"].append(sizes[i])
     features = Features(
         {
             "image": ImageFeature(),
@@ -220,9 +265,23 @@ def digits_vqa_dataset(
             "scan_index": Value("int64"),
             "skill": Value("string"),
             "shift": Value("int64"),
+            **({"digit_size": Value("int64")} if sizes is not None else {}),
         }
     )
     return Dataset.from_dict(rows, features=features)
+
+
+def world_layout(
+    count: int, digit_size: int | tuple[int, int], rng: np.random.Generator
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Sizes and top-left places of `count` digits of the digits world: `digit_size` is one size or an inclusive
+    range `(low, high)` to draw from (uniformly, with `rng`); each place is drawn uniformly on the canvas."""
+    low, high = (digit_size, digit_size) if isinstance(digit_size, int) else tuple(digit_size)
+    if not 1 <= low <= high <= DIGITS_IMAGE_SIZE:
+        raise ValueError(f"`digit_size` must lie within [1, {DIGITS_IMAGE_SIZE}], got {digit_size!r}.")
+    sizes = rng.integers(low, high + 1, size=count).tolist()
+    places = [tuple(rng.integers(0, DIGITS_IMAGE_SIZE - size + 1, size=2).tolist()) for size in sizes]
+    return sizes, places
 
 
 def ink_statistics(scans) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from .interfaces.generation import current_generation_rows
 PERTURBER_SITES = ("understanding", "generation")
 BUDGETS = ("absolute", "relative")
 # What the perturber's MLP reads per token: the token alone (the paper), or the token and U's loss gradient there.
-PERTURBER_INPUTS = ("features", "features_and_gradient")
+PERTURBER_INPUTS = ("features", "features_and_gradient", "gradient")
 # Tokens per call on which the realized perturbation is measured (a cheap sample, not the whole batch).
 MEASURED_TOKENS = 256
 PAPER_URL = "https://arxiv.org/abs/2511.19413"
@@ -74,7 +74,9 @@ class PerturberConfig:
             the gradient of U's loss at that token, normalised per token (`concat(z, g / ||g||)`, after "Learning to
             Defend by Learning to Attack", Jiang et al. 2021): a sample-specific ascent direction within the same
             budget. Where no gradient is given (the generation site, which has no loss while sampling), the gradient
-            channel is zero.
+            channel is zero. `"gradient"`: no MLP and nothing that learns: the perturbation is the normalised gradient at
+            the whole budget `eps_max` (token-space adversarial training with one L2 fast-gradient step, the baseline
+            a learned perturber is compared with); zero where no gradient is given.
         base_model_name_or_path (`str`, *optional*):
             The model this perturber was trained on, recorded in the model card.
     """
@@ -202,16 +204,17 @@ class Perturber(
         reads = 2 if config.inputs == "features_and_gradient" else 1
         dims = [reads * config.hidden_size] + [width] * (config.depth - 1) + [config.hidden_size]
         layers = []
-        for i in range(config.depth):
+        for i in range(config.depth if config.inputs != "gradient" else 0):
             last = i == config.depth - 1
             layers.append(nn.Linear(dims[i], dims[i + 1], bias=not last))
             if not last:
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
-        nn.init.orthogonal_(self.mlp[-1].weight)
+        if len(self.mlp):
+            nn.init.orthogonal_(self.mlp[-1].weight)
         fraction = (config.eps_init - config.eps_min) / (config.eps_max - config.eps_min)
         self.rho = nn.Parameter(torch.tensor(math.log(fraction / (1 - fraction))))
-        if self.sees_gradient:
+        if self.config.inputs == "features_and_gradient":
             # The direction starts as the normalised gradient (an L2 fast-gradient step) plus the MLP's output; the
             # perturber learns how much of each to keep.
             self.gradient_gain = nn.Parameter(torch.tensor(1.0))
@@ -229,6 +232,8 @@ class Perturber(
     def site_eps_tensor(self, site: str = "understanding") -> torch.Tensor:
         """The budget `eps` of a site as a tensor with its graph (an L2 norm, or a fraction of the token's norm)."""
         _, low, high = self.config.site_budget(site)
+        if self.fixed_step:  # one fast-gradient step of the whole budget: nothing learns
+            return torch.full_like(self.rho, high).detach()
         eps = low + (high - low) * torch.sigmoid(self.rho)
         # float32 rounding can step just outside the bounds when sigmoid saturates
         return eps.clamp(low, high)
@@ -246,8 +251,14 @@ class Perturber(
 
     @property
     def sees_gradient(self) -> bool:
-        """Whether the MLP reads U's loss gradient beside each token (`config.inputs="features_and_gradient"`)."""
-        return self.config.inputs == "features_and_gradient"
+        """Whether the perturbation reads U's loss gradient at each token (`config.inputs` is
+        `"features_and_gradient"` or `"gradient"`)."""
+        return self.config.inputs in ("features_and_gradient", "gradient")
+
+    @property
+    def fixed_step(self) -> bool:
+        """Whether this is the fixed fast-gradient step (`config.inputs="gradient"`): no MLP, the whole budget."""
+        return self.config.inputs == "gradient"
 
     def delta(
         self,
@@ -264,9 +275,11 @@ class Perturber(
                 f"The perturber has hidden_size {self.config.hidden_size} but the visual tokens have width "
                 f"{tokens.shape[-1]}: build it for this model with `Perturber.for_model(model)`."
             )
-        weight = self.mlp[0].weight
+        weight = self.mlp[0].weight if len(self.mlp) else self.rho
         features = tokens.to(device=weight.device, dtype=weight.dtype)
-        if self.sees_gradient:
+        if self.fixed_step:
+            direction = torch.zeros_like(features) if gradient is None else gradient.detach().to(features)
+        elif self.sees_gradient:
             if gradient is None:  # no loss to differentiate here (the generation site): a zero gradient channel
                 unit = torch.zeros_like(features)
             else:
@@ -506,6 +519,8 @@ class Perturber(
             self.record_deltas = False
 
     def _inputs_text(self) -> str:
+        if self.fixed_step:
+            return 'nothing: the perturbation is the normalised gradient of the model\'s loss (`inputs="gradient"`)'
         if self.sees_gradient:
             return 'each visual token and the gradient of the model\'s loss at that token (`inputs="features_and_gradient"`)'
         return 'each visual token alone (`inputs="features"`, the paper\'s perturber)'

@@ -63,7 +63,10 @@ class UniGameArguments:
             normalised), so the perturber learns a sample-specific ascent direction within the same budget. The
             gradient comes from the clean backward with `perturber_update="first_order"` (no extra pass); the exact
             step and `perturbed_weight` take it from a backward to the visual tokens of their own. At the generation
-            site, which has no loss while sampling, the gradient channel is zero.
+            site, which has no loss while sampling, the gradient channel is zero. `"gradient"`: no learned perturber,
+            the baseline it is compared with: each token moves along its normalised gradient by the whole budget
+            `perturber_eps_max` (token-space adversarial training with one fast-gradient step; needs
+            `adversarial_weight=0` and `perturbed_weight > 0`).
         perturber_budget (`str`, *optional*, defaults to `"absolute"`):
             `"absolute"`: `perturber_eps_max`/`perturber_eps_init` are per-token L2 norms (the paper). `"relative"`:
             they are fractions of each token's own norm, a budget that means the same at every token scale and that
@@ -252,7 +255,8 @@ class UniGameArguments:
     perturber_inputs: str = field(
         default="features",
         metadata={
-            "help": "features: the perturber reads each visual token; features_and_gradient: also U's gradient."
+            "help": "features: the perturber reads each visual token; features_and_gradient: also U's gradient; "
+            "gradient: no learned perturber, one fast-gradient step of the whole budget."
         },
     )
     perturber_budget: str = field(
@@ -404,8 +408,8 @@ class UniGameArguments:
         check("perturber_budget", self.perturber_budget in ("absolute", "relative"), "'absolute' or 'relative'")
         check(
             "perturber_inputs",
-            self.perturber_inputs in ("features", "features_and_gradient"),
-            "'features' or 'features_and_gradient'",
+            self.perturber_inputs in ("features", "features_and_gradient", "gradient"),
+            "'features', 'features_and_gradient' or 'gradient'",
         )
         check(
             "perturber_generation_budget",
@@ -468,6 +472,13 @@ class UniGameArguments:
         )
         check("buffer_max_age", self.buffer_max_age is None or self.buffer_max_age >= 0, "None or >= 0")
         self._validate_generation_adversary()
+        if self.perturber_inputs == "gradient" and (self.adversarial_weight or not self.perturbed_weight):
+            raise ValueError(
+                "`perturber_inputs='gradient'` is token-space adversarial training with a fixed fast-gradient step: "
+                f"nothing learns (got adversarial_weight={self.adversarial_weight}) and the model must train on the "
+                f"perturbed tokens (got perturbed_weight={self.perturbed_weight}). Set `adversarial_weight=0` and "
+                "`perturbed_weight > 0`, or use `perturber_inputs='features_and_gradient'` for a perturber that learns."
+            )
         if self.buffer_max_loss_ratio is not None and self.understanding_update == "separate":
             raise ValueError(
                 "`buffer_max_loss_ratio` caps the buffer's share of the mixed objective, but "

@@ -11,6 +11,7 @@ from .clip import tiny_clip
 from .data import COLORS, SHAPES, draw_shape, tiny_vqa_dataset
 from .digits_janus import (
     PRETRAINED_TINY_JANUS_DIR,
+    PRETRAINED_TINY_JANUS_DIRS,
     digits_janus_config,
     digits_janus_processor,
     pretrained_tiny_janus,
@@ -49,6 +50,7 @@ __all__ = [
     "IMAGE_TOKEN",
     "JANUS_PRO_SHAPES",
     "PRETRAINED_TINY_JANUS_DIR",
+    "PRETRAINED_TINY_JANUS_DIRS",
     "SHAPES",
     "TINY_FAMILY_IMAGE_SIZE",
     "TINY_IMAGE_SIZE",

@@ -10,6 +10,12 @@ from .janus import _janus_config, _janus_processor, _janus_tokenizer
 
 
 PRETRAINED_TINY_JANUS_DIR = Path(__file__).parent.parent / "assets" / "tiny_janus_digits"
+#: The pretrained tiny Janus of each digits world (`trl_unigame.digits`): `frame` (digits fill the frame) and `canvas`
+#: (digits of any size at any place, fine-tuned at one size and measured at the others).
+PRETRAINED_TINY_JANUS_DIRS = {
+    "frame": PRETRAINED_TINY_JANUS_DIR,
+    "canvas": Path(__file__).parent.parent / "assets" / "tiny_janus_digits_canvas",
+}
 
 
 def digits_janus_processor(save_dir: str | None = None):
@@ -56,23 +62,33 @@ def digits_janus_config(vocab_size: int, image_token_id: int):
     )
 
 
-def pretrained_tiny_janus_path() -> str:
-    """Path of the pretrained tiny digits Janus shipped in the package (config, weights and processor)."""
-    return str(PRETRAINED_TINY_JANUS_DIR)
+def pretrained_tiny_janus_path(world: str = "frame") -> str:
+    """Path of a pretrained tiny digits Janus shipped in the package (config, weights and processor).
+
+    Args:
+        world (`str`, *optional*, defaults to `"frame"`):
+            `"frame"` (digits fill the frame) or `"canvas"` (digits of any size at any place).
+    """
+    if world not in PRETRAINED_TINY_JANUS_DIRS:
+        raise ValueError(f"Unknown digits world {world!r}; choose one of {list(PRETRAINED_TINY_JANUS_DIRS)}.")
+    return str(PRETRAINED_TINY_JANUS_DIRS[world])
 
 
-def pretrained_tiny_janus(**from_pretrained_kwargs):
+def pretrained_tiny_janus(world: str = "frame", **from_pretrained_kwargs):
     """Returns `(model, processor)`: the tiny Janus pretrained on the digits (`scripts/pretrain_tiny_janus.py`).
 
     It answers "What digit is this?" and "What color is the digit?" about 16x16 renders of the digit scans and
     generates them from captions such as "a red seven" (see `docs/tiny_model.md` for its measured quality).
 
     Args:
+        world (`str`, *optional*, defaults to `"frame"`):
+            `"frame"`, the first model, or `"canvas"`, the model of the world where a digit can have any size and
+            place (`scripts/pretrain_tiny_janus.py --world canvas`).
         **from_pretrained_kwargs:
             Passed to `JanusForConditionalGeneration.from_pretrained` (e.g. `dtype`, `quantization_config`).
     """
     from transformers import JanusForConditionalGeneration, JanusProcessor
 
-    path = pretrained_tiny_janus_path()
+    path = pretrained_tiny_janus_path(world)
     model = JanusForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
     return model, JanusProcessor.from_pretrained(path)
