@@ -80,6 +80,12 @@ class PretrainArguments:
     batch_size: int = field(default=64, metadata={"help": "Images per step (each phase; per loss in the joint one)."})
     vq_learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the VQ phase."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the joint phase."})
+    digit_share: float = field(
+        default=0.5, metadata={"help": "Share of understanding rows that ask the digit (the rest ask the colour)."}
+    )
+    generation_every: int = field(
+        default=1, metadata={"help": "Train generation on every N-th step of the joint phase (understanding: every step)."}
+    )
     caption_dropout: float = field(
         default=0.1, metadata={"help": "Probability of training a caption unconditionally."}
     )
@@ -258,17 +264,22 @@ def train_joint(model, interface, processor, data, args, steps, generator, logge
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, args.learning_rate)
         pick = torch.randint(len(images), (args.batch_size,), generator=generator)
-        skills = [PRETRAINING_SKILLS[i] for i in torch.randint(2, (len(pick),), generator=generator).tolist()]
+        if args.digit_share == 0.5:  # the draw the frame model was trained with
+            skill_ids = torch.randint(2, (len(pick),), generator=generator).tolist()
+        else:
+            skill_ids = (torch.rand(len(pick), generator=generator) >= args.digit_share).long().tolist()
+        skills = [PRETRAINING_SKILLS[i] for i in skill_ids]
         inputs = batches.understanding(skills, digits[pick], colors[pick])
         inputs["pixel_values"] = shift_augment(images[pick], generator) * 2 - 1
         und_loss = interface.understanding_loss(model, inputs).mean()
 
-        pick = torch.randint(len(images), (args.batch_size,), generator=generator)
-        drop = torch.rand(len(pick), generator=generator) < args.caption_dropout
-        prompt_ids, prompt_mask = batches.generation_prompts(digits[pick], colors[pick], drop)
-        gen_loss = generation_loss(model, prompt_ids, prompt_mask, tokens[pick])
-
-        loss = und_loss + gen_loss
+        loss = und_loss
+        if step % args.generation_every == 0:
+            pick = torch.randint(len(images), (args.batch_size,), generator=generator)
+            drop = torch.rand(len(pick), generator=generator) < args.caption_dropout
+            prompt_ids, prompt_mask = batches.generation_prompts(digits[pick], colors[pick], drop)
+            gen_loss = generation_loss(model, prompt_ids, prompt_mask, tokens[pick])
+            loss = loss + gen_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

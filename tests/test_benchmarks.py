@@ -60,6 +60,31 @@ def test_effect_benchmark_quick_mode_trains_every_method_on_the_same_rows(tmp_pa
     assert report["config"]["methods"]["sft"]["mining_interval"] == 0
 
 
+@pytest.mark.slow
+def test_effect_benchmark_in_the_canvas_world_measures_the_broad_setting_costs_and_baselines(tmp_path):
+    import effect
+
+    methods = ["sft", "self-augment", effect.RECOMMENDED]
+    argv = ["--world", "canvas", "--output_dir", str(tmp_path), "--quick", "--no_base", "--methods", *methods]
+    report = effect.main(argv + ["--eval_colors", "one", "--eval_scans", "16"])
+    assert report["config"]["world"] == "canvas" and report["same_rows_in_same_order"]
+    for method in methods:
+        run = report["runs"][method][0]
+        assert {"after_broad/clean/vqa_accuracy", "digit_broad/vqa_accuracy", "after/clean/vqa_accuracy"} <= set(run)
+        assert "after_shift2/vqa_accuracy" not in run  # the frame world's shift is not this world's
+    # fine-tuning saw only the narrow setting: full-frame digits
+    train, datasets = effect.world_datasets("canvas", "test", dict(max_scans=8, every_color=False))
+    assert set(train["digit_size"]) == {16} and min(datasets["broad"]["digit_size"]) < 16
+    versus = report["recommended_vs_baselines"]["self-augment"][effect.RECOMMENDED]
+    key = "after_broad/clean/vqa_accuracy"
+    expected = report["runs"][effect.RECOMMENDED][0][key] - report["runs"]["self-augment"][0][key]
+    assert versus[key]["by_seed"]["0"] == pytest.approx(expected)
+    costs = report["step_cost_to_sft"]
+    assert costs["sft"]["median"] == 1.0 and costs["self-augment"]["median"] > 1.0
+    table = (tmp_path / "results.md").read_text()
+    assert "broad (8-12 px)" in table and f"`{effect.RECOMMENDED}` minus `self-augment`" in table
+
+
 def test_effect_methods_differ_only_in_the_game():
     import effect
 

@@ -28,7 +28,7 @@ class DigitJudge:
         seed (`int`, *optional*, defaults to `0`):
             Seed of the SVM.
         size_invariant (`bool`, *optional*, defaults to `False`):
-            For the digits world, where a digit can be drawn at any size and place: the ink is cropped to its bounding
+            For the canvas world, where a digit can be drawn at any size and place: the ink is cropped to its bounding
             box, padded to a square and resized to the frame before it is averaged down to 8x8, and the SVM learns
             from the train scans normalised the same way. `False` reads the frame as it is (a digit fills it).
     """

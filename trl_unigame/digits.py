@@ -10,7 +10,7 @@ The split is fixed (a permutation of the scan indices with seed `SPLIT_SEED`, in
 
 Two worlds share the scans, the split and the skills:
 - the frame world (the first tiny model): every digit fills the 16x16 frame;
-- the digits world (the second): a digit is drawn at any size from `WORLD_SIZES[0]` to `WORLD_SIZES[1]` pixels, at
+- the canvas world (the second): a digit is drawn at any size from `WORLD_SIZES[0]` to `WORLD_SIZES[1]` pixels, at
   any place on the same 16x16 canvas. Its pretraining covers every size for understanding, and generates from
   captions that never name the size, so sampling itself spreads along that axis. Fine-tuning data is drawn at one
   setting (`WORLD_NARROW_SIZE`, the full frame) and measured on the others (`WORLD_BROAD_SIZES`): a natural shift.
@@ -37,7 +37,7 @@ SPLIT_SEED = 2024
 NUM_TEST_SCANS = 360
 NUM_VALIDATION_SCANS = 180
 SPLITS = ("train", "validation", "test")
-#: The digits world: sizes (px, inclusive) its pretraining draws from, the narrow setting fine-tuning sees (the full
+#: The canvas world: sizes (px, inclusive) its pretraining draws from, the narrow setting fine-tuning sees (the full
 #: frame) and the broad one it is measured on (the sizes fine-tuning never sees).
 WORLD_SIZES = (8, 16)
 WORLD_NARROW_SIZE = 16
@@ -138,7 +138,7 @@ def render_scan(
             `(dy, dx)` shift in image pixels; what moves out of the frame is lost, what comes in is background. With
             a `digit_size` below the frame, the top-left corner of the digit on the canvas instead.
         digit_size (`int`, *optional*, defaults to `16`):
-            Side of the drawn digit in pixels (the digits world): the 16x16 ink map resized (bilinear, antialiased)
+            Side of the drawn digit in pixels (the canvas world): the 16x16 ink map resized (bilinear, antialiased)
             and placed at `offset` on the 16x16 canvas. `16` fills the frame.
     """
     ink = np.kron(scan.astype(np.float32) / 16.0, np.ones((2, 2), dtype=np.float32))
@@ -208,7 +208,7 @@ def digits_vqa_dataset(
             with `seed`: four times the rows, for evaluations that should not depend on which colour a scan got.
             Shift directions are still drawn with `seed`, one per row.
         digit_size (`int` or `tuple[int, int]`, *optional*):
-            The digits world: draw each digit at this size in pixels, or at a size drawn with `seed` from the
+            The canvas world: draw each digit at this size in pixels, or at a size drawn with `seed` from the
             inclusive range `(low, high)`, at a place on the canvas drawn with `seed` (a 16 px digit fills the
             frame). Adds a `digit_size` column. `None` (the frame world) leaves the renders as they were.
     """
@@ -274,7 +274,7 @@ def digits_vqa_dataset(
 def world_layout(
     count: int, digit_size: int | tuple[int, int], rng: np.random.Generator
 ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Sizes and top-left places of `count` digits of the digits world: `digit_size` is one size or an inclusive
+    """Sizes and top-left places of `count` digits of the canvas world: `digit_size` is one size or an inclusive
     range `(low, high)` to draw from (uniformly, with `rng`); each place is drawn uniformly on the canvas."""
     low, high = (digit_size, digit_size) if isinstance(digit_size, int) else tuple(digit_size)
     if not 1 <= low <= high <= DIGITS_IMAGE_SIZE:

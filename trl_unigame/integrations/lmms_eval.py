@@ -227,7 +227,8 @@ def load_unigame_model(
         loaded_perturber = Perturber.from_pretrained(perturber)
         if loaded_perturber.sees_gradient:
             raise ValueError(
-                "This perturber reads the gradient of the answer loss (`inputs='features_and_gradient'`), which needs "
+                f"This perturber reads the gradient of the answer loss (`inputs='{loaded_perturber.config.inputs}'`), "
+                "which needs "
                 "each question's reference answer; lmms-eval gives the model none. Evaluate it with "
                 "`trl_unigame.UniGameEvaluator(perturber=...)` instead."
             )
