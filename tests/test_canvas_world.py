@@ -90,13 +90,17 @@ def test_the_canvas_model_ships_with_its_premise_measured():
         pretrained_tiny_janus_path("sphere")
 
 
-def test_the_canvas_model_knows_its_old_skills_at_every_size(canvas):
+def test_the_canvas_model_knows_its_old_skills_at_every_size_less_well_when_small(canvas):
     model, interface = canvas
+    digit_accuracy = {}
     for sizes in (WORLD_NARROW_SIZE, WORLD_BROAD_SIZES):
-        digits = digits_vqa_dataset("test", skills=("digit",), max_scans=60, digit_size=sizes)
-        assert _accuracy(interface, model, digits) >= 0.8, sizes
+        digits = digits_vqa_dataset("test", skills=("digit",), max_scans=120, digit_size=sizes)
+        digit_accuracy[sizes] = _accuracy(interface, model, digits)
         colors = digits_vqa_dataset("test", skills=("color",), max_scans=30, digit_size=sizes)
         assert _accuracy(interface, model, colors) >= 0.9, sizes
+    # docs/tiny_model.md: 77% and 58% on the whole test split; chance is 10%
+    assert digit_accuracy[WORLD_NARROW_SIZE] >= 0.65 and digit_accuracy[WORLD_BROAD_SIZES] >= 0.45
+    assert digit_accuracy[WORLD_BROAD_SIZES] < digit_accuracy[WORLD_NARROW_SIZE]
 
 
 def test_the_canvas_model_draws_digits_of_many_sizes_from_captions_that_name_none(canvas):
