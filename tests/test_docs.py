@@ -33,3 +33,12 @@ def test_every_script_option_is_documented():
         f.name for cls in (UniGameScriptArguments, ModelConfig) for f in fields(cls) if f"--{f.name}" not in page
     ]
     assert not missing, f"docs/train_janus.md does not list {missing}"
+
+
+def test_every_pretraining_option_is_documented():
+    sys.path.insert(0, os.path.join(os.path.dirname(DOCS), "scripts"))
+    from pretrain_tiny_janus import PretrainArguments
+
+    page = read("tiny_model.md")
+    missing = [f.name for f in fields(PretrainArguments) if f"`--{f.name}`" not in page]
+    assert not missing, f"docs/tiny_model.md does not list {missing}"
