@@ -354,7 +354,7 @@ def test_a_perturber_folder_from_before_the_input_modes_loads_as_features(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(interface.understanding_loss(model, inputs), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="inputs"):
-        PerturberConfig(hidden_size=8, inputs="gradient")
+        PerturberConfig(hidden_size=8, inputs="gradients")
 
 
 def test_the_fixed_gradient_step_is_the_normalised_gradient_at_the_whole_budget(tmp_path):
