@@ -160,6 +160,12 @@ METHODS = {
         buffer_weight=0.0,
         perturbed_weight=0.5,
     ),
+    # The model's own unperturbed drawings with the game's hardness selection (3 per row, the hardest faithful one kept,
+    # the game's buffer): which of the perturbation and the selection costs the game its broad gain over
+    # `self-augment` (canvas world, docs/benchmarks.md).
+    "self-augment-selected": dict(
+        GAME, adversarial_weight=0.0, perturber_sites=["understanding"], perturbed_weight=0.0, buffer_weight=0.25
+    ),
     # SFT plus the model's own drawings of the training captions: one unperturbed drawing per row and round (the
     # perturber never acts: it has no generation site), every drawing kept whatever its hardness or judged score,
     # entries leaving by age rather than hardness (5 rounds x 8 rows < capacity 50) and drawn uniformly, at the
