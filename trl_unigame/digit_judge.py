@@ -74,13 +74,8 @@ class DigitJudge:
         """The side in pixels of each image's digit: the longer side of the box of its pixels with ink above
         `threshold` times its largest ink (0 for an image without ink)."""
         ink, _ = self.ink(images)
-        sizes = []
-        for image in ink:
-            rows, cols = (
-                torch.nonzero(image >= threshold * image.max(), as_tuple=True) if image.max() > 0 else ([], [])
-            )
-            sizes.append(max(int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1) if len(rows) else 0)
-        return torch.tensor(sizes)
+        boxes = [ink_box(image, threshold) for image in ink]
+        return torch.tensor([0 if box is None else max(box[1] - box[0], box[3] - box[2]) for box in boxes])
 
     def read(self, images) -> tuple[torch.Tensor, list[str]]:
         """Returns `(scans, colors)`: each image's ink as an 8x8 scan (0-16, float) and its ink colour name.
@@ -120,17 +115,26 @@ class DigitJudge:
         return torch.tensor(scores, dtype=torch.float32)
 
 
+def ink_box(image: torch.Tensor, threshold: float = 0.2) -> tuple[int, int, int, int] | None:
+    """`(top, bottom, left, right)` (bottom and right exclusive) of the pixels of an ink map `(H, W)` with ink at
+    least `threshold` times its largest; `None` for a map without ink."""
+    peak = image.max()
+    if peak <= 0:
+        return None
+    rows, cols = torch.nonzero(image >= threshold * peak, as_tuple=True)
+    return int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+
+
 def normalise_ink(ink: torch.Tensor, size: int = 8, threshold: float = 0.2) -> torch.Tensor:
     """Each ink map `(B, H, W)` in `[0, 1]` cropped to the box of its pixels above `threshold` times its largest ink,
     padded to a square around that box, and resized to `(size, size)` (area average): the same digit at any size and
     place gives about the same map. A map without ink stays blank."""
     out = torch.zeros(len(ink), size, size, dtype=torch.float32)
     for i, image in enumerate(ink.float()):
-        peak = image.max()
-        if peak <= 0:
+        box = ink_box(image, threshold)
+        if box is None:
             continue
-        rows, cols = torch.nonzero(image >= threshold * peak, as_tuple=True)
-        top, bottom, left, right = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+        top, bottom, left, right = box
         crop = image[top:bottom, left:right]
         side = max(crop.shape)
         pad_h, pad_w = side - crop.shape[0], side - crop.shape[1]

@@ -228,8 +228,7 @@ def load_unigame_model(
         if loaded_perturber.sees_gradient:
             raise ValueError(
                 f"This perturber reads the gradient of the answer loss (`inputs='{loaded_perturber.config.inputs}'`), "
-                "which needs "
-                "each question's reference answer; lmms-eval gives the model none. Evaluate it with "
+                "which needs each question's reference answer; lmms-eval gives the model none. Evaluate it with "
                 "`trl_unigame.UniGameEvaluator(perturber=...)` instead."
             )
     return model, processor, loaded_perturber
