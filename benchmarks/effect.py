@@ -91,6 +91,16 @@ UNIGAME = dict(GAME, selection="paper", hardness_quantile=0.6, understanding_upd
 GRADIENT_PERTURBED = dict(
     UNIGAME, perturber_update="first_order", perturber_inputs="features_and_gradient", perturbed_weight=0.5
 )
+# Decoded samples kept as they come: one drawing per row and round, whatever its hardness or judged score, entries
+# leaving by age rather than hardness (5 rounds x 8 rows < capacity 50) and drawn uniformly.
+UNSELECTED = dict(
+    num_candidates=1,
+    hardness_quantile=0.0,
+    consistency_threshold=-1.0,
+    consistency_weight=0.0,
+    buffer_temperature=1e6,
+    buffer_max_age=5,
+)
 METHODS = {
     # Plain fine-tuning: the game switched off, so the step is the Trainer's own step on the same loss.
     "sft": dict(adversarial_weight=0.0, mining_interval=0, buffer_weight=0.0, perturbed_weight=0.0),
@@ -172,16 +182,25 @@ METHODS = {
     # recommended method's buffer weight and batch (the same number of decoded rows per step).
     "self-augment": dict(
         GAME,
+        **UNSELECTED,
         adversarial_weight=0.0,
         perturber_sites=["understanding"],
         perturbed_weight=0.0,
         buffer_weight=0.25,
-        num_candidates=1,
-        hardness_quantile=0.0,
-        consistency_threshold=-1.0,
-        consistency_weight=0.0,
-        buffer_temperature=1e6,
-        buffer_max_age=5,
+    ),
+    # Candidates for a recipe that keeps both gains (canvas validation, docs/benchmarks.md): the recommended game with
+    # every decoded candidate kept as `self-augment` keeps its drawings (one per row, no hardness or judge filter,
+    # uniform draws); and `self-augment` with the recommended perturber's tokens in U's loss (understanding site only,
+    # so the drawings stay unperturbed).
+    "unigame-gradient-perturbed-unselected": dict(GRADIENT_PERTURBED, **UNSELECTED),
+    "self-augment-perturbed": dict(
+        GAME,
+        **UNSELECTED,
+        perturber_sites=["understanding"],
+        perturber_update="first_order",
+        perturber_inputs="features_and_gradient",
+        perturbed_weight=0.5,
+        buffer_weight=0.25,
     ),
     # The authors' code: OR rule, q 0.8, separate clean-then-buffer steps with weight 1, pop.
     "unigame-reference": dict(
