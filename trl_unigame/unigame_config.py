@@ -188,6 +188,15 @@ class UniGameArguments:
             Weight of the model's image-generation loss (next image token) on the clean batch's (prompt, image)
             pairs, added to U's loss: fine-tuning the shared LLM for understanding can degrade the generator that
             mining relies on, and this term keeps it. Not in the paper; `0` computes nothing.
+        generation_loss_targets (`str`, *optional*, defaults to `"batch"`):
+            What `generation_loss_weight`'s loss trains on. `"batch"`: the clean batch's (prompt, image) pairs, which
+            teaches the generator the fine-tuning images (and only them). `"anchors"`: the model's own drawings of
+            `generation_anchors` training prompts, drawn once before the first step with its adapter off, so the
+            generator is held where it started, whatever it could draw beyond the fine-tuning data included. Needs a
+            PEFT adapter on the model (to draw with it off, on a resume too) and a `prompt` column. Not in the paper.
+        generation_anchors (`int`, *optional*, defaults to `64`):
+            How many drawings `generation_loss_targets="anchors"` draws (one per distinct training prompt, drawn at
+            random with `seed`); each step's generation loss takes a batch of them as large as the clean batch.
         perturbed_weight (`float`, *optional*, defaults to `0.0`):
             Weight of U's loss on the clean batch with the perturber's current perturbation active at the
             understanding site: training on embedding-space adversarial samples. Not part of the paper's method
@@ -352,6 +361,16 @@ class UniGameArguments:
         default=0.0,
         metadata={"help": "Weight of the image-generation loss on the clean batch's (prompt, image) pairs."},
     )
+    generation_loss_targets: str = field(
+        default="batch",
+        metadata={
+            "help": "What the generation loss trains on: batch (the clean batch's pairs) or anchors (the model's own "
+            "drawings of training prompts, drawn once with its adapter off)."
+        },
+    )
+    generation_anchors: int = field(
+        default=64, metadata={"help": "With generation_loss_targets='anchors': how many drawings to draw."}
+    )
     perturbed_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the loss on the batch with the perturbation active (embedding-space samples)."},
@@ -461,6 +480,14 @@ class UniGameArguments:
             self.understanding_update in UNDERSTANDING_UPDATES,
             f"one of {list(UNDERSTANDING_UPDATES)}",
         )
+        check("generation_loss_targets", self.generation_loss_targets in ("batch", "anchors"), "'batch' or 'anchors'")
+        check("generation_anchors", self.generation_anchors >= 1, ">= 1")
+        if self.generation_loss_targets == "anchors" and not self.generation_loss_weight:
+            raise ValueError(
+                "`generation_loss_targets='anchors'` chooses what the generation loss trains on, but "
+                "`generation_loss_weight` is 0, so there is no such loss: set `generation_loss_weight` (1.0 holds the "
+                "generator as firmly as the batch's pairs would), or leave `generation_loss_targets='batch'`."
+            )
         check("buffer_capacity", self.buffer_capacity >= 1, ">= 1")
         check("buffer_batch_size", self.buffer_batch_size >= 1, ">= 1")
         check("buffer_temperature", self.buffer_temperature > 0, "> 0")

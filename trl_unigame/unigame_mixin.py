@@ -22,6 +22,7 @@ from .consistency import load_consistency_scorer
 from .data import ROWS_KEY
 from .game.adversary import Adversary, SiteCapture, build_perturber
 from .game.agreement import Agreement, check_one_run_across_processes
+from .game.anchors import GenerationAnchors, has_adapter
 from .game.buffer_pass import BufferPass
 from .game.checkpoint import GameCheckpointing
 from .game.context import STEP_KEY, StepContext
@@ -129,6 +130,12 @@ class UniGameMixin(GameCheckpointing):
         self.understanding = UnderstandingPasses(
             hooks, self.interface, self.perturber, self.buffer_pass, args, self.game_metrics
         )
+        self.anchors = None
+        if args.generation_loss_targets == "anchors":
+            _check_generation_anchors(self.model)
+            self.anchors = GenerationAnchors(self.interface, self.perturber, args, self.game_metrics)
+            self.understanding.anchors = self.anchors
+            self._anchors_complete = False  # every process holds all its anchors (no more votes)
         self._separate_stand_in = None  # the last clean batch, for the separate step's stand-in
         from .callbacks import HardSamplePicturesCallback, use_short_console_logs
 
@@ -191,12 +198,15 @@ class UniGameMixin(GameCheckpointing):
                 self.adversary.end_window(ctx.step)  # mining and U's perturbed pass then meet the updated perturber
         mining = rows is not None and self.miner.due(ctx.step, ctx.last_micro_batch)
         checking = rows is not None and self.miner.check_due(ctx.step, ctx.last_micro_batch)
-        if mining or checking:
+        anchoring = self._new_anchor_prompts(rows)
+        if mining or checking or anchoring is not None:
             # Generation calls submodules directly: under FSDP2 or ZeRO-3 the parameters are gathered whole around it.
             # The host's bf16 autocast covers its model's forward only: generation calls the submodules directly, so
             # it would otherwise run in the weights' dtype (float32 for a float32-loaded model). Not fp16: the token
             # loop's residual stream would then be fp16 too, and overflow where training's float32 one does not.
             with full_parameters(model), self._mining_autocast():
+                if anchoring is not None:
+                    self.anchors.draw(unwrapped, anchoring, ctx.step, self.args.process_index)
                 if mining:
                     self.miner.mine(unwrapped, rows, inputs, ctx.step, self.args.process_index, self._prepare_inputs)
                 if checking:
@@ -213,7 +223,7 @@ class UniGameMixin(GameCheckpointing):
             if self.adversary.first_order or (self.perturber.sees_gradient and self.args.perturbed_weight):
                 ctx.capture = stack.enter_context(SiteCapture(self.interface))
             loss = super().training_step(model, {**inputs, STEP_KEY: ctx}, num_items_in_batch)
-        if mining or checking:
+        if mining or checking or anchoring is not None:
             reshard(model)  # FSDP2 would otherwise keep its root's parameters whole after this step
         if self.adversary.first_order:
             # under fp16 the host's backward left the token gradient times the loss scale
@@ -224,6 +234,18 @@ class UniGameMixin(GameCheckpointing):
         if ctx.last_micro_batch and self.agreement.step_dropped(model, scaler):
             self.game_metrics.skip(ctx.step, "understanding", _non_finite_reason(scaler))
         return loss
+
+    def _new_anchor_prompts(self, rows) -> list[str] | None:
+        """The batch's prompts to draw as generation anchors now, or `None` when no process draws at this micro-batch.
+        Drawing gathers sharded parameters, so every process draws (maybe nothing) when any has new prompts; once no
+        process has room left, no more votes are taken."""
+        if self.anchors is None or self._anchors_complete:
+            return None
+        new = self.anchors.new_prompts(rows)
+        drawing, room = self.agreement.any_processes([bool(new), not self.anchors.full])
+        if not room:
+            self._anchors_complete = True
+        return new if drawing else None
 
     def _mining_autocast(self):
         """The run's autocast for mining's own forwards under bf16; none otherwise (fp16 mining stays in the weights'
@@ -377,6 +399,17 @@ def _check_game_options(args, interface, scorer, check_interval: int) -> None:
         raise ValueError(
             f"`generation_loss_weight` needs the model's image-generation loss, which {type(interface).__name__} does "
             "not provide: set `generation_loss_weight=0`."
+        )
+
+
+def _check_generation_anchors(model) -> None:
+    """`generation_loss_targets="anchors"` needs what this model lacks: a clear error before any training (a model
+    without a generation loss is refused with `generation_loss_weight`)."""
+    if not has_adapter(model):
+        raise ValueError(
+            "`generation_loss_targets='anchors'` draws its anchors with the model's adapter off (the generator as "
+            f"loaded, on a resume too), but the model ({type(model).__name__}) has no PEFT adapter: pass a "
+            "`peft_config` (or a `PeftModel`), or use `generation_loss_targets='batch'`."
         )
 
 

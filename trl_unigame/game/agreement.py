@@ -44,6 +44,13 @@ class Agreement:
         votes = torch.tensor([float(flag)], device=self.device)
         return bool(self.accelerator.reduce(votes, reduction="sum").item() > 0)
 
+    def any_processes(self, flags: list[bool]) -> list[bool]:
+        """For each flag, whether it holds on at least one process: one collective for all of them."""
+        if self.num_processes == 1:
+            return list(flags)
+        votes = torch.tensor([float(f) for f in flags], device=self.device)
+        return (self.accelerator.reduce(votes, reduction="sum") > 0).tolist()
+
     def mean_if_finite(self, tensors: list[torch.Tensor], finite: bool) -> list[torch.Tensor] | None:
         """The mean of `tensors` over processes, or `None` when any process had `finite=False` or the mean is not
         finite. The flag travels with the tensors: one collective, one decision everywhere."""

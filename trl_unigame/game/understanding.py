@@ -1,5 +1,5 @@
 """The understanding player's passes: the clean batch (alone, or with the buffer rows in one batch), the buffer batch,
-the perturbed batch and the generation pairs, each returned as a part of U's loss."""
+the perturbed batch and the generation pairs (the batch's or the anchors), each returned as a part of U's loss."""
 
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ class UnderstandingPasses:
         self.buffer_pass = buffer_pass
         self.args = args
         self.metrics = metrics
+        # [`GenerationAnchors`] the generation loss trains on (`generation_loss_targets="anchors"`), set by the trainer
+        self.anchors = None
 
     def parts(self, model, inputs: dict[str, Any], ctx: StepContext, return_outputs: bool = False):
         """The parts of U's loss and, with `return_outputs`, the host's outputs of the clean pass."""
@@ -114,7 +116,9 @@ class UnderstandingPasses:
                 parts.perturbed = self.perturbed(model, inputs, ctx.num_items_in_batch)
             # logged as a mean over the micro-batch, as the clean loss is
             self.metrics.add("unigame/perturbed_loss", float(parts.perturbed.detach()) * ctx.share * ctx.window)
-        if self.args.generation_loss_weight and ctx.rows is not None:
+        if self.args.generation_loss_weight and self.anchors is not None:
+            parts.generation = self.anchored_generation(model, len(inputs["input_ids"]), ctx.step)
+        elif self.args.generation_loss_weight and ctx.rows is not None:
             parts.generation = self.generation(model, inputs, ctx.rows)
         return parts, outputs
 
@@ -160,6 +164,14 @@ class UnderstandingPasses:
                 "`generation_loss_weight` needs one image per row that the interface can recover from the batch "
                 f"({type(self.interface).__name__}.source_images); set `generation_loss_weight=0` for this data."
             )
+        loss = self.interface.generation_loss(model, prompts, images).mean()
+        self.metrics.add("unigame/generation_loss", float(loss.detach()))
+        return loss
+
+    def anchored_generation(self, model, size: int, step: int) -> torch.Tensor:
+        """The model's image-generation loss on `size` of its generation anchors (`generation_loss_targets="anchors"`):
+        its own drawings from before fine-tuning."""
+        prompts, images = self.anchors.batch(size, step, self.args.process_index)
         loss = self.interface.generation_loss(model, prompts, images).mean()
         self.metrics.add("unigame/generation_loss", float(loss.detach()))
         return loss
