@@ -190,13 +190,15 @@ class UniGameArguments:
             mining relies on, and this term keeps it. Not in the paper; `0` computes nothing.
         generation_loss_targets (`str`, *optional*, defaults to `"batch"`):
             What `generation_loss_weight`'s loss trains on. `"batch"`: the clean batch's (prompt, image) pairs, which
-            teaches the generator the fine-tuning images (and only them). `"anchors"`: the model's own drawings of
-            `generation_anchors` training prompts, drawn once before the first step with its adapter off, so the
-            generator is held where it started, whatever it could draw beyond the fine-tuning data included. Needs a
-            PEFT adapter on the model (to draw with it off, on a resume too) and a `prompt` column. Not in the paper.
+            teaches the generator the fine-tuning images (and only them). `"anchors"`: the model's own drawings of the
+            prompts of the first `generation_anchors` training rows, drawn as their batches come, with its adapter
+            and the perturber off, meant to hold the generator where it started, what it could draw beyond the
+            fine-tuning data included. Needs a PEFT adapter on the model (a resumed run draws again, from the model
+            as loaded). Not in the paper.
         generation_anchors (`int`, *optional*, defaults to `64`):
-            How many drawings `generation_loss_targets="anchors"` draws (one per distinct training prompt, drawn at
-            random with `seed`); each step's generation loss takes a batch of them as large as the clean batch.
+            How many drawings `generation_loss_targets="anchors"` holds (one per training row, so a prompt that rows
+            share is drawn as often); each micro-batch's generation loss takes as many of them as the clean batch has
+            rows, drawn at random.
         perturbed_weight (`float`, *optional*, defaults to `0.0`):
             Weight of U's loss on the clean batch with the perturber's current perturbation active at the
             understanding site: training on embedding-space adversarial samples. Not part of the paper's method
@@ -365,7 +367,7 @@ class UniGameArguments:
         default="batch",
         metadata={
             "help": "What the generation loss trains on: batch (the clean batch's pairs) or anchors (the model's own "
-            "drawings of training prompts, drawn once with its adapter off)."
+            "drawings of training prompts, drawn with its adapter off)."
         },
     )
     generation_anchors: int = field(

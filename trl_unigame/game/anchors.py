@@ -28,13 +28,15 @@ def has_adapter(model) -> bool:
 
 
 class GenerationAnchors:
-    """Drawings of the first `capacity` distinct prompts the run trains on, made by the model with its PEFT adapter
+    """Drawings of the prompts of the first `capacity` rows the run trains on, made by the model with its PEFT adapter
     off (the generator as it was loaded) and its perturber off, with the run's guidance and temperature. They are the
     targets of the generation loss: it then holds the generator where it started, what it could draw beyond the
     fine-tuning data included, instead of teaching it the fine-tuning images.
 
-    Prompts come from the batches themselves (each row's `prompt`), so any dataset and host trainer work; a batch
-    with prompts not yet drawn draws them in one call, until `capacity` are held. A resumed run draws its anchors again
+    Prompts come from the batches themselves (each row's `prompt`), so any dataset and host trainer work; each batch
+    draws its rows' prompts in one call until `capacity` drawings are held. A prompt that several rows share gets as
+    many drawings (other samples of the same generator), so data with few distinct captions still anchors the
+    generator's spread, not one drawing of each. A resumed run draws its anchors again
     from the batches after the checkpoint: the same generator, other draws of it.
 
     Args:
@@ -52,7 +54,6 @@ class GenerationAnchors:
         self.capacity = args.generation_anchors
         self.prompts: list[str] = []
         self.images: list[torch.Tensor] = []  # uint8, (3, H, W), on the CPU
-        self._drawn: set[str] = set()
         self._batches = 0  # batches taken in the current step (micro-batches of one accumulation window)
         self._step = None
 
@@ -64,15 +65,11 @@ class GenerationAnchors:
         return len(self.prompts) >= self.capacity
 
     def new_prompts(self, rows: list[dict[str, Any]] | None) -> list[str]:
-        """The distinct prompts of `rows` not drawn yet, as many as there is room for."""
+        """The prompts of `rows` to draw now: each row's, as many as there is room for (a prompt that comes again is
+        drawn again: another sample of the same generator)."""
         if rows is None or self.full:
             return []
-        new: list[str] = []
-        for row in rows:
-            prompt = row["prompt"]
-            if prompt not in self._drawn and prompt not in new:
-                new.append(prompt)
-        return new[: self.capacity - len(self.prompts)]
+        return [row["prompt"] for row in rows][: self.capacity - len(self.prompts)]
 
     @torch.no_grad()
     def draw(self, model, prompts: list[str], step: int, process_index: int) -> None:
@@ -80,7 +77,7 @@ class GenerationAnchors:
 
         Args:
             model: The unwrapped PEFT model (no DDP hooks: nothing here trains).
-            prompts: Prompts not drawn yet (from [`~GenerationAnchors.new_prompts`]); none draws nothing.
+            prompts: The prompts to draw (from [`~GenerationAnchors.new_prompts`]); none draws nothing.
             step: The optimizer step (seeds the draw, with `process_index`).
             process_index: This process's index.
         """
@@ -107,7 +104,6 @@ class GenerationAnchors:
         for prompt, image in zip(prompts, pixels):
             self.prompts.append(prompt)
             self.images.append(to_uint8(image.float()).cpu())
-            self._drawn.add(prompt)
         self.metrics.add("unigame/generation_anchors", len(self.prompts))
 
     def batch(self, size: int, step: int, process_index: int) -> tuple[list[str], torch.Tensor]:
