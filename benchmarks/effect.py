@@ -91,6 +91,10 @@ UNIGAME = dict(GAME, selection="paper", hardness_quantile=0.6, understanding_upd
 GRADIENT_PERTURBED = dict(
     UNIGAME, perturber_update="first_order", perturber_inputs="features_and_gradient", perturbed_weight=0.5
 )
+# The generation loss on the model's own drawings of the first 480 training rows' captions, drawn with its adapter
+# off (`generation_loss_targets="anchors"`), at the frame world's weight 1: 12 drawings of each of the 40 captions
+# (one per caption, 40 in all, held the generator less on validation; docs/benchmarks.md).
+ANCHORED = dict(generation_loss_weight=1.0, generation_loss_targets="anchors", generation_anchors=480)
 # Decoded samples kept as they come: one drawing per row and round, whatever its hardness or judged score, entries
 # leaving by age rather than hardness (5 rounds x 8 rows < capacity 50) and drawn uniformly.
 UNSELECTED = dict(
@@ -105,6 +109,11 @@ METHODS = {
     # Plain fine-tuning: the game switched off, so the step is the Trainer's own step on the same loss.
     "sft": dict(adversarial_weight=0.0, mining_interval=0, buffer_weight=0.0, perturbed_weight=0.0),
     "unigame": UNIGAME,
+    # Plain fine-tuning and the recommended game with the generation loss on the model's own earlier drawings.
+    "sft-anchored": dict(
+        adversarial_weight=0.0, mining_interval=0, buffer_weight=0.0, perturbed_weight=0.0, **ANCHORED
+    ),
+    "unigame-gradient-perturbed-anchored": dict(GRADIENT_PERTURBED, **ANCHORED),
     # The same game with the first-order perturber step (no extra pass through the model for the perturber).
     "unigame-first-order": dict(UNIGAME, perturber_update="first_order"),
     # A perturber that reads U's loss gradient at each token (from the clean backward: first-order step), without and
