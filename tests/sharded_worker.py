@@ -4,7 +4,8 @@
 Usage: torchrun --nproc_per_node 2 tests/sharded_worker.py ENGINE OUTPUT_DIR UPDATE CHECKPOINTING [RESUME_FROM]
 ENGINE is `fsdp2`, `zero2` or `zero3`; UPDATE is `exact` or `first_order` (the perturber's step); CHECKPOINTING is
 `on` or `off` (the training argument `activation_checkpointing`). With `NAN_AT_STEP=N` in the environment, process
-1's loss is not finite at step N (0-based), everywhere the game computes it. Trains the tiny Janus with LoRA and the whole game (mining, buffer pass, generation check, pictures,
+1's loss is not finite at step N (0-based), everywhere the game computes it; with `GENERATION_ANCHORS=N`, the
+generation loss trains on N anchors (`generation_loss_targets="anchors"`). Trains the tiny Janus with LoRA and the whole game (mining, buffer pass, generation check, pictures,
 evaluation with generated answers) for 4 steps, with sharded checkpoints every 2 steps; with RESUME_FROM, resumes
 from that checkpoint instead of starting fresh. Writes `rank{N}.pt`: the full trainable weights on that process, the
 perturber, whether the parameters were sharded (DTensors) during training, the logs and the buffer.
@@ -108,6 +109,7 @@ def main(engine: str, output_dir: str, update: str, checkpointing: str, resume_f
 
     rank = int(os.environ["RANK"])
     nan_at_step = int(os.environ["NAN_AT_STEP"]) if os.environ.get("NAN_AT_STEP") else None
+    anchors = int(os.environ.get("GENERATION_ANCHORS") or 0)
     model, processor = tiny_janus(seed=0, save_dir=os.path.join(output_dir, f"model-rank{rank}"))
     args = UniGameConfig(
         output_dir=output_dir,
@@ -138,6 +140,11 @@ def main(engine: str, output_dir: str, update: str, checkpointing: str, resume_f
         eval_attack_eps=0.02,
         seed=0,
         dataloader_num_workers=0,
+        **(
+            dict(generation_loss_weight=1.0, generation_loss_targets="anchors", generation_anchors=anchors)
+            if anchors
+            else {}
+        ),
     )
     recorder = RecordSharding()
     trainer = trainer_class(nan_at_step)(
@@ -174,6 +181,7 @@ def main(engine: str, output_dir: str, update: str, checkpointing: str, resume_f
             "skipped": [log.get("unigame/skipped_understanding_steps") for log in logs],
             "skipped_perturber": [log.get("unigame/skipped_perturber_steps") for log in logs],
             "world": trainer.args.world_size,
+            "anchors": None if trainer.anchors is None else list(trainer.anchors.prompts),
         },
         os.path.join(output_dir, f"rank{rank}.pt"),
     )

@@ -214,6 +214,19 @@ def test_game_under_fsdp2_on_two_cpu_processes(tmp_path, update, checkpointing, 
 
 
 @pytest.mark.slow
+def test_generation_anchors_under_fsdp2_on_two_cpu_processes(tmp_path):
+    # Each process draws its rows' prompts with the adapter off, inside the gathered parameters (every process enters
+    # together), then trains the generation loss on them: no hang, and the ranks stay identical.
+    rank0, rank1 = _launch_sharded_worker("fsdp2", tmp_path, 29550, "first_order", "off", GENERATION_ANCHORS="3")
+    for rank in (rank0, rank1):
+        assert len(rank["anchors"]) == 3
+        assert all(log["unigame/generation_loss"] > 0 for log in rank["logged"])
+        assert all(seen["every_parameter_dtensor"] for seen in rank["seen"])  # drawing left nothing gathered
+    assert rank0["logged"] == rank1["logged"]
+    _check_identical_ranks_and_outputs(tmp_path, rank0, rank1)
+
+
+@pytest.mark.slow
 @deepspeed_installed
 @pytest.mark.parametrize("engine, update, port", [("zero2", "exact", 29543), ("zero3", "first_order", 29544)])
 def test_game_under_deepspeed_zero_on_two_cpu_processes(tmp_path, engine, update, port):
