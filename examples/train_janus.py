@@ -558,14 +558,24 @@ def parse_arguments(argv: list[str]):
     parser = make_parser()
     given = given_options(argv)
     argv = list(argv) + launcher_options(given)
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    if model_args.model_name_or_path is not None:
-        if not _is_shipped_model(model_args.model_name_or_path):
+    if "-h" in argv or "--help" in argv:
+        parser.parse_args_and_config(args=argv)  # prints every option and exits
+    model_name_or_path = _model_name_or_path(argv)
+    if model_name_or_path is not None:
+        if not _is_shipped_model(model_name_or_path):
             return parser.parse_args_and_config(args=with_defaults(argv, user_model_default_arguments(), given))
         # The shipped model's folder named on the command line: the run it would be without the option, whose
         # settings are sized to that model.
         argv = [part for group in _options(argv) if _option_name(group[0]) != "model_name_or_path" for part in group]
     return parser.parse_args_and_config(args=with_defaults(argv, offline_default_arguments(), given))
+
+
+def _model_name_or_path(argv: list[str]) -> str | None:
+    """The model named on the command line or in its `--config` file, read alone: the full parse checks the options
+    against each other, so it runs once the defaults they go with are known (an option that needs another one the
+    defaults set, such as `--generation_loss_targets anchors` with the offline default's generation loss, is valid)."""
+    model_args, _ = TrlParser((ModelConfig,)).parse_args_and_config(args=list(argv), return_remaining_strings=True)
+    return model_args.model_name_or_path
 
 
 def _is_shipped_model(name: str) -> bool:

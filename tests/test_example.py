@@ -151,6 +151,17 @@ def test_options_without_a_model_adjust_the_offline_default(tmp_path):
     assert (from_yaml.learning_rate, from_yaml.num_candidates, from_yaml.max_steps) == (5e-4, 3, 4)
     assert yaml_model.use_peft  # the default's other settings stay
 
+    # an option that needs a setting the default makes is valid there, and checked against it
+    _, anchored, _ = parse_arguments(["--generation_loss_targets", "anchors"])
+    assert (anchored.generation_loss_targets, anchored.generation_loss_weight) == ("anchors", 1.0)
+    _, fgsm, _ = parse_arguments(["--perturber_inputs", "gradient", "--adversarial_weight", "0"])
+    assert fgsm.perturber_inputs == "gradient" and fgsm.perturbed_weight == 0.5
+    with pytest.raises(ValueError, match=r"`generation_loss_weight` is 0"):
+        parse_arguments(["--generation_loss_targets", "anchors", "--generation_loss_weight", "0"])
+    # a model of the user's own starts from its own defaults, without a generation loss
+    with pytest.raises(ValueError, match=r"`generation_loss_weight` is 0"):
+        parse_arguments(["--model_name_or_path", str(tmp_path / "model"), "--generation_loss_targets", "anchors"])
+
 
 def test_closing_message_says_what_was_saved(tmp_path, capsys):
     from train_janus import parse_arguments
