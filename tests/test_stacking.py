@@ -182,6 +182,29 @@ def test_dpo_with_images_trains_the_game(tmp_path, vqa, explicit_ref):
         assert all(p.grad is None for p in trainer.ref_model.parameters())
 
 
+@pytest.mark.parametrize("host", ["sft", "dpo"])
+def test_stacked_hosts_train_the_generation_loss_on_anchors(tmp_path, vqa, host):
+    model, processor = tiny_janus(seed=0)
+    anchors = dict(generation_loss_weight=1.0, generation_loss_targets="anchors", generation_anchors=3)
+    lora = LoraConfig(r=4, lora_alpha=8)
+    if host == "sft":
+        args = UniGameSFTConfig(output_dir=str(tmp_path), gradient_checkpointing=False, **COMMON, **anchors)
+        trainer = UniGameSFTTrainer(
+            model, args=args, train_dataset=conversational(vqa), processing_class=processor, peft_config=lora
+        )
+    else:
+        args = UniGameDPOConfig(output_dir=str(tmp_path), **COMMON, **anchors)
+        trainer = UniGameDPOTrainer(
+            model, args=args, train_dataset=preference(vqa), processing_class=processor, peft_config=lora
+        )
+    trainer.train()
+    # the rows' prompts, as the host describes its rows
+    prompts = {trainer._describe_row(row)["prompt"] for row in trainer.train_dataset}
+    assert len(trainer.anchors) == 3 and set(trainer.anchors.prompts) <= prompts
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and all(log["unigame/generation_loss"] > 0 for log in logs)
+
+
 @pytest.mark.parametrize("update, inputs", [("first_order", "features"), ("exact", "features_and_gradient")])
 def test_dpo_reference_pass_does_not_stand_in_for_the_policys_tokens(tmp_path, vqa, update, inputs):
     import warnings

@@ -175,10 +175,15 @@ class UniGameMixin(GameCheckpointing):
         """One micro-batch of the game: perturber ascent, mining (once per optimizer step), understanding descent on
         the clean batch plus a buffer batch; the perturber steps once per accumulation window."""
         rows = inputs.pop(ROWS_KEY, None)
-        if rows is None and self.mining_interval:
+        if rows is None and (self.mining_interval or self.anchors is not None):
+            needs = (
+                "mining needs each row's question and answer"
+                if self.mining_interval
+                else ("generation anchors are drawn from each row's prompt")
+            )
             raise ValueError(
-                f"The batch has no {ROWS_KEY!r}: mining needs each row's question and answer. Wrap a custom collator "
-                "in `trl_unigame.data.RowKeepingCollator`, or use the trainer's default collator."
+                f"The batch has no {ROWS_KEY!r}: {needs}. Wrap a custom collator in "
+                "`trl_unigame.data.RowKeepingCollator`, or use the trainer's default collator."
             )
         model.train()
         inputs = self._prepare_inputs(inputs)

@@ -117,7 +117,8 @@ class UnderstandingPasses:
             # logged as a mean over the micro-batch, as the clean loss is
             self.metrics.add("unigame/perturbed_loss", float(parts.perturbed.detach()) * ctx.share * ctx.window)
         if self.args.generation_loss_weight and self.anchors is not None:
-            parts.generation = self.anchored_generation(model, len(inputs["input_ids"]), ctx.step)
+            size = len(ctx.rows) if ctx.rows is not None else len(inputs["input_ids"])
+            parts.generation = self.anchored_generation(model, size, ctx.step)
         elif self.args.generation_loss_weight and ctx.rows is not None:
             parts.generation = self.generation(model, inputs, ctx.rows)
         return parts, outputs
