@@ -61,6 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_janus import (  # noqa: E402  (the same command-line rule and run record as the training script)
     TRAINING_DATA_FILE,
     given_options,
+    leave_process_group,
     set_cpu_threads,
     show_offline_defaults,
     with_defaults,
@@ -468,3 +469,4 @@ def parse_arguments(argv: list[str]) -> tuple[EvaluationScriptArguments, frozens
 if __name__ == "__main__":
     set_cpu_threads()  # `OMP_NUM_THREADS` when set, else the free cores shared among this machine's processes
     main(*parse_arguments(sys.argv[1:]))
+    leave_process_group()

@@ -740,5 +740,14 @@ def run(argv: list[str]):
     return main(*arguments)
 
 
+def leave_process_group() -> None:
+    """Every process leaves the process group together, once the main one has written what it writes: a group torn
+    down at interpreter exit while another process still works can abort a process whose work is done (exit -6)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     run(sys.argv[1:])
+    leave_process_group()
