@@ -4,8 +4,9 @@ with its adapter off."""
 import pytest
 import torch
 from peft import LoraConfig
+from test_trainer import make_args
 
-from trl_unigame import UniGameConfig, UniGameTrainer, get_interface
+from trl_unigame import UniGameTrainer, get_interface
 from trl_unigame.game.anchors import ANCHOR_SEED_OFFSET
 from trl_unigame.game.mining import mining_seed
 from trl_unigame.interfaces.base import to_uint8
@@ -13,18 +14,10 @@ from trl_unigame.testing import tiny_janus
 
 
 def anchor_args(tmp_path, **overrides):
+    """`test_trainer`'s arguments with the game off but the generation loss on anchors."""
     settings = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        per_device_train_batch_size=2,
         max_steps=4,
         learning_rate=2e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        consistency_model=None,
-        seed=0,
         mining_interval=0,
         adversarial_weight=0.0,
         buffer_weight=0.0,
@@ -34,8 +27,7 @@ def anchor_args(tmp_path, **overrides):
         generation_guidance_scale=1.0,
         generation_temperature=1.0,
     )
-    settings.update(overrides)
-    return UniGameConfig(**settings)
+    return make_args(tmp_path, **{**settings, **overrides})
 
 
 def anchor_trainer(tmp_path, vqa, peft=True, **overrides):

@@ -39,10 +39,7 @@ class Agreement:
 
     def any_process(self, flag: bool) -> bool:
         """Whether `flag` holds on at least one process."""
-        if self.num_processes == 1:
-            return flag
-        votes = torch.tensor([float(flag)], device=self.device)
-        return bool(self.accelerator.reduce(votes, reduction="sum").item() > 0)
+        return self.any_processes([flag])[0]
 
     def any_processes(self, flags: list[bool]) -> list[bool]:
         """For each flag, whether it holds on at least one process: one collective for all of them."""

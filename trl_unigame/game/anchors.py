@@ -103,7 +103,7 @@ class GenerationAnchors:
             model.train(was_training)
         for prompt, image in zip(prompts, pixels):
             self.prompts.append(prompt)
-            self.images.append(to_uint8(image.float()).cpu())
+            self.images.append(to_uint8(image))
         self.metrics.add("unigame/generation_anchors", len(self.prompts))
 
     def batch(self, size: int, step: int, process_index: int) -> tuple[list[str], torch.Tensor]:

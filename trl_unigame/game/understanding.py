@@ -165,14 +165,15 @@ class UnderstandingPasses:
                 "`generation_loss_weight` needs one image per row that the interface can recover from the batch "
                 f"({type(self.interface).__name__}.source_images); set `generation_loss_weight=0` for this data."
             )
-        loss = self.interface.generation_loss(model, prompts, images).mean()
-        self.metrics.add("unigame/generation_loss", float(loss.detach()))
-        return loss
+        return self._generation_loss(model, prompts, images)
 
     def anchored_generation(self, model, size: int, step: int) -> torch.Tensor:
         """The model's image-generation loss on `size` of its generation anchors (`generation_loss_targets="anchors"`):
         its own drawings from before fine-tuning."""
         prompts, images = self.anchors.batch(size, step, self.args.process_index)
+        return self._generation_loss(model, prompts, images)
+
+    def _generation_loss(self, model, prompts: list[str], images: torch.Tensor) -> torch.Tensor:
         loss = self.interface.generation_loss(model, prompts, images).mean()
         self.metrics.add("unigame/generation_loss", float(loss.detach()))
         return loss
